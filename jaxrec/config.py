@@ -1,0 +1,352 @@
+"""Typed, frozen configuration and the ``key=value`` override language.
+
+A config file is a Python file under ``configs/`` that defines ``get_config() -> Config``.
+``load_config(path, overrides)`` runs it and applies dotted overrides such as
+``train.steps=200`` or ``model.mlp_dims=512,256``; each value is parsed according to the
+field's declared type, so a typo or a wrong type fails before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import types
+import typing
+from typing import Any, Sequence
+
+
+class ConfigError(ValueError):
+  """A config file or override is wrong; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  num_users: int = 1500
+  num_items: int = 800
+  num_topics: int = 16
+  interactions_per_user: int = 24  # mean; each user's count is drawn around it
+  cold_item_fraction: float = 0.15  # items that never appear in training
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "synthetic"  # synthetic | ml100k | ml1m | amazon | tfds | files
+  path: str = ""  # directory (or TFDS name for source=tfds)
+  item_text: str = "default"  # which text fields describe an item; source-specific choices
+  split: str = "random"  # random | loo | predefined
+  split_ratios: tuple[float, ...] = (0.8, 0.1, 0.1)
+  cold_item_fraction: float = 0.0  # extra cold items held out by the split (synthetic has its own)
+  split_seed: int = 0
+  min_rating: float = 0.0
+  kcore: int = 0
+  train_fraction: float = 1.0  # keep this share of training interactions (data-efficiency study)
+  history_len: int = 10  # L: most recent items before the target fed to the query tower
+  synthetic: SyntheticConfig = SyntheticConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  path: str = ""  # local HF BERT-family dir; "" = packaged all-MiniLM-L6-v2
+  mode: str = "frozen"  # frozen | lora | full | none (ID-only model)
+  max_length: int = 0  # 0 = the model's own max_seq_length (256 for MiniLM)
+  pooling: str = "mean"  # mean | cls
+  batch_size: int = 64  # catalog encoding batch
+  cache_dir: str = ""  # "" = $JAXREC_CACHE or ~/.cache/jaxrec
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  lora_ffn: bool = False
+  lr_multiplier: float = 0.1  # full mode: encoder lr = train.learning_rate * this
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  embed_dim: int = 64  # E: tower output
+  id_dim: int = 64
+  feature_dim: int = 16
+  mlp_dims: tuple[int, ...] = (256,)
+  use_item_ids: bool = True
+  use_text: bool = True
+  use_user_ids: bool = True
+  id_dropout: float = 0.1  # chance an item id row is replaced by the shared cold row in training
+  temperature: float = 0.05
+  learn_temperature: bool = False
+  dtype: str = "float32"  # compute dtype in towers: float32 | bfloat16
+  param_dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 600
+  batch_size: int = 256
+  seed: int = 0
+  learning_rate: float = 3e-3
+  warmup_steps: int = 50
+  end_lr_fraction: float = 0.05
+  weight_decay: float = 1e-4
+  clip_norm: float = 1.0
+  logq_correction: bool = True
+  remove_accidental_hits: bool = True
+  log_every: int = 50
+  eval_every: int = 0  # 0 = evaluate at the end only
+  progress: bool = True
+  nan_policy: str = "stop"  # stop | skip
+  profile: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1  # -1 absorbs the remaining devices
+  fsdp: int = 1
+  tensor: int = 1
+  rules: tuple[str, ...] = ()  # overrides of the rules table, "logical:mesh_axis[+axis]" or "logical:"
+  coordinator_address: str = ""  # multi-process: host:port of process 0
+  num_processes: int = 1
+  process_id: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 0  # steps between saves; 0 = only at the end
+  keep: int = 3
+  resume_from: str = ""
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  ks: tuple[int, ...] = (10, 20, 50)
+  batch_size: int = 512
+  split: str = "test"  # test | valid
+  max_users: int = 0  # 0 = all users with test items
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  workdir: str = "runs/default"
+  data: DataConfig = DataConfig()
+  encoder: EncoderConfig = EncoderConfig()
+  model: ModelConfig = ModelConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  eval: EvalConfig = EvalConfig()
+
+
+def _is_config(value: Any) -> bool:
+  return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _type_name(tp: Any) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _parse_bool(text: str) -> bool:
+  lowered = text.strip().lower()
+  if lowered in ("1", "true", "yes", "on"):
+    return True
+  if lowered in ("0", "false", "no", "off"):
+    return False
+  raise ValueError(text)
+
+
+def _parse(text: str, tp: Any) -> Any:
+  """Parses an override's text as the field type ``tp``; raises ValueError if it doesn't fit."""
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    errors = []
+    for option in typing.get_args(tp):
+      if option is type(None):
+        if text.strip().lower() in ("none", "null"):
+          return None
+        continue
+      try:
+        return _parse(text, option)
+      except ValueError as e:
+        errors.append(e)
+    raise ValueError(text)
+  if origin is tuple:
+    args = typing.get_args(tp)
+    stripped = text.strip()
+    if stripped.startswith(("(", "[")):
+      stripped = stripped[1:-1]
+    parts = [p.strip() for p in stripped.split(",") if p.strip()]
+    elem = args[0] if args else str
+    return tuple(_parse(p, elem) for p in parts)
+  if tp is bool:
+    return _parse_bool(text)
+  if tp is int:
+    return int(text.replace("_", ""))
+  if tp is float:
+    return float(text)
+  if tp is str:
+    return text
+  raise ValueError(f"unsupported field type {tp}")
+
+
+def _check_type(value: Any, tp: Any) -> bool:
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    return any(_check_type(value, t) for t in typing.get_args(tp))
+  if tp is type(None):
+    return value is None
+  if origin is tuple:
+    args = typing.get_args(tp)
+    return isinstance(value, tuple) and all(_check_type(v, args[0]) for v in value) if args else isinstance(value, tuple)
+  if tp is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if tp is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if dataclasses.is_dataclass(tp):
+    return isinstance(value, tp)
+  return isinstance(value, tp)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def all_keys(config: Any, prefix: str = "") -> list[str]:
+  """Every dotted leaf key of a config, e.g. ``train.steps``."""
+  keys = []
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    dotted = f"{prefix}{field.name}"
+    if _is_config(value):
+      keys.extend(all_keys(value, dotted + "."))
+    else:
+      keys.append(dotted)
+  return keys
+
+
+def _unknown_key_error(key: str, config: Any) -> ConfigError:
+  valid = all_keys(config)
+  close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+  if not close:  # try the last component alone: "steps" -> "train.steps"
+    leaf = key.rsplit(".", 1)[-1]
+    close = [k for k in valid if k.rsplit(".", 1)[-1] == leaf][:1]
+  hint = f"; did you mean '{close[0]}'?" if close else ""
+  return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def override(config: Any, key: str, value: Any, _root: Any = None, _full_key: str = "") -> Any:
+  """Returns a copy of ``config`` with dotted ``key`` set; ``value`` may be text (parsed) or typed."""
+  root, full_key = (_root, _full_key) if _root is not None else (config, key)
+  head, _, rest = key.partition(".")
+  names = {f.name for f in dataclasses.fields(config)}
+  if head not in names:
+    raise _unknown_key_error(full_key, root)
+  current = getattr(config, head)
+  hints = _field_types(type(config))
+  if rest:
+    if not _is_config(current):
+      raise _unknown_key_error(full_key, root)
+    return dataclasses.replace(config, **{head: override(current, rest, value, root, full_key)})
+  key = full_key
+  if _is_config(current):
+    raise ConfigError(f"config key '{key}' is a group; set one of its fields, e.g. '{key}.{dataclasses.fields(current)[0].name}=...'")
+  tp = hints[head]
+  if isinstance(value, str) and tp is not str:
+    try:
+      value = _parse(value, tp)
+    except ValueError:
+      raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}") from None
+  if isinstance(value, list):
+    value = tuple(value)
+  if isinstance(value, int) and tp is float and not isinstance(value, bool):
+    value = float(value)
+  if not _check_type(value, tp):
+    raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+  return dataclasses.replace(config, **{head: value})
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, value = item.split("=", 1)
+    config = override(config, key.strip(), value)
+  return config
+
+
+def validate(config: Config) -> Config:
+  """Cross-field checks that types alone cannot express."""
+  choices = {
+      "data.source": (config.data.source, ("synthetic", "ml100k", "ml1m", "amazon", "tfds", "files")),
+      "data.split": (config.data.split, ("random", "loo", "predefined")),
+      "encoder.mode": (config.encoder.mode, ("frozen", "lora", "full", "none")),
+      "encoder.pooling": (config.encoder.pooling, ("mean", "cls")),
+      "model.dtype": (config.model.dtype, ("float32", "bfloat16")),
+      "model.param_dtype": (config.model.param_dtype, ("float32", "bfloat16")),
+      "train.nan_policy": (config.train.nan_policy, ("stop", "skip")),
+      "eval.split": (config.eval.split, ("test", "valid")),
+  }
+  for key, (value, allowed) in choices.items():
+    if value not in allowed:
+      raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+  positive = {"train.steps": config.train.steps, "train.batch_size": config.train.batch_size,
+              "model.embed_dim": config.model.embed_dim, "eval.batch_size": config.eval.batch_size}
+  for key, value in positive.items():
+    if value <= 0:
+      raise ConfigError(f"config key '{key}' must be positive; got {value}")
+  if not config.model.use_text and not config.model.use_item_ids:
+    raise ConfigError("config: model.use_text and model.use_item_ids are both false; the item tower needs one")
+  if config.model.use_text and config.encoder.mode == "none":
+    raise ConfigError("config: model.use_text=true needs encoder.mode frozen|lora|full (got none)")
+  if not 0.0 < config.data.train_fraction <= 1.0:
+    raise ConfigError(f"config key 'data.train_fraction' must be in (0, 1]; got {config.data.train_fraction}")
+  if config.data.split == "random" and (len(config.data.split_ratios) != 3 or abs(sum(config.data.split_ratios) - 1) > 1e-6):
+    raise ConfigError(f"config key 'data.split_ratios' must be three numbers summing to 1; got {config.data.split_ratios}")
+  if any(k <= 0 for k in config.eval.ks):
+    raise ConfigError(f"config key 'eval.ks' must be positive; got {config.eval.ks}")
+  return config
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+  """Runs a config file's ``get_config()`` (default: ``configs/default.py``'s, built in) and applies overrides."""
+  if path is None:
+    config = Config()
+  else:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"jaxrec_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+      spec.loader.exec_module(module)
+    except Exception as e:  # the user's file: report where, not our stack
+      raise ConfigError(f"config file {path} failed to run: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"config file {path} defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, Config):
+      raise ConfigError(f"config file {path}: get_config() returned {type(config).__name__}, expected jaxrec.config.Config")
+  return validate(apply_overrides(config, overrides))
+
+
+def to_dict(config: Any) -> dict:
+  return dataclasses.asdict(config)
+
+
+def from_dict(data: dict, cls: type = Config) -> Any:
+  """Inverse of ``to_dict`` (used to read a workdir's saved config); unknown keys raise."""
+  hints = _field_types(cls)
+  kwargs = {}
+  for key, value in data.items():
+    if key not in hints:
+      raise ConfigError(f"unknown config key '{key}' in saved config for {cls.__name__}")
+    tp = hints[key]
+    if dataclasses.is_dataclass(tp):
+      kwargs[key] = from_dict(value, tp)
+    elif typing.get_origin(tp) is tuple:
+      kwargs[key] = tuple(value)
+    else:
+      kwargs[key] = value
+  return cls(**kwargs)
+
+
+def to_json(config: Config) -> str:
+  return json.dumps(to_dict(config), indent=2, sort_keys=True)

@@ -1,0 +1,93 @@
+"""The one in-memory structure every data source returns.
+
+Interactions are compact parallel numpy arrays (no per-example Python objects), indexed densely:
+users are ``0..num_users-1`` and items ``0..num_items-1``. The original ids are kept in
+``user_raw_ids`` / ``item_raw_ids`` so the CLI can speak the dataset's own ids.
+
+Categorical features are int32 tables of shape ``[rows, M]``: ``M`` values per row (``M = 1`` for a
+single-valued feature such as gender, ``M > 1`` for multi-valued ones such as genres), with ``0``
+reserved for padding/unknown. Their vocabulary sizes (including the 0 row) are in ``*_feature_sizes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  name: str
+  users: np.ndarray  # int32 [I] dense user index per interaction
+  items: np.ndarray  # int32 [I] dense item index per interaction
+  timestamps: np.ndarray  # int64 [I]; file order when the source has no time
+  item_text: tuple[str, ...]  # [num_items] text fed to the text encoder
+  item_titles: tuple[str, ...]  # [num_items] short human-readable names
+  item_raw_ids: np.ndarray  # [num_items] ids as in the source files
+  user_raw_ids: np.ndarray  # [num_users]
+  ratings: np.ndarray | None = None  # float32 [I]
+  item_features: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  item_feature_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+  user_features: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  user_feature_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+  has_time: bool = True  # False when timestamps are only file order
+
+  @property
+  def num_users(self) -> int:
+    return len(self.user_raw_ids)
+
+  @property
+  def num_items(self) -> int:
+    return len(self.item_raw_ids)
+
+  @property
+  def num_interactions(self) -> int:
+    return len(self.users)
+
+  def validate(self) -> "Dataset":
+    """Checks shapes and index ranges; raises ValueError naming the field."""
+    n = len(self.users)
+    for field in ("items", "timestamps"):
+      if len(getattr(self, field)) != n:
+        raise ValueError(f"dataset {self.name!r}: {field} has {len(getattr(self, field))} rows, users has {n}")
+    if self.ratings is not None and len(self.ratings) != n:
+      raise ValueError(f"dataset {self.name!r}: ratings has {len(self.ratings)} rows, users has {n}")
+    if n == 0:
+      raise ValueError(f"dataset {self.name!r} has no interactions")
+    if self.users.min() < 0 or self.users.max() >= self.num_users:
+      raise ValueError(f"dataset {self.name!r}: user index out of range [0, {self.num_users})")
+    if self.items.min() < 0 or self.items.max() >= self.num_items:
+      raise ValueError(f"dataset {self.name!r}: item index out of range [0, {self.num_items})")
+    for field in ("item_text", "item_titles"):
+      if len(getattr(self, field)) != self.num_items:
+        raise ValueError(f"dataset {self.name!r}: {field} has {len(getattr(self, field))} entries, expected {self.num_items}")
+    for table, rows, sizes in ((self.item_features, self.num_items, self.item_feature_sizes),
+                               (self.user_features, self.num_users, self.user_feature_sizes)):
+      for key, values in table.items():
+        if values.ndim != 2 or values.shape[0] != rows:
+          raise ValueError(f"dataset {self.name!r}: feature {key!r} has shape {values.shape}, expected [{rows}, M]")
+        if key not in sizes or values.max(initial=0) >= sizes[key] or values.min(initial=0) < 0:
+          raise ValueError(f"dataset {self.name!r}: feature {key!r} values outside [0, {sizes.get(key)})")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Which interactions train, validate and test, and which items are cold.
+
+  ``train``/``valid``/``test`` are int64 index arrays into the dataset's interaction arrays.
+  ``cold_items`` is a bool ``[num_items]`` mask of items with no training interaction by design.
+  """
+
+  train: np.ndarray
+  valid: np.ndarray
+  test: np.ndarray
+  cold_items: np.ndarray
+  protocol: str
+
+
+def remap_ids(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Dense index for raw ids: returns (unique_raw_ids sorted, index of each raw id)."""
+  uniq, idx = np.unique(raw, return_inverse=True)
+  return uniq, idx.astype(np.int32)
