@@ -1,0 +1,273 @@
+"""Exact batched top-k retrieval: a streaming, shardable kernel and the ItemIndex artifact.
+
+Dimensions: B queries, N candidates (corpus rows), E embedding dims, K top-k, M excluded ids per
+query, C corpus rows per block, S corpus shards.
+
+`topk` scores `queries_BxE @ corpus_NxE.T` block by block and keeps a running top-k, so memory
+is O(B * (K + C)) and never O(B * N). Ordering is total: score descending, then index ascending,
+which makes the result a pure function of the inputs (identical sharded, unsharded, any block).
+
+Items that can never be returned: rows masked by `valid`, ids in `exclude`, and any score that is
+-inf or NaN (a NaN anywhere in a corpus row makes that row's scores NaN, so NaN rows are never
+returned). Slots that no item fills come back as score -inf, index -1.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel
+
+
+def _merge_topk(vals_BxK, idx_BxK, new_vals_BxJ, new_idx_BxJ, k):
+  """Top-k of the union; the running set comes first so equal scores keep the lower index."""
+  cat_vals = jnp.concatenate([vals_BxK, new_vals_BxJ], axis=1)
+  cat_idx = jnp.concatenate([idx_BxK, new_idx_BxJ], axis=1)
+  top_vals_BxK, pos_BxK = jax.lax.top_k(cat_vals, k)
+  return top_vals_BxK, jnp.take_along_axis(cat_idx, pos_BxK, axis=1)
+
+
+def _score_block(q_BxE, c_CxE, start, *, valid_C, excl_BxM, mask_BxC):
+  """f32 scores of one corpus block with every exclusion applied (-inf)."""
+  s_BxC = jax.lax.dot_general(q_BxE, c_CxE, (((1,), (1,)), ((), ())),
+                              precision=jax.lax.Precision.HIGHEST,
+                              preferred_element_type=jnp.float32)
+  keep_BxC = ~jnp.isnan(s_BxC)
+  if valid_C is not None:
+    keep_BxC &= valid_C[None, :]
+  if mask_BxC is not None:
+    keep_BxC &= ~mask_BxC
+  s_BxC = jnp.where(keep_BxC, s_BxC, NEG_INF)
+  if excl_BxM is not None:
+    num_c = c_CxE.shape[0]
+    local_BxM = excl_BxM - start
+    # Out-of-block ids (and the -1 padding) go to an out-of-bounds column that `drop` ignores;
+    # negative columns would otherwise wrap around.
+    local_BxM = jnp.where((local_BxM >= 0) & (local_BxM < num_c), local_BxM, num_c)
+    rows_BxM = jnp.broadcast_to(jnp.arange(s_BxC.shape[0])[:, None], local_BxM.shape)
+    s_BxC = s_BxC.at[rows_BxM, local_BxM].set(NEG_INF, mode="drop")
+  return s_BxC
+
+
+def _block_topk(s_BxC, k, approximate, recall_target):
+  kk = min(k, s_BxC.shape[1])
+  if approximate:
+    return jax.lax.approx_max_k(s_BxC, kk, recall_target=recall_target)
+  return jax.lax.top_k(s_BxC, kk)
+
+
+def _stream_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approximate,
+                 recall_target, index_offset):
+  """Running top-k over corpus blocks; indices are `index_offset` + row."""
+  num_b = q_BxE.shape[0]
+  num_n = c_NxE.shape[0]
+  block = min(block, num_n)
+  num_full = num_n // block
+  tail = num_n - num_full * block
+
+  def update(carry, start, size, c_CxE, valid_C, mask_BxC):
+    vals_BxK, idx_BxK = carry
+    s_BxC = _score_block(q_BxE, c_CxE, start, valid_C=valid_C, excl_BxM=excl_BxM,
+                         mask_BxC=mask_BxC)
+    bv_BxJ, bi_BxJ = _block_topk(s_BxC, k, approximate, recall_target)
+    return _merge_topk(vals_BxK, idx_BxK, bv_BxJ, bi_BxJ + start + index_offset, k)
+
+  def body(j, carry):
+    start = j * block
+    c_CxE = jax.lax.dynamic_slice_in_dim(c_NxE, start, block, axis=0)
+    valid_C = None if valid_N is None else jax.lax.dynamic_slice_in_dim(valid_N, start, block)
+    mask_BxC = None if mask_BxN is None else jax.lax.dynamic_slice_in_dim(mask_BxN, start, block, 1)
+    return update(carry, start, block, c_CxE, valid_C, mask_BxC)
+
+  carry = (jnp.full((num_b, k), NEG_INF, jnp.float32), jnp.full((num_b, k), -1, jnp.int32))
+  carry = jax.lax.fori_loop(0, num_full, body, carry)
+  if tail:
+    start = num_full * block
+    carry = update(carry, start, tail, c_NxE[start:],
+                   None if valid_N is None else valid_N[start:],
+                   None if mask_BxN is None else mask_BxN[:, start:])
+  return carry
+
+
+def _finalize(vals_BxK, idx_BxK):
+  return vals_BxK, jnp.where(vals_BxK == NEG_INF, -1, idx_BxK).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block", "approximate", "recall_target"))
+def _topk_single(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approximate,
+                 recall_target):
+  vals_BxK, idx_BxK = _stream_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, k=k, block=block,
+                                   approximate=approximate, recall_target=recall_target,
+                                   index_offset=0)
+  return _finalize(vals_BxK, idx_BxK)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block", "approximate", "recall_target", "mesh",
+                                             "items_axes"))
+def _topk_sharded(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approximate,
+                  recall_target, mesh, items_axes):
+  """Local top-k per corpus shard in shard_map, then one merge of the S*K candidates."""
+  num_n_local = c_NxE.shape[0] // math.prod(mesh.shape[a] for a in items_axes)
+
+  def local(q_BxE, c_nxE, valid_n, excl_BxM, mask_Bxn):
+    shard = jax.lax.axis_index(items_axes)
+    offset = shard * num_n_local
+    # Exclusion ids are global; shift them into this shard's row range.
+    excl_local = None if excl_BxM is None else jnp.where(excl_BxM >= 0, excl_BxM - offset, -1)
+    vals_BxK, idx_BxK = _stream_topk(q_BxE, c_nxE, valid_n, excl_local, mask_Bxn, k=k,
+                                     block=block, approximate=approximate,
+                                     recall_target=recall_target, index_offset=0)
+    idx_BxK = jnp.where(idx_BxK >= 0, idx_BxK + offset, -1)
+    # Gathered in shard order = ascending index ranges, so the position tie-break of the final
+    # top_k is the index tie-break.
+    all_vals_SxBxK = jax.lax.all_gather(vals_BxK, items_axes, axis=0)
+    all_idx_SxBxK = jax.lax.all_gather(idx_BxK, items_axes, axis=0)
+    num_s, num_b = all_vals_SxBxK.shape[:2]
+    cat_vals = jnp.moveaxis(all_vals_SxBxK, 0, 1).reshape(num_b, num_s * k)
+    cat_idx = jnp.moveaxis(all_idx_SxBxK, 0, 1).reshape(num_b, num_s * k)
+    top_vals_BxK, pos_BxK = jax.lax.top_k(cat_vals, k)
+    return _finalize(top_vals_BxK, jnp.take_along_axis(cat_idx, pos_BxK, axis=1))
+
+  items = P(items_axes)
+  in_specs = (P(), items, None if valid_N is None else items, None if excl_BxM is None else P(),
+              None if mask_BxN is None else P(None, items_axes))
+  fn = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(P(), P()), check_vma=False)
+  return fn(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def _default_block(num_b, num_n, k):
+  """Rows per corpus block: a [B, C] f32 score tile of about 64 MiB, at least a few K wide."""
+  rows = (64 << 20) // (4 * max(num_b, 1))
+  rows = max(rows, 8 * k, 1024)
+  return int(min(rows, num_n))
+
+
+def _is_concrete(x):
+  return not isinstance(x, jax.core.Tracer)
+
+
+def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int | None = None,
+         approximate: bool = False, recall_target: float = 0.95, mesh=None,
+         items_axes: Sequence[str] | str | None = None):
+  """Exact top-k of `queries @ corpus.T` -> (scores_BxK float32, indices_BxK int32).
+
+  Args:
+    queries: [B, E] float32 or bfloat16 (scores always accumulate in float32).
+    corpus: [N, E], same embedding width.
+    k: results per query (> 0). k > N pads the tail with (-inf, -1).
+    exclude: per-query ids never returned: an int array [B, M] of corpus rows padded with -1,
+      or a bool mask [B, N] (True = excluded).
+    valid: bool [N]; False rows (padding) are never returned.
+    block_size: corpus rows scored per step (default: a ~64 MiB score tile).
+    approximate: per-block selection by `jax.lax.approx_max_k` with `recall_target`
+      (expected recall of each block's top-k; TPU only, other backends compute it exactly).
+    mesh: a `jax.sharding.Mesh`; the corpus rows are split over `items_axes` (default: all mesh
+      axes), each device selects its local top-k, one merge gives the global result. Results
+      equal the unsharded kernel's.
+
+  Scores sort descending; equal scores sort by ascending index. Rows whose scores are NaN
+  (any NaN in the corpus row) or -inf are never returned.
+  """
+  q_BxE = jnp.asarray(queries)
+  c_NxE = jnp.asarray(corpus)
+  if q_BxE.ndim != 2 or c_NxE.ndim != 2:
+    raise ValueError(f"queries and corpus must be 2-D, got shapes {q_BxE.shape} and {c_NxE.shape}")
+  if q_BxE.shape[1] != c_NxE.shape[1]:
+    raise ValueError(f"embedding dims differ: queries {q_BxE.shape} vs corpus {c_NxE.shape}")
+  for name, x in (("queries", q_BxE), ("corpus", c_NxE)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating point, got {x.dtype}")
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+    raise ValueError(f"k must be a positive int, got {k!r}")
+  k = int(k)
+  num_b, num_n = q_BxE.shape[0], c_NxE.shape[0]
+  if num_n == 0:
+    raise ValueError("corpus is empty")
+  dtype = jnp.promote_types(q_BxE.dtype, c_NxE.dtype)
+  q_BxE, c_NxE = q_BxE.astype(dtype), c_NxE.astype(dtype)
+
+  valid_N = None
+  if valid is not None:
+    valid_N = jnp.asarray(valid)
+    if valid_N.shape != (num_n,) or valid_N.dtype != jnp.bool_:
+      raise ValueError(f"valid must be bool [{num_n}], got {valid_N.dtype} {valid_N.shape}")
+
+  excl_BxM = mask_BxN = None
+  if exclude is not None:
+    ex = jnp.asarray(exclude) if not isinstance(exclude, np.ndarray) else exclude
+    if ex.dtype == np.bool_:
+      if ex.shape != (num_b, num_n):
+        raise ValueError(f"exclude mask must be bool [{num_b}, {num_n}], got {ex.shape}")
+      mask_BxN = jnp.asarray(ex)
+    elif jnp.issubdtype(ex.dtype, jnp.integer):
+      if ex.ndim != 2 or ex.shape[0] != num_b:
+        raise ValueError(f"exclude ids must be int [{num_b}, M] padded with -1, got {ex.shape}")
+      if _is_concrete(ex) and ex.size:
+        ex_np = np.asarray(ex)
+        bad = (ex_np < -1) | (ex_np >= num_n)
+        if bad.any():
+          r, c = np.argwhere(bad)[0]
+          raise ValueError(f"exclude ids must be in [0, {num_n}) or -1 padding; "
+                           f"exclude[{r}, {c}] = {ex_np[r, c]}")
+      excl_BxM = jnp.asarray(ex, jnp.int32) if ex.shape[1] else None
+    else:
+      raise ValueError(f"exclude must be int ids [B, M] or a bool mask [B, N], got {ex.dtype}")
+
+  block = int(block_size) if block_size else _default_block(num_b, num_n, k)
+  if block <= 0:
+    raise ValueError(f"block_size must be positive, got {block_size}")
+  static = dict(k=k, block=block, approximate=bool(approximate),
+                recall_target=float(recall_target))
+
+  if mesh is None:
+    return _topk_single(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, **static)
+
+  if items_axes is None:
+    items_axes = tuple(mesh.axis_names)
+  elif isinstance(items_axes, str):
+    items_axes = (items_axes,)
+  items_axes = tuple(items_axes)
+  unknown = [a for a in items_axes if a not in mesh.axis_names]
+  if unknown:
+    raise ValueError(f"items_axes {unknown} not in mesh axes {mesh.axis_names}")
+  num_s = math.prod(mesh.shape[a] for a in items_axes)
+  # Pad rows to a multiple of the shard count; padding rows are masked, never returned.
+  pad = (-num_n) % num_s
+  if pad:
+    valid_N = jnp.ones((num_n,), jnp.bool_) if valid_N is None else valid_N
+    valid_N = jnp.pad(valid_N, (0, pad), constant_values=False)
+    c_NxE = jnp.pad(c_NxE, ((0, pad), (0, 0)))
+    if mask_BxN is not None:
+      mask_BxN = jnp.pad(mask_BxN, ((0, 0), (0, pad)), constant_values=True)
+  static["block"] = min(block, (num_n + pad) // num_s)
+  return _topk_sharded(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, mesh=mesh,
+                       items_axes=items_axes, **static)
+
+
+def topk_memory_analysis(queries, corpus, k: int, *, block_size: int | None = None,
+                         approximate: bool = False):
+  """XLA's compiled memory statistics of the unsharded kernel for these (abstract) shapes.
+
+  Accepts `jax.ShapeDtypeStruct`s, so the footprint of a large case can be checked without
+  allocating it.
+  """
+  num_b, num_n = queries.shape[0], corpus.shape[0]
+  block = int(block_size) if block_size else _default_block(num_b, num_n, k)
+  lowered = _topk_single.lower(queries, corpus, None, None, None, k=int(k), block=block,
+                               approximate=approximate, recall_target=0.95)
+  return lowered.compile().memory_analysis()
