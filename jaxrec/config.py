@@ -28,7 +28,7 @@ class SyntheticConfig:
   num_items: int = 800
   num_topics: int = 16
   interactions_per_user: int = 24  # mean; each user's count is drawn around it
-  cold_item_fraction: float = 0.15  # items that never appear in training
+  cold_item_fraction: float = 0.1  # items that never appear in training
   seed: int = 0
 
 

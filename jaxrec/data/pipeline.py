@@ -1,0 +1,105 @@
+"""Training batches on grain, built lazily from compact arrays.
+
+An example is one training interaction: (user, positive item, the user's L most recent training
+items before it). Batch ``b`` is a pure function of ``(seed, b)``: the example stream is the
+concatenation of per-epoch permutations drawn from ``(seed, epoch)``, and batch ``b`` is
+positions ``[b*B, (b+1)*B)`` of it. Each process builds only its own rows of the global batch,
+so a restart (or a different process count) reproduces exactly the same global batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import grain
+import numpy as np
+
+from jaxrec.data.dataset import Dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequences:
+  """Per-user, time-ordered item sequences in CSR form."""
+
+  items: np.ndarray  # int32 [T] item per position, grouped by user
+  start: np.ndarray  # int64 [U+1] first position of each user
+  user: np.ndarray  # int32 [T] user of each position
+
+  @classmethod
+  def from_interactions(cls, dataset: Dataset, indices: np.ndarray) -> "Sequences":
+    users, stamps = dataset.users[indices], dataset.timestamps[indices]
+    order = indices[np.lexsort((indices, stamps, users))]
+    users = dataset.users[order]
+    start = np.searchsorted(users, np.arange(dataset.num_users + 1)).astype(np.int64)
+    return cls(items=dataset.items[order].astype(np.int32), start=start, user=users.astype(np.int32))
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def history_before(self, positions: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items at the ``length`` positions before each position within its user (-1 padded).
+
+    Returns ``(history [P, L] int32, mask [P, L] bool)``, most recent last.
+    """
+    user_start = self.start[self.user[positions]]
+    offsets = positions[:, None] - length + np.arange(length)[None, :]
+    mask = offsets >= user_start[:, None]
+    history = np.where(mask, self.items[np.clip(offsets, 0, max(len(self.items) - 1, 0))], -1)
+    return history.astype(np.int32), mask
+
+  def last_items(self, users: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's ``length`` most recent items (-1 padded), for building eval queries."""
+    ends = self.start[users + 1]
+    offsets = ends[:, None] - length + np.arange(length)[None, :]
+    mask = offsets >= self.start[users][:, None]
+    history = np.where(mask, self.items[np.clip(offsets, 0, max(len(self.items) - 1, 0))], -1)
+    return history.astype(np.int32), mask
+
+
+def item_log_q(train_items: np.ndarray, num_items: int) -> np.ndarray:
+  """log P(item is a batch candidate) under uniform example sampling; unseen items get the floor."""
+  counts = np.bincount(train_items, minlength=num_items).astype(np.float64)
+  return np.log(np.maximum(counts, 0.5) / max(len(train_items), 1)).astype(np.float32)
+
+
+class BatchBuilder(grain.transforms.Map):
+  """Maps a global batch index to this process's rows of that batch (numpy arrays)."""
+
+  def __init__(self, seqs: Sequences, log_q: np.ndarray, batch_size: int, history_len: int, seed: int,
+               process_index: int = 0, process_count: int = 1):
+    if batch_size % process_count:
+      raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
+    if len(seqs) == 0:
+      raise ValueError("no training interactions to build batches from")
+    self.seqs, self.log_q = seqs, log_q
+    self.batch_size, self.history_len, self.seed = batch_size, history_len, seed
+    per_process = batch_size // process_count
+    self.rows = slice(process_index * per_process, (process_index + 1) * per_process)
+
+  @functools.lru_cache(maxsize=4)
+  def _epoch_order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.seqs))
+
+  def positions(self, batch_index: int) -> np.ndarray:
+    """Sequence positions of the whole global batch ``batch_index``."""
+    stream = np.arange(batch_index * self.batch_size, (batch_index + 1) * self.batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(stream, len(self.seqs))
+    out = np.empty(self.batch_size, np.int64)
+    for epoch in np.unique(epochs):
+      sel = epochs == epoch
+      out[sel] = self._epoch_order(int(epoch))[offsets[sel]]
+    return out
+
+  def map(self, batch_index: int) -> dict[str, np.ndarray]:
+    pos = self.positions(int(batch_index))[self.rows]
+    history, mask = self.seqs.history_before(pos, self.history_len)
+    items = self.seqs.items[pos]
+    return {"user": self.seqs.user[pos], "item": items, "history": history, "history_mask": mask,
+            "log_q": self.log_q[items]}
+
+
+def train_batches(builder: BatchBuilder, start: int, stop: int, prefetch: int = 4) -> grain.IterDataset:
+  """Batches ``start..stop-1`` with host-side prefetch on a background thread."""
+  return (grain.MapDataset.range(start, stop).map(builder)
+          .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))

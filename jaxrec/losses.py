@@ -1,0 +1,60 @@
+"""Retrieval losses as pure functions.
+
+Dimension legend: B global batch, N extra negatives, E tower output.
+Logits and softmax are float32 whatever the towers computed in.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Masked logits use a finite floor (as TFRS does) so an all-masked row cannot turn into NaN.
+MASKED_LOGIT = -1e9
+
+
+def in_batch_softmax(
+    q_BxE: jax.Array,
+    pos_BxE: jax.Array,
+    pos_ids_B: jax.Array,
+    temperature: jax.Array | float,
+    log_q_B: jax.Array | None = None,
+    remove_accidental_hits: bool = True,
+    extra_NxE: jax.Array | None = None,
+    extra_ids_N: jax.Array | None = None,
+    extra_log_q_N: jax.Array | None = None,
+    weights_B: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Sampled softmax where every other positive of the (global) batch is a negative.
+
+  Row ``b`` scores query ``b`` against all ``B`` positives (and ``N`` extra negatives); the
+  label is column ``b``. ``log_q`` is the log probability that an item appears as a sampled
+  candidate; subtracting it from every column (the logQ correction of Yi et al. 2019, as TFRS
+  applies it) stops popular items from being over-penalised as negatives. A column holding the
+  same item id as row ``b``'s positive is an accidental hit and is masked out (except the label).
+  Returns the weighted mean loss and ``{"logits": [B, B+N]}``.
+  """
+  q = q_BxE.astype(jnp.float32)
+  cands_CxE = pos_BxE.astype(jnp.float32)
+  cand_ids_C = pos_ids_B
+  cand_log_q_C = log_q_B
+  if extra_NxE is not None:
+    cands_CxE = jnp.concatenate([cands_CxE, extra_NxE.astype(jnp.float32)], axis=0)
+    cand_ids_C = jnp.concatenate([pos_ids_B, extra_ids_N])
+    if log_q_B is not None:
+      cand_log_q_C = jnp.concatenate([log_q_B, extra_log_q_N])
+  logits_BxC = jnp.einsum("be,ce->bc", q, cands_CxE, precision=jax.lax.Precision.HIGHEST) / temperature
+  if cand_log_q_C is not None:
+    logits_BxC = logits_BxC - cand_log_q_C[None, :].astype(jnp.float32)
+  b = q.shape[0]
+  label_BxC = jnp.arange(logits_BxC.shape[1])[None, :] == jnp.arange(b)[:, None]
+  if remove_accidental_hits:
+    hit_BxC = (cand_ids_C[None, :] == pos_ids_B[:, None]) & ~label_BxC
+    logits_BxC = jnp.where(hit_BxC, MASKED_LOGIT, logits_BxC)
+  loss_B = jax.nn.logsumexp(logits_BxC, axis=1) - jnp.sum(jnp.where(label_BxC, logits_BxC, 0.0), axis=1)
+  if weights_B is None:
+    loss = jnp.mean(loss_B)
+  else:
+    w = weights_B.astype(jnp.float32)
+    loss = jnp.sum(loss_B * w) / jnp.maximum(jnp.sum(w), 1.0)
+  return loss, {"logits": logits_BxC}

@@ -1,0 +1,82 @@
+"""Device mesh from config, and multi-process start-up.
+
+Axes are ``data``, ``fsdp`` and ``tensor``; one size may be -1 to take the devices the others
+leave. Meshes use Auto axis types so sharding constraints reshard (GSPMD) rather than assert.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from jaxrec.config import MeshConfig
+from jaxrec.sharding import MESH_AXES
+
+log = logging.getLogger("jaxrec")
+
+
+class MeshError(ValueError):
+  pass
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
+  sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise MeshError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise MeshError(f"mesh sizes must be positive or -1; got data={cfg.data} fsdp={cfg.fsdp} tensor={cfg.tensor}")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise MeshError(f"mesh: {num_devices} devices cannot be split with fixed axes of total size {fixed}")
+    sizes[free[0]] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise MeshError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices, "
+                    f"but {num_devices} are available")
+  return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(cfg, len(devices))
+  if devices is jax.devices() or len(devices) == jax.device_count():
+    # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int = 120) -> bool:
+  """Starts jax.distributed when config or environment asks for several processes.
+
+  Environment (set by launch/*.sh): JAXREC_COORDINATOR, JAXREC_NUM_PROCESSES, JAXREC_PROCESS_ID.
+  Returns True when this is a multi-process run. A coordinator that never answers fails after
+  ``timeout_s`` with an error naming the address, before any compute.
+  """
+  address = cfg.coordinator_address or os.environ.get("JAXREC_COORDINATOR", "")
+  num = cfg.num_processes if cfg.num_processes > 1 else int(os.environ.get("JAXREC_NUM_PROCESSES", "1"))
+  pid = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("JAXREC_PROCESS_ID", "-1"))
+  if num <= 1:
+    return False
+  if not address or pid < 0:
+    raise MeshError(f"multi-process run ({num} processes) needs a coordinator address and a process id "
+                    "(mesh.coordinator_address / mesh.process_id or JAXREC_COORDINATOR / JAXREC_PROCESS_ID)")
+  if jax.distributed.is_initialized():
+    return True
+  local = os.environ.get("JAXREC_LOCAL_DEVICES")
+  if local:
+    jax.config.update("jax_num_cpu_devices", int(local))
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  bind = address if address.startswith("127.") or address.startswith("localhost") else None
+  log.info("jax.distributed: process %d of %d, coordinator %s", pid, num, address)
+  try:
+    jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
+                               coordinator_bind_address=bind, initialization_timeout=timeout_s)
+  except Exception as e:  # surface one line naming the address instead of a gRPC stack
+    raise MeshError(f"could not join the coordinator at {address} as process {pid} of {num} within {timeout_s}s: {e}") from e
+  return True

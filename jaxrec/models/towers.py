@@ -1,0 +1,151 @@
+"""Query and item towers, and the fusion MLP they share.
+
+Dimension legend: B batch, L history length, N items, D text width, E tower output,
+F MLP width, M values per categorical feature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrec.config import ModelConfig
+
+
+class Table(nnx.Variable):
+  """Constant lookup data carried by the model (feature ids, cached text vectors): never trained."""
+
+
+def _dtype(name: str):
+  return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+class FusionMLP(nnx.Module):
+  """[*, in] -> hidden layers (GELU) -> [*, E], L2-normalised in float32."""
+
+  def __init__(self, in_dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    dims = (in_dim, *cfg.mlp_dims)
+    self.hidden = nnx.List([
+        nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                   kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp")),
+                   bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("mlp",)))
+        for a, b in zip(dims[:-1], dims[1:])])
+    self.out = nnx.Linear(dims[-1], cfg.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                          kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("mlp", "tower_out")),
+                          bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("tower_out",)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for layer in self.hidden:
+      x = jax.nn.gelu(layer(x))
+    return l2_normalize(self.out(x))
+
+
+class CategoricalBag(nnx.Module):
+  """Sum of embeddings of a ``[rows, M]`` id table (0 = padding); rows are looked up by index."""
+
+  def __init__(self, values_RxM: np.ndarray, vocab: int, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.values = Table(jnp.asarray(values_RxM, jnp.int32))
+    self.embed = nnx.Embed(vocab, dim, param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
+                           embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.05), (None, "embed")))
+
+  def __call__(self, rows_N: jax.Array) -> jax.Array:
+    ids_NxM = self.values[...][rows_N]
+    vecs_NxMxF = self.embed(ids_NxM) * (ids_NxM > 0)[..., None]
+    return vecs_NxMxF.sum(axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Catalog:
+  """What the item tower needs to know about items, as arrays (built by the trainer from a Dataset)."""
+
+  num_items: int
+  num_id_rows: int  # rows the id table needs (1 + items with a trained row)
+  id_row: np.ndarray  # int32 [N]: row of each item in the id table; 0 = shared row for untrained items
+  features: dict[str, np.ndarray]  # name -> int32 [N, M]
+  feature_sizes: dict[str, int]
+  text_NxD: np.ndarray | None  # float32 cached text vectors (frozen encoder), else None
+
+
+def padded_rows(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+class ItemTower(nnx.Module):
+  """Item index -> text vector ++ id embedding ++ categorical embeddings -> fusion MLP -> [N, E]."""
+
+  def __init__(self, catalog: Catalog, cfg: ModelConfig, text_dim: int, *, row_multiple: int = 1, rngs: nnx.Rngs):
+    self.use_ids, self.use_text, self.id_dropout = cfg.use_item_ids, cfg.use_text, cfg.id_dropout
+    in_dim = 0
+    if self.use_text:
+      in_dim += text_dim
+      self.text = None if catalog.text_NxD is None else Table(jnp.asarray(catalog.text_NxD, jnp.float32))
+    if self.use_ids:
+      rows = padded_rows(catalog.num_id_rows, row_multiple)  # padding rows are never indexed
+      self.id_row = Table(jnp.asarray(catalog.id_row, jnp.int32))
+      self.ids = nnx.Embed(rows, cfg.id_dim, param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
+                           embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.05), ("id_rows", "embed")))
+      in_dim += cfg.id_dim
+    self.features = nnx.Dict({name: CategoricalBag(values, catalog.feature_sizes[name], cfg.feature_dim, cfg, rngs=rngs)
+                              for name, values in sorted(catalog.features.items())})
+    in_dim += cfg.feature_dim * len(catalog.features)
+    self.mlp = FusionMLP(in_dim, cfg, rngs=rngs)
+
+  def __call__(self, items_N: jax.Array, text_NxD: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> jax.Array:
+    parts = []
+    if self.use_text:
+      parts.append(self.text[...][items_N] if text_NxD is None else text_NxD.astype(jnp.float32))
+    if self.use_ids:
+      rows_N = self.id_row[...][items_N]
+      if dropout_key is not None and self.id_dropout > 0:
+        # Trains the shared row that cold items use, and keeps the text path from idling.
+        rows_N = jnp.where(jax.random.bernoulli(dropout_key, self.id_dropout, rows_N.shape), 0, rows_N)
+      parts.append(self.ids(rows_N))
+    parts.extend(bag(items_N) for bag in self.features.values())
+    x = jnp.concatenate([p.astype(self.mlp.out.kernel[...].dtype) for p in parts], axis=-1)
+    return self.mlp(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Users:
+  num_users: int
+  features: dict[str, np.ndarray]  # name -> int32 [U, M]
+  feature_sizes: dict[str, int]
+
+
+class QueryTower(nnx.Module):
+  """User id ++ user features ++ mean of the item-tower vectors of the last L items -> [B, E]."""
+
+  def __init__(self, users: Users, cfg: ModelConfig, *, row_multiple: int = 1, rngs: nnx.Rngs):
+    self.use_ids = cfg.use_user_ids
+    in_dim = cfg.embed_dim  # pooled history
+    if self.use_ids:
+      # Row 0 is the shared row for users unknown at training time.
+      self.ids = nnx.Embed(padded_rows(users.num_users + 1, row_multiple), cfg.id_dim,
+                           param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
+                           embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.05), ("id_rows", "embed")))
+      in_dim += cfg.id_dim
+    self.features = nnx.Dict({name: CategoricalBag(values, users.feature_sizes[name], cfg.feature_dim, cfg, rngs=rngs)
+                              for name, values in sorted(users.features.items())})
+    in_dim += cfg.feature_dim * len(users.features)
+    self.mlp = FusionMLP(in_dim, cfg, rngs=rngs)
+
+  def __call__(self, users_B: jax.Array, history_BxLxE: jax.Array, history_mask_BxL: jax.Array) -> jax.Array:
+    mask_BxL = history_mask_BxL.astype(jnp.float32)
+    pooled_BxE = (history_BxLxE * mask_BxL[..., None]).sum(1) / jnp.maximum(mask_BxL.sum(1, keepdims=True), 1.0)
+    parts = [pooled_BxE]
+    if self.use_ids:
+      parts.append(self.ids(users_B + 1))
+    parts.extend(bag(users_B) for bag in self.features.values())
+    x = jnp.concatenate([p.astype(self.mlp.out.kernel[...].dtype) for p in parts], axis=-1)
+    return self.mlp(x)

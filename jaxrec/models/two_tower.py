@@ -1,0 +1,43 @@
+"""Both towers and the temperature: the model the trainer optimises.
+
+Dimension legend: B batch, L history length, N items, D text width, E tower output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrec.config import ModelConfig
+from jaxrec.models.towers import Catalog, ItemTower, QueryTower, Table, Users
+
+
+class TwoTower(nnx.Module):
+
+  def __init__(self, catalog: Catalog, users: Users, cfg: ModelConfig, text_dim: int, *,
+               row_multiple: int = 1, rngs: nnx.Rngs):
+    self.item_tower = ItemTower(catalog, cfg, text_dim, row_multiple=row_multiple, rngs=rngs)
+    self.query_tower = QueryTower(users, cfg, row_multiple=row_multiple, rngs=rngs)
+    log_t = jnp.asarray(math.log(cfg.temperature), jnp.float32)
+    # A learnt temperature is a Param; a fixed one a Table, so the optimizer never sees it.
+    self.log_temperature = nnx.Param(log_t) if cfg.learn_temperature else Table(log_t)
+
+  @property
+  def temperature(self) -> jax.Array:
+    return jnp.exp(self.log_temperature[...])
+
+  def items(self, items_N: jax.Array, text_NxD: jax.Array | None = None,
+            dropout_key: jax.Array | None = None) -> jax.Array:
+    """Item vectors [N, E] (L2-normalised)."""
+    return self.item_tower(items_N, text_NxD, dropout_key)
+
+  def queries(self, users_B: jax.Array, history_BxL: jax.Array, history_mask_BxL: jax.Array,
+              history_text_BxLxD: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Query vectors [B, E] from user ids and the item indices of their recent history (-1 = padding)."""
+    b, l = history_BxL.shape
+    flat_text = None if history_text_BxLxD is None else history_text_BxLxD.reshape(b * l, -1)
+    hist_BxLxE = self.item_tower(jnp.maximum(history_BxL, 0).reshape(-1), flat_text, dropout_key).reshape(b, l, -1)
+    return self.query_tower(users_B, hist_BxLxE, history_mask_BxL)

@@ -1,0 +1,435 @@
+"""Training and evaluation: state built abstractly and materialised sharded, one pure jitted step.
+
+The train state is a plain pytree ``{"params", "tables", "opt", "step"}`` of pure dicts:
+``params`` are the trained weights, ``tables`` the model's constant lookups (feature ids, the
+cached text vectors), ``opt`` the optax state. ``train_step(state, batch)`` is jitted once with
+explicit shardings and donates ``state``. The loop dispatches step n before reading step n-1's
+metrics, so the host never waits on the device in the hot loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrec import losses, metrics, optim, sharding
+from jaxrec.checkpoint import Checkpointer
+from jaxrec.config import Config, to_json
+from jaxrec.data import sources
+from jaxrec.data.dataset import Dataset, Split
+from jaxrec.data.pipeline import BatchBuilder, Sequences, item_log_q, train_batches
+from jaxrec.mesh import MeshError, make_mesh, maybe_initialize_distributed
+from jaxrec.models.towers import Catalog, Users
+from jaxrec.models.two_tower import TwoTower
+
+log = logging.getLogger("jaxrec")
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; rerun to resume
+EXIT_NONFINITE = 3  # loss became NaN/Inf with train.nan_policy=stop
+
+
+class TrainingStopped(RuntimeError):
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+def _text_vectors(cfg: Config, dataset: Dataset) -> tuple[np.ndarray | None, int]:
+  """Catalog text vectors from the frozen encoder, through the on-disk cache."""
+  if not cfg.model.use_text:
+    return None, 0
+  from jaxrec.text_encoder import TextEncoder, encode_cached
+  encoder = TextEncoder.from_pretrained(cfg.encoder.path or None, max_length=cfg.encoder.max_length or None,
+                                        pooling=cfg.encoder.pooling)
+  cache_dir = cfg.encoder.cache_dir or os.environ.get("JAXREC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxrec")
+  vectors = encode_cached(encoder, list(dataset.item_text), cache_dir, batch_size=cfg.encoder.batch_size)
+  return np.asarray(vectors, np.float32), int(vectors.shape[1])
+
+
+class Trainer:
+  """Owns one experiment: data, mesh, model, jitted steps. ``run()`` trains and evaluates."""
+
+  def __init__(self, cfg: Config, devices: list | None = None):
+    self.cfg = cfg
+    maybe_initialize_distributed(cfg.mesh)
+    self.mesh = make_mesh(cfg.mesh, devices)
+    self.rules = sharding.rules_from_config(cfg.mesh.rules)
+    dp = sharding.data_parallel_size(self.mesh, self.rules)
+    if cfg.train.batch_size % dp:
+      raise MeshError(f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel size {dp} "
+                      f"(mesh {dict(self.mesh.shape)})")
+    if cfg.train.batch_size % jax.process_count():
+      raise MeshError(f"train.batch_size={cfg.train.batch_size} is not divisible by {jax.process_count()} processes")
+
+    self.dataset, self.split = sources.load(cfg.data)
+    ds, sp = self.dataset, self.split
+    self.train_seqs = Sequences.from_interactions(ds, sp.train)
+    self.log_q = item_log_q(ds.items[sp.train], ds.num_items)
+    text, text_dim = _text_vectors(cfg, ds)
+
+    trained = np.bincount(ds.items[sp.train], minlength=ds.num_items) > 0
+    self.item_trained = trained
+    catalog = Catalog(num_items=ds.num_items, num_id_rows=int(trained.sum()) + 1,
+                      id_row=np.where(trained, np.cumsum(trained), 0).astype(np.int32),
+                      features=ds.item_features, feature_sizes=ds.item_feature_sizes, text_NxD=text)
+    users = Users(num_users=ds.num_users, features=ds.user_features, feature_sizes=ds.user_feature_sizes)
+    arrays = {"id_row": catalog.id_row, "features": dict(catalog.features), "text": text,
+              "user_features": dict(users.features)}
+    row_multiple = self.mesh.size
+    model_cfg = cfg.model
+
+    def construct(arrays, seed):
+      cat = dataclasses.replace(catalog, id_row=arrays["id_row"], features=arrays["features"], text_NxD=arrays["text"])
+      usr = dataclasses.replace(users, features=arrays["user_features"])
+      return TwoTower(cat, usr, model_cfg, text_dim, row_multiple=row_multiple, rngs=nnx.Rngs(seed))
+
+    with nnx.use_eager_sharding(False):
+      abstract = nnx.eval_shape(lambda a: construct(a, 0), arrays)
+    self.graphdef, abs_params, abs_tables = nnx.split(abstract, nnx.Param, ...)
+    self._param_template, self._table_template = abs_params, abs_tables
+    param_sh = sharding.state_shardings(abs_params, self.mesh, self.rules).to_pure_dict()
+    table_sh = sharding.state_shardings(abs_tables, self.mesh, self.rules).to_pure_dict()
+    self.tx = optim.make_optimizer(cfg.train, cfg.encoder)
+    tx = self.tx
+
+    def init(arrays):
+      with nnx.use_eager_sharding(False):
+        model = construct(arrays, cfg.train.seed)
+      _, params, tables = nnx.split(model, nnx.Param, ...)
+      params = params.to_pure_dict()
+      return {"params": params, "tables": tables.to_pure_dict(), "opt": tx.init(params),
+              "step": jnp.zeros((), jnp.int32)}
+
+    abs_state = jax.eval_shape(init, arrays)
+    self.state_shardings = {"params": param_sh, "tables": table_sh,
+                            "opt": sharding.like_params(abs_state["opt"], param_sh, self.mesh),
+                            "step": sharding.replicated(self.mesh)}
+    self._abs_state = abs_state
+    self._init = jax.jit(init, out_shardings=self.state_shardings)
+    self._arrays = arrays
+    self.num_params = optim.count_params(abs_state["params"])
+
+    batch_sh = sharding.batch_sharding(self.mesh, 1, self.rules)
+    self.batch_shardings = {"user": batch_sh, "item": batch_sh, "log_q": batch_sh,
+                            "history": sharding.batch_sharding(self.mesh, 2, self.rules),
+                            "history_mask": sharding.batch_sharding(self.mesh, 2, self.rules)}
+    self._train_step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, self.batch_shardings),
+                               out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                               donate_argnums=0)
+    self._item_vectors = jax.jit(self._items_fn, out_shardings=sharding.replicated(self.mesh))
+    self._query_vectors = jax.jit(self._queries_fn, out_shardings=sharding.replicated(self.mesh))
+
+  # ---------------------------------------------------------------- pure functions
+
+  def model(self, params: dict, tables: dict) -> TwoTower:
+    params_state = nnx.State(self._param_template)
+    nnx.replace_by_pure_dict(params_state, params)
+    tables_state = nnx.State(self._table_template)
+    nnx.replace_by_pure_dict(tables_state, tables)
+    return nnx.merge(self.graphdef, params_state, tables_state)
+
+  def loss_fn(self, params: dict, tables: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+    model = self.model(params, tables)
+    query_key, item_key = jax.random.split(key)
+    q_BxE = model.queries(batch["user"], batch["history"], batch["history_mask"], dropout_key=query_key)
+    pos_BxE = model.items(batch["item"], dropout_key=item_key)
+    loss, aux = losses.in_batch_softmax(
+        q_BxE, pos_BxE, batch["item"], model.temperature,
+        log_q_B=batch["log_q"] if self.cfg.train.logq_correction else None,
+        remove_accidental_hits=self.cfg.train.remove_accidental_hits)
+    return loss, {"logits_shape": jnp.asarray(aux["logits"].shape)}
+
+  def _step_fn(self, state: dict, batch: dict) -> tuple[dict, dict]:
+    key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), state["step"])
+    (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(state["params"], state["tables"], batch, key)
+    updates, opt = self.tx.update(grads, state["opt"], state["params"])
+    params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
+    grad_norm = optax_global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step leaves the state untouched; the host loop then stops or skips (nan_policy).
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new_state = {"params": jax.tree.map(keep, params, state["params"]), "tables": state["tables"],
+                 "opt": jax.tree.map(keep, opt, state["opt"]), "step": state["step"] + 1}
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, "logits_shape": aux["logits_shape"]}
+
+  def _items_fn(self, params: dict, tables: dict, items_N: jax.Array) -> jax.Array:
+    return self.model(params, tables).items(items_N)
+
+  def _queries_fn(self, params: dict, tables: dict, users_B, history_BxL, mask_BxL) -> jax.Array:
+    return self.model(params, tables).queries(users_B, history_BxL, mask_BxL)
+
+  # ---------------------------------------------------------------- state
+
+  def init_state(self) -> dict:
+    arrays = jax.tree.map(lambda x: None if x is None else np.asarray(x), self._arrays)
+    return self._init(arrays)
+
+  def abstract_state(self) -> Any:
+    """Shapes, dtypes and target shardings of the train state: the restore target."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self._abs_state,
+                        self.state_shardings)
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows -> global batch arrays."""
+    return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], v) for k, v in batch.items()}
+
+  def batch_builder(self) -> BatchBuilder:
+    return BatchBuilder(self.train_seqs, self.log_q, self.cfg.train.batch_size, self.cfg.data.history_len,
+                        self.cfg.train.seed, jax.process_index(), jax.process_count())
+
+  def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+    return self._train_step(state, batch)
+
+  # ---------------------------------------------------------------- evaluation
+
+  def item_vectors(self, state: dict, chunk: int = 4096) -> jax.Array:
+    """All catalog item vectors [N, E] (float32, replicated)."""
+    n = self.dataset.num_items
+    outs = []
+    for start in range(0, n, chunk):
+      ids = np.arange(start, min(start + chunk, n), dtype=np.int32)
+      ids = np.pad(ids, (0, chunk - len(ids)), constant_values=0) if n > chunk else ids
+      outs.append(self._item_vectors(state["params"], state["tables"], ids)[:min(chunk, n - start)])
+    return jnp.concatenate(outs) if len(outs) > 1 else outs[0]
+
+  def query_vectors(self, state: dict, users: np.ndarray, known: Sequences) -> jax.Array:
+    history, mask = known.last_items(users, self.cfg.data.history_len)
+    return self._query_vectors(state["params"], state["tables"], users.astype(np.int32), history, mask)
+
+  def evaluate(self, state: dict, split: str | None = None) -> dict[str, float]:
+    """Full-catalog ranking of every user with held-out items, known items excluded."""
+    from jaxrec.retrieval import topk
+    split = split or self.cfg.eval.split
+    ds, sp = self.dataset, self.split
+    held = sp.test if split == "test" else sp.valid
+    known_idx = np.concatenate([sp.train, sp.valid]) if split == "test" else sp.train
+    known = Sequences.from_interactions(ds, known_idx)
+    truth_order = np.lexsort((ds.items[held], ds.users[held]))
+    truth_users, truth_items = ds.users[held][truth_order], ds.items[held][truth_order]
+    eval_users = np.unique(truth_users)
+    if self.cfg.eval.max_users:
+      eval_users = eval_users[:self.cfg.eval.max_users]
+    kmax = max(self.cfg.eval.ks)
+    cold = sp.cold_items
+    groups = {"warm": ~cold, "cold": cold} if cold.any() else {}
+    model_acc = metrics.RankingAccumulator(self.cfg.eval.ks, ds.num_items, groups)
+    pop_acc = metrics.RankingAccumulator(self.cfg.eval.ks, ds.num_items, groups)
+    corpus_NxE = self.item_vectors(state)
+    popularity_Nx1 = jnp.asarray(np.bincount(ds.items[sp.train], minlength=ds.num_items).astype(np.float32)[:, None])
+    bs = self.cfg.eval.batch_size
+    for start in range(0, len(eval_users), bs):
+      users = eval_users[start:start + bs]
+      seen = _padded_rows(known, users)
+      lo, hi = np.searchsorted(truth_users, [users[0], users[-1] + 1])
+      t_users, t_items = truth_users[lo:hi], truth_items[lo:hi]
+      q_BxE = self.query_vectors(state, users, known)
+      _, ids = topk(q_BxE, corpus_NxE, kmax, exclude=seen)
+      model_acc.add(np.asarray(ids), users, t_users, t_items)
+      _, pop_ids = topk(jnp.ones((len(users), 1), jnp.float32), popularity_Nx1, kmax, exclude=seen)
+      pop_acc.add(np.asarray(pop_ids), users, t_users, t_items)
+    out = model_acc.result()
+    out.update({f"popularity/{k}": v for k, v in pop_acc.result().items()})
+    return out
+
+  # ---------------------------------------------------------------- loop
+
+  def run(self, resume: bool = True) -> dict[str, Any]:
+    cfg = self.cfg
+    workdir = os.path.abspath(cfg.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+    state, start_step, data_iter, history = self._restore_or_init(ckpt, resume)
+    log.info("model: %s parameters; mesh %s; %d training examples", f"{self.num_params:,}", dict(self.mesh.shape),
+             len(self.train_seqs))
+    # Compile ahead of time so the per-device memory is known before the first step runs.
+    compiled = self._train_step.lower(self.abstract_like(state), self.abstract_batch()).compile()
+    memory = compiled.memory_analysis()
+    if memory is not None:
+      log.info("train step compiled: %.1f MiB temporaries, %.1f MiB arguments per device",
+               memory.temp_size_in_bytes / 2**20, memory.argument_size_in_bytes / 2**20)
+
+    writer = _summary_writer(os.path.join(workdir, "tb")) if is_main else None
+    progress = _progress(cfg, start_step) if is_main else None
+    stop_signal = _SignalFlag()
+    pending = None  # (step, device metrics) of the step dispatched last, read one step late
+    timer_start, examples = time.perf_counter(), 0
+    every = cfg.checkpoint.every
+    try:
+      for step in range(start_step, cfg.train.steps):
+        batch = self.put_batch(next(data_iter))
+        state, step_metrics = compiled(state, batch)
+        examples += cfg.train.batch_size
+        if pending is not None:
+          self._record(*pending, history, writer, progress, ckpt)
+        pending = (step, step_metrics)
+        done = step + 1
+        interrupted = stop_signal.raised is not None
+        if interrupted or (every and done % every == 0 and done < cfg.train.steps):
+          self._record(*pending, history, writer, progress, ckpt)
+          pending = None
+          ckpt.save(done, state, data_iter, to_json(cfg), history, force=interrupted)
+        if interrupted:
+          ckpt.close()
+          raise TrainingStopped(f"received {stop_signal.raised}; saved checkpoint at step {done} in "
+                                f"{ckpt.directory}; rerun the same command to resume", EXIT_PREEMPTED)
+      if pending is not None:
+        self._record(*pending, history, writer, progress, ckpt)
+      elapsed = time.perf_counter() - timer_start
+      if cfg.train.steps > start_step or ckpt.latest_step() is None:
+        ckpt.save(cfg.train.steps, state, data_iter, to_json(cfg), history, force=True)
+    finally:
+      stop_signal.restore()
+      if progress is not None:
+        progress.close()
+      ckpt.close()
+
+    log.info("evaluating on the %s split", cfg.eval.split)
+    result = self.evaluate(state)
+    result.update(sources_describe(self.dataset, self.split))
+    result.update({
+        "steps": cfg.train.steps,
+        "train/final_loss": history[-1] if history else float("nan"),
+        "train/losses": history,
+        "train/examples_per_sec": examples / elapsed if elapsed > 0 and examples else 0.0,
+        "protocol": f"{self.split.protocol}; full ranking of {self.dataset.num_items} items, the user's known items "
+                    f"excluded; evaluated on {cfg.eval.split}",
+        "model/params": self.num_params,
+    })
+    if is_main:
+      _write_json(os.path.join(workdir, "metrics.json"), result)
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(to_json(cfg))
+      if writer is not None:
+        for key, value in result.items():
+          if isinstance(value, float):
+            writer.add_scalar("eval/" + key.replace("@", "_at_"), value, cfg.train.steps)
+        writer.close()
+    self.state = state
+    return result
+
+  def _record(self, step, step_metrics, history, writer, progress, ckpt) -> None:
+    """Host side of one finished step: NaN policy, loss history, progress bar, TensorBoard."""
+    loss = float(step_metrics["loss"])
+    done = step + 1
+    if not bool(step_metrics["finite"]):
+      if self.cfg.train.nan_policy == "stop":
+        raise TrainingStopped(f"loss is {loss} at step {done}; training stopped (train.nan_policy=stop); the last "
+                              f"good checkpoint is kept in {ckpt.directory}", EXIT_NONFINITE)
+      log.warning("non-finite loss at step %d: update skipped (train.nan_policy=skip)", done)
+    history.append(loss)
+    log_now = done % max(self.cfg.train.log_every, 1) == 0 or done == self.cfg.train.steps
+    if progress is not None:
+      progress.update(1)
+      if log_now:
+        rate = progress.format_dict.get("rate") or 0.0
+        progress.set_postfix(loss=f"{loss:.4f}", examples_per_s=f"{rate * self.cfg.train.batch_size:,.0f}")
+    if writer is not None and log_now:
+      writer.add_scalar("train/loss", loss, done)
+      writer.add_scalar("train/grad_norm", float(step_metrics["grad_norm"]), done)
+
+  def _restore_or_init(self, ckpt: Checkpointer, resume: bool):
+    """Restore order: this workdir's latest checkpoint, then checkpoint.resume_from, then scratch
+    (with the pretrained text encoder's vectors when the model uses text)."""
+    data_iter = iter(train_batches(self.batch_builder(), 0, self.cfg.train.steps))
+    if resume and ckpt.latest_step() is not None:
+      step, state, history = ckpt.restore(self.abstract_state(), data_iter)
+      log.info("resuming from checkpoint step %d in %s", step, ckpt.directory)
+      return state, step, data_iter, history[:step]
+    if self.cfg.checkpoint.resume_from:
+      other = Checkpointer(self.cfg.checkpoint.resume_from, self.cfg.checkpoint)
+      try:
+        step, state, _ = other.restore(self.abstract_state())
+      finally:
+        other.close()
+      log.info("initialised from %s (step %d); data and step counter start fresh", self.cfg.checkpoint.resume_from, step)
+      state = dict(state, step=jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"]))
+      return state, 0, data_iter, []
+    log.info("starting from scratch%s", " with the pretrained text encoder's catalog vectors" if self.cfg.model.use_text else "")
+    return self.init_state(), 0, data_iter, []
+
+  def abstract_like(self, state: dict) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+  def abstract_batch(self) -> dict:
+    b, l = self.cfg.train.batch_size, self.cfg.data.history_len
+    shapes = {"user": ((b,), jnp.int32), "item": ((b,), jnp.int32), "log_q": ((b,), jnp.float32),
+              "history": ((b, l), jnp.int32), "history_mask": ((b, l), jnp.bool_)}
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k]) for k, (s, d) in shapes.items()}
+
+
+def optax_global_norm(tree: Any) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _padded_rows(seqs: Sequences, users: np.ndarray) -> np.ndarray:
+  """Each user's known items as a [B, M] array padded with -1 (the top-k kernel's exclude form)."""
+  starts, ends = seqs.start[users], seqs.start[users + 1]
+  width = max(int((ends - starts).max(initial=0)), 1)
+  offsets = starts[:, None] + np.arange(width)[None, :]
+  valid = offsets < ends[:, None]
+  return np.where(valid, seqs.items[np.minimum(offsets, max(len(seqs.items) - 1, 0))], -1).astype(np.int32)
+
+
+def sources_describe(dataset: Dataset, split: Split) -> dict[str, Any]:
+  describe = getattr(sources, "describe", None)
+  if describe is not None:
+    return describe(dataset, split)
+  return {"data/users": dataset.num_users, "data/items": dataset.num_items,
+          "data/interactions": dataset.num_interactions, "data/train": int(len(split.train)),
+          "data/valid": int(len(split.valid)), "data/test": int(len(split.test)),
+          "data/cold_items": int(split.cold_items.sum())}
+
+
+class _SignalFlag:
+  """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries."""
+
+  def __init__(self):
+    self.raised = None
+    self._previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+
+  def _handle(self, signum, frame):
+    self.raised = signal.Signals(signum).name
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _progress(cfg: Config, start: int):
+  if not cfg.train.progress:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _summary_writer(path: str):
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(path)
+
+
+def _write_json(path: str, data: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=1, sort_keys=True, default=float)
+  os.replace(tmp, path)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+  """Public API: trains ``cfg``, evaluates, writes ``cfg.workdir``; returns the final metrics."""
+  return Trainer(cfg).run()
