@@ -1,0 +1,282 @@
+"""BERT-family text encoder in Flax NNX, LoRA adapters, and sentence pooling.
+
+Dimension legend:
+  B batch, L tokens, D encoder width (hidden_size), H attention heads, K head width (D // H),
+  F MLP width (intermediate_size), V vocab, P max positions, T token types, R LoRA rank.
+
+The layout follows Hugging Face's ``BertModel`` (post-LayerNorm blocks, exact-erf GELU, learned
+absolute positions, token types) so that a checkpoint maps onto it one tensor at a time
+(see ``jaxrec/weights.py``). Parameters carry logical axis names; ``jaxrec/sharding.py`` maps
+them to mesh axes. Eager sharding is off per parameter so a module never needs a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class ConfigFileError(ValueError):
+  """A model's config.json is missing, unreadable or describes an unsupported architecture."""
+
+
+# model_type values whose checkpoints share BertModel's tensor layout and forward pass.
+SUPPORTED_MODEL_TYPES = ("bert",)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  vocab_size: int = 30522
+  hidden_size: int = 384
+  num_hidden_layers: int = 6
+  num_attention_heads: int = 12
+  intermediate_size: int = 1536
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+  model_type: str = "bert"
+  dtype: str = "float32"  # compute dtype of matmuls; softmax, LayerNorm statistics and pooling stay float32
+  lora_rank: int = 0  # 0 = no adapters
+  lora_alpha: float = 16.0
+  lora_ffn: bool = False  # adapters on the MLP too, not only attention query/value
+
+  def __post_init__(self):
+    if self.hidden_act != "gelu":
+      raise ConfigFileError(f"hidden_act {self.hidden_act!r} is not supported; only 'gelu' (exact erf) is")
+    if self.model_type not in SUPPORTED_MODEL_TYPES:
+      raise ConfigFileError(f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if self.hidden_size % self.num_attention_heads:
+      raise ConfigFileError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+    if self.dtype not in _DTYPES:
+      raise ConfigFileError(f"dtype {self.dtype!r} must be one of {', '.join(_DTYPES)}")
+    if self.lora_rank < 0:
+      raise ConfigFileError(f"lora_rank must be >= 0; got {self.lora_rank}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @classmethod
+  def from_hf_json(cls, path: str | os.PathLike, **overrides: Any) -> "BertConfig":
+    """Reads a Hugging Face ``config.json`` (or the directory holding it); ``overrides`` set LoRA/dtype fields."""
+    path = os.fspath(path)
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+      raise ConfigFileError(f"{file}: no config.json; a Hugging Face model directory needs one")
+    try:
+      with open(file, encoding="utf-8") as f:
+        raw = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ConfigFileError(f"{file}: cannot read config.json: {e}") from e
+    if not isinstance(raw, dict):
+      raise ConfigFileError(f"{file}: config.json is not a JSON object")
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      archs = raw.get("architectures") or []
+      raise ConfigFileError(
+          f"{file}: model_type {model_type!r} (architectures {archs}) is not a supported BERT-family model; "
+          f"supported model_type: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    act = raw.get("hidden_act", "gelu")
+    if act != "gelu":
+      raise ConfigFileError(f"{file}: hidden_act {act!r} is not supported; only 'gelu' (exact erf GELU) is")
+    pos_type = raw.get("position_embedding_type", "absolute")
+    if pos_type != "absolute":
+      raise ConfigFileError(f"{file}: position_embedding_type {pos_type!r} is not supported; only 'absolute' is")
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [k for k in required if k not in raw]
+    if missing:
+      raise ConfigFileError(f"{file}: config.json lacks {', '.join(missing)}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: raw[k] for k in (*required, "max_position_embeddings", "type_vocab_size", "layer_norm_eps") if k in raw}
+    kwargs.update(hidden_act=act, model_type=model_type)
+    unknown = set(overrides) - fields
+    if unknown:
+      raise TypeError(f"BertConfig has no field(s) {', '.join(sorted(unknown))}")
+    kwargs.update(overrides)
+    try:
+      return cls(**kwargs)
+    except ConfigFileError as e:
+      raise ConfigFileError(f"{file}: {e}") from None
+
+
+def _partitioned(init, names: tuple[str | None, ...]):
+  # eager_sharding=False: the logical names stay metadata, so building a module needs no mesh.
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+_normal = nnx.initializers.normal(0.02)  # BERT's initializer_range
+_zeros = nnx.initializers.zeros_init()
+_ones = nnx.initializers.ones_init()
+
+
+class LoRAParam(nnx.LoRAParam):
+  """Low-rank adapter weights: their own Variable type so an optimizer selects them by type.
+
+  Subclasses Flax's ``nnx.LoRAParam`` (itself an ``nnx.Param``), so ``wrt=LoRAParam``,
+  ``wrt=nnx.LoRAParam`` and ``nnx.All(nnx.Param, nnx.Not(LoRAParam))`` all mean what they say.
+  """
+
+
+class LoRA(nnx.Module):
+  """delta(x) = x @ A @ B * alpha / R, with A random and B zero so a fresh adapter changes nothing."""
+
+  def __init__(self, in_features: int, out_features: int, in_axis: str, out_axis: str, cfg: BertConfig, *, rngs: nnx.Rngs):
+    rank = cfg.lora_rank
+    # A ~ kaiming-uniform-like scale as in the LoRA paper's reference code; B = 0.
+    a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    self.a = LoRAParam(_partitioned(a_init, (in_axis, None))(rngs.params(), (in_features, rank), jnp.float32))
+    self.b = LoRAParam(_partitioned(_zeros, (None, out_axis))(rngs.params(), (rank, out_features), jnp.float32))
+    self.scaling = cfg.lora_alpha / rank
+    self.dtype = _DTYPES[cfg.dtype]
+
+  def __call__(self, x_BxLxI: jax.Array) -> jax.Array:
+    a, b = self.a[...].astype(self.dtype), self.b[...].astype(self.dtype)
+    return (x_BxLxI.astype(self.dtype) @ a @ b) * self.scaling
+
+
+def _linear(cfg: BertConfig, n_in: int, n_out: int, in_axis: str, out_axis: str, *, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(n_in, n_out, dtype=_DTYPES[cfg.dtype], kernel_init=_partitioned(_normal, (in_axis, out_axis)),
+                    bias_init=_partitioned(_zeros, (out_axis,)), rngs=rngs)
+
+
+def _layer_norm(cfg: BertConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # LayerNorm computes in float32 whatever the matmul dtype: its statistics are where bf16 hurts.
+  return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=jnp.float32,
+                       scale_init=_partitioned(_ones, ("embed",)), bias_init=_partitioned(_zeros, ("embed",)),
+                       rngs=rngs)
+
+
+class BertEmbeddings(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    dt = _DTYPES[cfg.dtype]
+    self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt,
+                          embedding_init=_partitioned(_normal, ("vocab", "embed")), rngs=rngs)
+    self.position = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dt,
+                              embedding_init=_partitioned(_normal, (None, "embed")), rngs=rngs)
+    self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=dt,
+                                embedding_init=_partitioned(_normal, (None, "embed")), rngs=rngs)
+    self.norm = _layer_norm(cfg, rngs=rngs)
+
+  def __call__(self, input_ids_BxL: jax.Array, token_type_ids_BxL: jax.Array) -> jax.Array:
+    length = input_ids_BxL.shape[1]
+    x_BxLxD = self.word(input_ids_BxL) + self.token_type(token_type_ids_BxL)
+    x_BxLxD = x_BxLxD + self.position(jnp.arange(length))[None]
+    return self.norm(x_BxLxD)
+
+
+class BertAttention(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+    self.query = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
+    self.key = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
+    self.value = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
+    self.out = _linear(cfg, d, d, "heads", "embed", rngs=rngs)
+    self.norm = _layer_norm(cfg, rngs=rngs)
+    if cfg.lora_rank:
+      self.query_lora = LoRA(d, d, "embed", "heads", cfg, rngs=rngs)
+      self.value_lora = LoRA(d, d, "embed", "heads", cfg, rngs=rngs)
+    else:
+      self.query_lora = self.value_lora = None
+
+  def _heads(self, x_BxLxD: jax.Array) -> jax.Array:
+    b, l, _ = x_BxLxD.shape
+    return x_BxLxD.reshape(b, l, self.num_heads, self.head_dim)
+
+  def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array) -> jax.Array:
+    q_BxLxD, v_BxLxD = self.query(x_BxLxD), self.value(x_BxLxD)
+    if self.query_lora is not None:
+      q_BxLxD = q_BxLxD + self.query_lora(x_BxLxD).astype(q_BxLxD.dtype)
+      v_BxLxD = v_BxLxD + self.value_lora(x_BxLxD).astype(v_BxLxD.dtype)
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._heads(q_BxLxD), self._heads(self.key(x_BxLxD)), self._heads(v_BxLxD)
+    scores_BxHxLxL = jnp.einsum("blhk,bmhk->bhlm", q_BxLxHxK, k_BxLxHxK, preferred_element_type=jnp.float32)
+    scores_BxHxLxL = scores_BxHxLxL * (1.0 / math.sqrt(self.head_dim)) + mask_bias_Bx1x1xL
+    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
+    ctx_BxLxHxK = jnp.einsum("bhlm,bmhk->blhk", probs_BxHxLxL, v_BxLxHxK)
+    ctx_BxLxD = ctx_BxLxHxK.reshape(x_BxLxD.shape)
+    return self.norm(x_BxLxD + self.out(ctx_BxLxD))
+
+
+class BertMLP(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.ffn_in = _linear(cfg, d, f, "embed", "mlp", rngs=rngs)
+    self.ffn_out = _linear(cfg, f, d, "mlp", "embed", rngs=rngs)
+    self.norm = _layer_norm(cfg, rngs=rngs)
+    if cfg.lora_rank and cfg.lora_ffn:
+      self.ffn_in_lora = LoRA(d, f, "embed", "mlp", cfg, rngs=rngs)
+      self.ffn_out_lora = LoRA(f, d, "mlp", "embed", cfg, rngs=rngs)
+    else:
+      self.ffn_in_lora = self.ffn_out_lora = None
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    h_BxLxF = self.ffn_in(x_BxLxD)
+    if self.ffn_in_lora is not None:
+      h_BxLxF = h_BxLxF + self.ffn_in_lora(x_BxLxD).astype(h_BxLxF.dtype)
+    h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=False)
+    y_BxLxD = self.ffn_out(h_BxLxF)
+    if self.ffn_out_lora is not None:
+      y_BxLxD = y_BxLxD + self.ffn_out_lora(h_BxLxF).astype(y_BxLxD.dtype)
+    return self.norm(x_BxLxD + y_BxLxD)
+
+
+class BertLayer(nnx.Module):
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.attention = BertAttention(cfg, rngs=rngs)
+    self.mlp = BertMLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array) -> jax.Array:
+    return self.mlp(self.attention(x_BxLxD, mask_bias_Bx1x1xL))
+
+
+class BertEncoder(nnx.Module):
+  """Token ids -> last hidden states; no pooler (sentence embeddings come from ``pool``)."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embeddings = BertEmbeddings(cfg, rngs=rngs)
+    self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+
+  def __call__(self, input_ids_BxL: jax.Array, attention_mask_BxL: jax.Array,
+               token_type_ids_BxL: jax.Array | None = None) -> jax.Array:
+    if token_type_ids_BxL is None:
+      token_type_ids_BxL = jnp.zeros_like(input_ids_BxL)
+    # Additive float32 bias: the most negative finite float, as BERT does, so a padded key gets
+    # exactly zero weight and a row can never turn into NaN.
+    keep_Bx1x1xL = attention_mask_BxL[:, None, None, :].astype(bool)
+    mask_bias_Bx1x1xL = jnp.where(keep_Bx1x1xL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    x_BxLxD = self.embeddings(input_ids_BxL, token_type_ids_BxL)
+    for layer in self.layers:
+      x_BxLxD = layer(x_BxLxD, mask_bias_Bx1x1xL)
+    return x_BxLxD
+
+
+def pool(hidden_BxLxD: jax.Array, mask_BxL: jax.Array, mode: str = "mean", normalize: bool = True) -> jax.Array:
+  """Sentence embeddings [B, D] in float32: masked mean (sentence-transformers' default) or CLS."""
+  hidden_BxLxD = hidden_BxLxD.astype(jnp.float32)
+  if mode == "mean":
+    mask_BxLx1 = mask_BxL.astype(jnp.float32)[..., None]
+    count_Bx1 = jnp.maximum(mask_BxLx1.sum(axis=1), 1e-9)  # sentence-transformers' clamp
+    out_BxD = (hidden_BxLxD * mask_BxLx1).sum(axis=1) / count_Bx1
+  elif mode == "cls":
+    out_BxD = hidden_BxLxD[:, 0]
+  else:
+    raise ValueError(f"pooling mode {mode!r} must be 'mean' or 'cls'")
+  if normalize:
+    norm_Bx1 = jnp.linalg.norm(out_BxD, axis=-1, keepdims=True)
+    out_BxD = out_BxD / jnp.maximum(norm_Bx1, 1e-12)  # torch.nn.functional.normalize's eps
+  return out_BxD
