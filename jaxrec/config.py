@@ -321,7 +321,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
       raise ConfigError(f"config file {path} failed to run: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
       raise ConfigError(f"config file {path} defines no get_config()")
-    config = module.get_config()
+    try:
+      config = module.get_config()
+    except ConfigError:
+      raise
+    except Exception as e:
+      raise ConfigError(f"config file {path} failed to run: {type(e).__name__}: {e}") from e
     if not isinstance(config, Config):
       raise ConfigError(f"config file {path}: get_config() returned {type(config).__name__}, expected jaxrec.config.Config")
   return validate(apply_overrides(config, overrides))

@@ -34,7 +34,7 @@ def per_user(hits_UxK: np.ndarray, num_truth_U: np.ndarray, ks: tuple[int, ...])
     dcg = (top * discounts[:top.shape[1]]).sum(1)
     out[f"ndcg@{k}"] = dcg / ideal_cumsum[np.minimum(num_truth_U, top.shape[1])]
     first = np.where(top.any(1), top.argmax(1), -1)
-    out[f"mrr@{k}"] = np.where(first >= 0, 1.0 / (first + 1.0), 0.0)
+    out[f"mrr@{k}"] = np.where(first >= 0, 1.0 / (np.maximum(first, 0) + 1.0), 0.0)
     out[f"hit@{k}"] = (n_hits > 0).astype(np.float64)
   return out
 

@@ -241,6 +241,31 @@ class Trainer:
     out.update({f"popularity/{k}": v for k, v in pop_acc.result().items()})
     return out
 
+  def build_index(self, state: dict, step: int):
+    """The serving artifact: every item's vector, and every user's query vector and known items."""
+    from jaxrec.retrieval import ItemIndex
+    ds, sp = self.dataset, self.split
+    known = Sequences.from_interactions(ds, np.concatenate([sp.train, sp.valid]))
+    users = np.arange(ds.num_users, dtype=np.int32)
+    bs = self.cfg.eval.batch_size
+    user_vectors = np.concatenate([np.asarray(self.query_vectors(state, users[i:i + bs], known))
+                                   for i in range(0, len(users), bs)])
+    return ItemIndex(np.asarray(self.item_vectors(state)), ds.item_raw_ids, list(ds.item_titles),
+                     metadata={"config_hash": config_hash(self.cfg), "step": int(step), "dataset": ds.name,
+                               "model": "two_tower", "text_encoder": self.cfg.encoder.path or "all-MiniLM-L6-v2"
+                               if self.cfg.model.use_text else "none"},
+                     user_vectors=user_vectors, user_ids=ds.user_raw_ids,
+                     user_seen=(known.start.astype(np.int64), known.items.astype(np.int64)))
+
+  def restore(self, step: int | None = None) -> tuple[int, dict]:
+    """The train state of a saved step of this workdir (default: the newest readable one)."""
+    ckpt = Checkpointer(os.path.join(os.path.abspath(self.cfg.workdir), "checkpoints"), self.cfg.checkpoint)
+    try:
+      step, state, _ = ckpt.restore(self.abstract_state(), step=step)
+    finally:
+      ckpt.close()
+    return step, state
+
   # ---------------------------------------------------------------- loop
 
   def run(self, resume: bool = True) -> dict[str, Any]:
@@ -306,7 +331,9 @@ class Trainer:
                     f"excluded; evaluated on {cfg.eval.split}",
         "model/params": self.num_params,
     })
+    index = self.build_index(state, cfg.train.steps)
     if is_main:
+      index.save(os.path.join(workdir, "index"))
       _write_json(os.path.join(workdir, "metrics.json"), result)
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(to_json(cfg))
@@ -366,6 +393,11 @@ class Trainer:
     shapes = {"user": ((b,), jnp.int32), "item": ((b,), jnp.int32), "log_q": ((b,), jnp.float32),
               "history": ((b, l), jnp.int32), "history_mask": ((b, l), jnp.bool_)}
     return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k]) for k, (s, d) in shapes.items()}
+
+
+def config_hash(cfg: Config) -> str:
+  import hashlib
+  return hashlib.sha256(to_json(cfg).encode()).hexdigest()[:16]
 
 
 def optax_global_norm(tree: Any) -> jax.Array:

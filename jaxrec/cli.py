@@ -1,0 +1,187 @@
+"""The ``jaxrec`` command: a thin front end over the Python API.
+
+Every command takes ``--config F`` and ``key=value`` overrides. Errors print one line naming the
+problem and exit non-zero; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+
+
+class UsageError(Exception):
+  pass
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="jaxrec", description="Text-aware two-tower recommendation in JAX.")
+  parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  def common(p, workdir_required=False):
+    p.add_argument("--config", help="config file (Python, defines get_config())")
+    p.add_argument("--workdir", required=workdir_required, help="run directory")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=200")
+
+  common(sub.add_parser("train", help="train, evaluate and export; writes WORKDIR/metrics.json"))
+  p = sub.add_parser("evaluate", help="full-ranking evaluation of a saved checkpoint")
+  common(p, workdir_required=True)
+  p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+  p.add_argument("--split", choices=("test", "valid"), help="which held-out split")
+  p = sub.add_parser("recommend", help="top-k items for one user, with titles")
+  common(p, workdir_required=True)
+  p.add_argument("--user", required=True, help="user id as in the dataset")
+  p.add_argument("--k", type=int, default=10)
+  p = sub.add_parser("export", help="write the ItemIndex artifact of a checkpoint")
+  common(p, workdir_required=True)
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+  common(sub.add_parser("data-stats", help="dataset statistics and an item-popularity plot"))
+  return parser
+
+
+def _load_config(args, from_workdir: bool):
+  from jaxrec.config import from_dict, load_config, apply_overrides, validate
+  overrides = list(args.overrides)
+  if from_workdir and not args.config:
+    path = os.path.join(args.workdir, "config.json")
+    if not os.path.isdir(args.workdir):
+      raise UsageError(f"workdir not found: {args.workdir}")
+    if not os.path.isfile(path):
+      raise UsageError(f"no config.json in workdir {args.workdir}: train there first (jaxrec train --workdir {args.workdir})")
+    with open(path) as f:
+      cfg = from_dict(json.load(f))
+    cfg = validate(apply_overrides(cfg, overrides))
+  else:
+    cfg = load_config(args.config or (DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None), overrides)
+  if args.workdir:
+    from jaxrec.config import override
+    cfg = override(cfg, "workdir", args.workdir)
+  return cfg
+
+
+def _print_metrics(result: dict, out=sys.stdout) -> None:
+  ks = [k for k in (10, 20, 50) if f"recall@{k}" in result]
+  rows = [("model", ""), ("popularity", "popularity/")]
+  for group in ("", "warm/", "cold/"):
+    if f"{group}recall@10" not in result:
+      continue
+    print(f"{'overall' if not group else group[:-1]:>8} {'':12}" + "".join(f"{'R@' + str(k):>8}{'N@' + str(k):>8}" for k in ks), file=out)
+    for name, prefix in rows:
+      key = prefix + group
+      if f"{key}recall@10" in result:
+        print(f"{'':8} {name:12}" + "".join(f"{result[f'{key}recall@{k}']:8.4f}{result[f'{key}ndcg@{k}']:8.4f}" for k in ks), file=out)
+
+
+def cmd_train(args) -> int:
+  import jaxrec
+  cfg = _load_config(args, from_workdir=False)
+  result = jaxrec.train(cfg)
+  print(f"\ntrained {result['steps']} steps, final loss {result['train/final_loss']:.4f}, "
+        f"{result['train/examples_per_sec']:,.0f} examples/s")
+  print(f"protocol: {result['protocol']}")
+  _print_metrics(result)
+  print(f"wrote {os.path.join(os.path.abspath(cfg.workdir), 'metrics.json')}")
+  return 0
+
+
+def _trainer_for_workdir(args):
+  from jaxrec.train import Trainer
+  cfg = _load_config(args, from_workdir=True)
+  if not os.path.isdir(os.path.join(cfg.workdir, "checkpoints")):
+    raise UsageError(f"no checkpoints in workdir {cfg.workdir}")
+  return Trainer(cfg)
+
+
+def cmd_evaluate(args) -> int:
+  trainer = _trainer_for_workdir(args)
+  step, state = trainer.restore(args.step)
+  result = trainer.evaluate(state, args.split)
+  result["step"] = step
+  print(f"step {step}, {args.split or trainer.cfg.eval.split} split")
+  _print_metrics(result)
+  path = os.path.join(trainer.cfg.workdir, f"eval_step{step}.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1, sort_keys=True)
+  print(f"wrote {path}")
+  return 0
+
+
+def cmd_export(args) -> int:
+  trainer = _trainer_for_workdir(args)
+  step, state = trainer.restore(args.step)
+  index = trainer.build_index(state, step)
+  index.save(args.out)
+  print(f"exported step {step}: {len(index.item_ids)} items to {args.out}")
+  return 0
+
+
+def cmd_recommend(args) -> int:
+  from jaxrec.retrieval import ItemIndex
+  if not os.path.isdir(args.workdir):
+    raise UsageError(f"workdir not found: {args.workdir}")
+  path = os.path.join(args.workdir, "index")
+  if not os.path.isdir(path):
+    raise UsageError(f"no index in workdir {args.workdir}: run `jaxrec train` or `jaxrec export --workdir {args.workdir} "
+                     f"--out {path}` first")
+  if args.k <= 0:
+    raise UsageError(f"--k must be positive; got {args.k}")
+  index = ItemIndex.load(path)
+  user = _match_id(args.user, index.user_ids)
+  if user is None:
+    raise UsageError(f"unknown user id {args.user!r} (this dataset has {len(index.user_ids)} users, "
+                     f"e.g. {', '.join(str(u) for u in index.user_ids[:3])})")
+  seen = index.seen_items(user)
+  print(f"user {user}: {len(seen)} known items; most recent:")
+  for item_id, title in seen[-10:]:
+    print(f"  [{item_id}] {title}")
+  print(f"top {args.k} recommendations:")
+  for rank, (item_id, title, score) in enumerate(index.recommend(user, args.k), 1):
+    print(f"  {rank:2d}. [{item_id}] {title}  ({score:.3f})")
+  return 0
+
+
+def _match_id(text: str, ids):
+  """The dataset id equal to ``text`` (ids may be ints or strings)."""
+  matches = [value for value in ids if str(value) == text]
+  return matches[0] if matches else None
+
+
+def cmd_data_stats(args) -> int:
+  from jaxrec.data import stats
+  argv = (["--config", args.config] if args.config else []) + (["--workdir", args.workdir] if args.workdir else [])
+  return stats.main(argv + list(args.overrides)) or 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "recommend": cmd_recommend, "export": cmd_export,
+            "data-stats": cmd_data_stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  args = _parser().parse_args(argv)
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+  for noisy in ("absl", "tensorboardX", "orbax", "jax._src.xla_bridge"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    return COMMANDS[args.command](args)
+  except Exception as e:  # one clear line for the user; --debug for the stack
+    if args.debug:
+      raise
+    from jaxrec.train import TrainingStopped
+    code = e.exit_code if isinstance(e, TrainingStopped) else 2 if isinstance(e, UsageError) else 1
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"jaxrec {args.command}: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+  sys.exit(main())

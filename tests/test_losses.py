@@ -1,0 +1,69 @@
+import numpy as np
+import jax.numpy as jnp
+
+from jaxrec.losses import MASKED_LOGIT, in_batch_softmax
+
+
+def _reference(q, c, pos_ids, cand_ids, temperature, log_q, remove_hits):
+  """Direct numpy softmax cross-entropy, row by row."""
+  losses = []
+  for b in range(len(q)):
+    logits = (c @ q[b]).astype(np.float64) / temperature
+    if log_q is not None:
+      logits = logits - log_q
+    if remove_hits:
+      for j in range(len(c)):
+        if j != b and cand_ids[j] == pos_ids[b]:
+          logits[j] = MASKED_LOGIT
+    m = logits.max()
+    losses.append(m + np.log(np.exp(logits - m).sum()) - logits[b])
+  return float(np.mean(losses))
+
+
+def _data(seed=0, b=6, e=4):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(b, e)).astype(np.float32)
+  p = rng.normal(size=(b, e)).astype(np.float32)
+  ids = np.array([3, 5, 3, 7, 5, 1], np.int32)[:b]
+  log_q = np.log(rng.uniform(0.01, 0.3, size=b)).astype(np.float32)
+  return q, p, ids, log_q
+
+
+def test_matches_numpy_with_logq_and_accidental_hits():
+  q, p, ids, log_q = _data()
+  got, aux = in_batch_softmax(jnp.asarray(q), jnp.asarray(p), jnp.asarray(ids), 0.5, log_q_B=jnp.asarray(log_q))
+  want = _reference(q, p, ids, ids, 0.5, log_q, True)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  assert aux["logits"].shape == (6, 6)
+  # Row 0's positive is item 3, which is also column 2's: that column must be masked.
+  assert float(aux["logits"][0, 2]) == MASKED_LOGIT
+  assert float(aux["logits"][2, 0]) == MASKED_LOGIT
+  assert float(aux["logits"][0, 0]) != MASKED_LOGIT
+
+
+def test_each_correction_changes_the_loss_as_the_reference_does():
+  q, p, ids, log_q = _data(1)
+  for use_logq in (False, True):
+    for remove in (False, True):
+      got, _ = in_batch_softmax(jnp.asarray(q), jnp.asarray(p), jnp.asarray(ids), 0.2,
+                                log_q_B=jnp.asarray(log_q) if use_logq else None, remove_accidental_hits=remove)
+      want = _reference(q, p, ids, ids, 0.2, log_q if use_logq else None, remove)
+      np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  no_fix, _ = in_batch_softmax(jnp.asarray(q), jnp.asarray(p), jnp.asarray(ids), 0.2, remove_accidental_hits=False)
+  fix, _ = in_batch_softmax(jnp.asarray(q), jnp.asarray(p), jnp.asarray(ids), 0.2, remove_accidental_hits=True)
+  assert float(fix) < float(no_fix)  # masking removes competitors
+
+
+def test_extra_negatives_extend_the_softmax():
+  q, p, ids, log_q = _data(2)
+  rng = np.random.default_rng(9)
+  extra = rng.normal(size=(3, 4)).astype(np.float32)
+  extra_ids = np.array([5, 9, 10], np.int32)
+  extra_lq = np.log(np.full(3, 0.05, np.float32))
+  got, aux = in_batch_softmax(jnp.asarray(q), jnp.asarray(p), jnp.asarray(ids), 0.5, log_q_B=jnp.asarray(log_q),
+                              extra_NxE=jnp.asarray(extra), extra_ids_N=jnp.asarray(extra_ids),
+                              extra_log_q_N=jnp.asarray(extra_lq))
+  want = _reference(q, np.concatenate([p, extra]), ids, np.concatenate([ids, extra_ids]), 0.5,
+                    np.concatenate([log_q, extra_lq]), True)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  assert aux["logits"].shape == (6, 9)
