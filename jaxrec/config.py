@@ -102,6 +102,7 @@ class MeshConfig:
   data: int = -1  # -1 absorbs the remaining devices
   fsdp: int = 1
   tensor: int = 1
+  num_devices: int = 0  # use the first N devices; 0 = all
   rules: tuple[str, ...] = ()  # overrides of the rules table, "logical:mesh_axis[+axis]" or "logical:"
   coordinator_address: str = ""  # multi-process: host:port of process 0
   num_processes: int = 1

@@ -43,9 +43,14 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  if devices is None:
+    devices = jax.devices()
+    if cfg.num_devices:
+      if cfg.num_devices > len(devices):
+        raise MeshError(f"mesh.num_devices={cfg.num_devices} but only {len(devices)} devices are available")
+      devices = devices[:cfg.num_devices]
   shape = mesh_shape(cfg, len(devices))
-  if devices is jax.devices() or len(devices) == jax.device_count():
+  if len(devices) == jax.device_count():
     # jax.make_mesh orders devices for the physical topology (ICI rings on TPU).
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))

@@ -96,9 +96,8 @@ class Trainer:
     with nnx.use_eager_sharding(False):
       abstract = nnx.eval_shape(lambda a: construct(a, 0), arrays)
     self.graphdef, abs_params, abs_tables = nnx.split(abstract, nnx.Param, ...)
-    self._param_template, self._table_template = abs_params, abs_tables
-    param_sh = sharding.state_shardings(abs_params, self.mesh, self.rules).to_pure_dict()
-    table_sh = sharding.state_shardings(abs_tables, self.mesh, self.rules).to_pure_dict()
+    param_sh = nnx.to_pure_dict(sharding.state_shardings(abs_params, self.mesh, self.rules))
+    table_sh = nnx.to_pure_dict(sharding.state_shardings(abs_tables, self.mesh, self.rules))
     self.tx = optim.make_optimizer(cfg.train, cfg.encoder)
     tx = self.tx
 
@@ -106,8 +105,8 @@ class Trainer:
       with nnx.use_eager_sharding(False):
         model = construct(arrays, cfg.train.seed)
       _, params, tables = nnx.split(model, nnx.Param, ...)
-      params = params.to_pure_dict()
-      return {"params": params, "tables": tables.to_pure_dict(), "opt": tx.init(params),
+      params = nnx.to_pure_dict(params)
+      return {"params": params, "tables": nnx.to_pure_dict(tables), "opt": tx.init(params),
               "step": jnp.zeros((), jnp.int32)}
 
     abs_state = jax.eval_shape(init, arrays)
@@ -132,11 +131,7 @@ class Trainer:
   # ---------------------------------------------------------------- pure functions
 
   def model(self, params: dict, tables: dict) -> TwoTower:
-    params_state = nnx.State(self._param_template)
-    nnx.replace_by_pure_dict(params_state, params)
-    tables_state = nnx.State(self._table_template)
-    nnx.replace_by_pure_dict(tables_state, tables)
-    return nnx.merge(self.graphdef, params_state, tables_state)
+    return nnx.merge(self.graphdef, params, tables)
 
   def loss_fn(self, params: dict, tables: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
     model = self.model(params, tables)
