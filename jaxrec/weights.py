@@ -152,13 +152,17 @@ def _rebuild_parameter(data, *_ignored):
   return data
 
 
+class _StateDict(dict):
+  """OrderedDict stand-in; torch attaches ``_metadata`` to a state_dict, so it needs a __dict__."""
+
+
 class _TorchUnpickler(pickle.Unpickler):
   """Knows only what a state_dict needs; any other global is refused, so no code runs."""
 
   _ALLOWED = {
       ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
       ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-      ("collections", "OrderedDict"): dict,
+      ("collections", "OrderedDict"): _StateDict,
   }
 
   def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
@@ -200,7 +204,7 @@ def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
                        "a model.safetensors file is needed") from e
   if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
     raise WeightsError(f"{file}: does not hold a plain state_dict of tensors; a model.safetensors file is needed")
-  return state
+  return dict(state)
 
 
 def read_checkpoint(file: str) -> dict[str, np.ndarray]:
@@ -248,13 +252,14 @@ def _init_adapters(cfg: BertConfig, seed: int) -> dict[tuple, jax.Array]:
   return {path: var[...] for path, var in nnx.to_flat_state(init())}
 
 
-ShardingSpec = jax.sharding.Sharding | Callable[[tuple, tuple], jax.sharding.Sharding] | None
+# One Sharding for every parameter, or (module path, logical axis names, shape) -> Sharding.
+ShardingSpec = jax.sharding.Sharding | Callable[[tuple, tuple, tuple], jax.sharding.Sharding] | None
 
 
 def _place(value: np.ndarray | jax.Array, path: tuple, names: tuple, sharding: ShardingSpec) -> jax.Array:
   if sharding is None:
     return jnp.asarray(value)
-  target = sharding(path, names) if callable(sharding) else sharding
+  target = sharding(path, names, tuple(value.shape)) if callable(sharding) else sharding
   value = np.asarray(value)
   # make_array_from_callback works when the mesh spans processes: each fills only its own shards.
   return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
@@ -281,8 +286,9 @@ def load_encoder(path: str | os.PathLike, *, sharding: ShardingSpec = None, seed
   ``config_overrides`` set ``BertConfig`` fields that config.json does not hold (``lora_rank``,
   ``lora_alpha``, ``lora_ffn``, ``dtype``); ``module.cfg`` is the resulting config. ``sharding`` is
   one ``jax.sharding.Sharding`` for every parameter or a function ``(module_path,
-  logical_axis_names) -> Sharding``; None puts them on the default device. ``seed`` initialises
-  LoRA adapters, the only parameters not read from the checkpoint.
+  logical_axis_names, shape) -> Sharding`` (e.g. built on ``jaxrec.sharding.resolve``); None puts
+  them on the default device. ``seed`` initialises LoRA adapters, the only parameters not read
+  from the checkpoint.
   """
   path = os.fspath(path)
   cfg = read_config(path, **config_overrides)

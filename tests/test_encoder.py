@@ -1,0 +1,186 @@
+"""BertEncoder: logical axis annotations, pooling, padding invariance, config parsing, LoRA."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxrec.models.encoder import BertConfig, BertEncoder, ConfigFileError, LoRAParam, pool
+
+TINY = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
+                  max_position_embeddings=32)
+
+
+def _flat(module, filt=nnx.Param):
+  return {p: v for p, v in nnx.to_flat_state(nnx.state(module, filt))}
+
+
+def test_params_carry_logical_axis_names():
+  cfg = BertConfig(**{**TINY.__dict__, "lora_rank": 2, "lora_ffn": True})
+  module = nnx.eval_shape(lambda: BertEncoder(cfg, rngs=nnx.Rngs(0)))
+  names = {p: v.get_metadata()["out_sharding"] for p, v in _flat(module).items()}
+  expected = {
+      ("embeddings", "word", "embedding"): ("vocab", "embed"),
+      ("embeddings", "position", "embedding"): (None, "embed"),
+      ("embeddings", "token_type", "embedding"): (None, "embed"),
+      ("embeddings", "norm", "scale"): ("embed",),
+      ("layers", 0, "attention", "query", "kernel"): ("embed", "heads"),
+      ("layers", 0, "attention", "key", "kernel"): ("embed", "heads"),
+      ("layers", 1, "attention", "value", "kernel"): ("embed", "heads"),
+      ("layers", 1, "attention", "value", "bias"): ("heads",),
+      ("layers", 0, "attention", "out", "kernel"): ("heads", "embed"),
+      ("layers", 0, "attention", "out", "bias"): ("embed",),
+      ("layers", 0, "attention", "norm", "bias"): ("embed",),
+      ("layers", 0, "mlp", "ffn_in", "kernel"): ("embed", "mlp"),
+      ("layers", 0, "mlp", "ffn_in", "bias"): ("mlp",),
+      ("layers", 0, "mlp", "ffn_out", "kernel"): ("mlp", "embed"),
+      ("layers", 0, "attention", "query_lora", "a"): ("embed", None),
+      ("layers", 0, "attention", "query_lora", "b"): (None, "heads"),
+      ("layers", 0, "mlp", "ffn_in_lora", "b"): (None, "mlp"),
+  }
+  for path, axes in expected.items():
+    assert names[path] == axes, path
+  assert all(len(axes) == len(_flat(module)[p].shape) for p, axes in names.items())
+  # 2 layers x (query, value, ffn_in, ffn_out) x (a, b)
+  assert len(_flat(module, LoRAParam)) == 16
+
+
+def test_pool_mean_cls_and_normalisation():
+  hidden = jnp.array([[[1.0, 2.0], [3.0, 6.0], [100.0, 100.0]],
+                      [[0.0, 4.0], [9.0, 9.0], [9.0, 9.0]]], jnp.bfloat16)
+  mask = jnp.array([[1, 1, 0], [1, 0, 0]])
+  mean = pool(hidden, mask, "mean", normalize=False)
+  np.testing.assert_allclose(np.asarray(mean), [[2.0, 4.0], [0.0, 4.0]])
+  assert mean.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(pool(hidden, mask, "mean")), [[2 / 20 ** 0.5, 4 / 20 ** 0.5], [0.0, 1.0]],
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(pool(hidden, mask, "cls", normalize=False)), [[1.0, 2.0], [0.0, 4.0]])
+  # an all-padding row pools to zeros instead of NaN
+  np.testing.assert_array_equal(np.asarray(pool(hidden, jnp.zeros_like(mask))), np.zeros((2, 2)))
+  with pytest.raises(ValueError, match="max"):
+    pool(hidden, mask, "max")
+
+
+def test_padding_does_not_change_real_tokens():
+  module = BertEncoder(TINY, rngs=nnx.Rngs(0))
+  ids = jnp.array([[2, 7, 9, 3]])
+  short = module(ids, jnp.ones_like(ids))
+  padded_ids = jnp.array([[2, 7, 9, 3, 0, 0, 0, 0]])
+  padded = module(padded_ids, (padded_ids > 0).astype(jnp.int32))
+  np.testing.assert_allclose(np.asarray(padded[:, :4]), np.asarray(short), atol=1e-6)
+  # and the pooled sentence vector is the same
+  np.testing.assert_allclose(np.asarray(pool(padded, (padded_ids > 0))), np.asarray(pool(short, jnp.ones_like(ids))),
+                             atol=1e-6)
+
+
+def test_token_types_matter_and_default_to_zero():
+  module = BertEncoder(TINY, rngs=nnx.Rngs(1))
+  ids, mask = jnp.array([[2, 7, 9, 3]]), jnp.ones((1, 4), jnp.int32)
+  base = module(ids, mask)
+  np.testing.assert_array_equal(np.asarray(base), np.asarray(module(ids, mask, jnp.zeros_like(ids))))
+  assert float(jnp.abs(module(ids, mask, jnp.array([[0, 0, 1, 1]])) - base).max()) > 1e-3
+
+
+def _write_config(tmp_path, **changes):
+  raw = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 30, "hidden_size": 12,
+         "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 20, "max_position_embeddings": 40,
+         "type_vocab_size": 1, "layer_norm_eps": 1e-7, "hidden_act": "gelu", "pad_token_id": 0}
+  raw.update(changes)
+  raw = {k: v for k, v in raw.items() if v is not None}
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  return tmp_path
+
+
+def test_from_hf_json_reads_fields_and_overrides(tmp_path):
+  cfg = BertConfig.from_hf_json(_write_config(tmp_path), lora_rank=4, lora_alpha=8.0)
+  assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (30, 12, 3, 3)
+  assert (cfg.intermediate_size, cfg.max_position_embeddings, cfg.type_vocab_size) == (20, 40, 1)
+  assert cfg.layer_norm_eps == 1e-7 and cfg.head_dim == 4 and cfg.lora_rank == 4 and cfg.lora_alpha == 8.0
+  assert BertConfig.from_hf_json(tmp_path / "config.json") == BertConfig.from_hf_json(tmp_path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"hidden_act": "relu"}, "hidden_act 'relu'"),
+    ({"hidden_act": "gelu_new"}, "only 'gelu'"),
+    ({"model_type": "gpt2", "architectures": ["GPT2Model"]}, "model_type 'gpt2'"),
+    ({"model_type": None}, "model_type None"),
+    ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+    ({"num_attention_heads": 5}, "not divisible"),
+    ({"hidden_size": None}, "lacks hidden_size"),
+])
+def test_from_hf_json_rejects_unsupported(tmp_path, changes, message):
+  _write_config(tmp_path, **changes)
+  with pytest.raises(ConfigFileError, match=message) as err:
+    BertConfig.from_hf_json(tmp_path)
+  assert str(tmp_path / "config.json") in str(err.value)
+
+
+def test_from_hf_json_missing_and_garbage(tmp_path):
+  with pytest.raises(ConfigFileError, match="no config.json"):
+    BertConfig.from_hf_json(tmp_path)
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(ConfigFileError, match="cannot read"):
+    BertConfig.from_hf_json(tmp_path)
+
+
+def _lora_pair(cfg, lora_ffn):
+  frozen = BertEncoder(cfg, rngs=nnx.Rngs(0))
+  # Pretrained-like scale: with BERT's 0.02 init the blocks barely move the residual stream and
+  # adapter gradients vanish below Adam's epsilon, which would make the test vacuous.
+  state = nnx.state(frozen, nnx.Param)
+  keys = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(state))))
+  nnx.update(frozen, jax.tree.map(lambda x: x + 0.5 * jax.random.normal(next(keys), x.shape), state))
+  adapted = BertEncoder(BertConfig(**{**cfg.__dict__, "lora_rank": 4, "lora_alpha": 8.0, "lora_ffn": lora_ffn}),
+                        rngs=nnx.Rngs(1))
+  # same pretrained weights in both; only the adapters are new
+  nnx.update(adapted, nnx.state(frozen, nnx.Param))
+  return frozen, adapted
+
+
+@pytest.mark.parametrize("lora_ffn", [False, True])
+def test_lora_zero_b_equals_frozen_then_only_adapters_train(lora_ffn):
+  frozen, adapted = _lora_pair(TINY, lora_ffn)
+  ids = jnp.array([[2, 7, 9, 11, 3, 0], [2, 4, 5, 3, 0, 0]])
+  mask = (ids > 0).astype(jnp.int32)
+  np.testing.assert_array_equal(np.asarray(adapted(ids, mask)), np.asarray(frozen(ids, mask)))
+  assert all(float(jnp.abs(v[...]).max()) == 0.0 for p, v in _flat(adapted, LoRAParam).items() if p[-1] == "b")
+  assert all(float(jnp.abs(v[...]).max()) > 0.0 for p, v in _flat(adapted, LoRAParam).items() if p[-1] == "a")
+
+  before = {p: np.asarray(v[...]) for p, v in _flat(adapted).items()}
+  optimizer = nnx.Optimizer(adapted, optax.adam(1e-2), wrt=LoRAParam)
+  target = jax.random.normal(jax.random.key(3), (2, TINY.hidden_size))
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss_fn(model):
+      return jnp.sum((pool(model(ids, mask), mask, normalize=False) - target) ** 2)
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, LoRAParam))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(step(adapted, optimizer)) for _ in range(3)]
+  after = {p: np.asarray(v[...]) for p, v in _flat(adapted).items()}
+  lora_paths = set(_flat(adapted, LoRAParam))
+  assert len(lora_paths) == (16 if lora_ffn else 8)
+  for path in before:
+    if path in lora_paths:
+      assert np.abs(after[path] - before[path]).max() > 0, path
+    else:
+      np.testing.assert_array_equal(after[path], before[path], err_msg=str(path))
+  assert losses[-1] < losses[0]
+  assert float(jnp.abs(adapted(ids, mask) - frozen(ids, mask)).max()) > 1e-4
+
+
+def test_bfloat16_compute_stays_close_and_pools_float32():
+  module = BertEncoder(TINY, rngs=nnx.Rngs(0))
+  bf16 = BertEncoder(BertConfig(**{**TINY.__dict__, "dtype": "bfloat16"}), rngs=nnx.Rngs(0))
+  ids = jnp.array([[2, 7, 9, 11, 3]])
+  mask = jnp.ones_like(ids)
+  ref = pool(module(ids, mask), mask)
+  out = pool(bf16(ids, mask), mask)
+  assert out.dtype == jnp.float32
+  assert float(jnp.abs(out - ref).max()) < 0.05
