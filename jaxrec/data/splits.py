@@ -97,3 +97,26 @@ def make_split(dataset: Dataset, cfg: DataConfig, cold_items: np.ndarray | None 
   if len(train) == 0:
     raise ValueError(f"dataset {dataset.name!r}: the split left no training interactions")
   return Split(train=train, valid=valid, test=test, cold_items=cold, protocol=protocol)
+
+
+def describe(dataset: Dataset, split: Split) -> dict:
+  """The protocol and the counts it produced, as flat ``data/*`` keys for ``metrics.json``."""
+  in_train = np.zeros(dataset.num_items, bool)
+  in_train[dataset.items[split.train]] = True
+  return {
+      "data/name": dataset.name,
+      "data/protocol": split.protocol,
+      "data/has_time": bool(dataset.has_time),
+      "data/users": dataset.num_users,
+      "data/items": dataset.num_items,
+      "data/interactions": dataset.num_interactions,
+      "data/density": dataset.num_interactions / max(1, dataset.num_users * dataset.num_items),
+      "data/train": int(len(split.train)),
+      "data/valid": int(len(split.valid)),
+      "data/test": int(len(split.test)),
+      "data/train_users": int(len(np.unique(dataset.users[split.train]))),
+      "data/test_users": int(len(np.unique(dataset.users[split.test]))),
+      "data/cold_items": int(split.cold_items.sum()),
+      "data/cold_test": int(split.cold_items[dataset.items[split.test]].sum()),
+      "data/items_without_train": int((~in_train).sum()),
+  }
