@@ -1,0 +1,16 @@
+"""MovieLens-1M, ID and categorical features only: the same data and split as ml1m_text.py."""
+
+import dataclasses
+import os
+
+from jaxrec.config import Config, load_config
+
+
+def get_config() -> Config:
+  base = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ml1m_text.py"))
+  return dataclasses.replace(
+      base,
+      workdir="runs/ml1m_id",
+      encoder=dataclasses.replace(base.encoder, mode="none"),
+      model=dataclasses.replace(base.model, use_text=False),
+  )
