@@ -93,7 +93,7 @@ def cmd_train(args) -> int:
 
 
 def _trainer_for_workdir(args):
-  from jaxrec.train import Trainer
+  from jaxrec.trainer import Trainer
   cfg = _load_config(args, from_workdir=True)
   if not os.path.isdir(os.path.join(cfg.workdir, "checkpoints")):
     raise UsageError(f"no checkpoints in workdir {cfg.workdir}")
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
   except Exception as e:  # one clear line for the user; --debug for the stack
     if args.debug:
       raise
-    from jaxrec.train import TrainingStopped
+    from jaxrec.trainer import TrainingStopped
     code = e.exit_code if isinstance(e, TrainingStopped) else 2 if isinstance(e, UsageError) else 1
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     print(f"jaxrec {args.command}: error: {message}", file=sys.stderr)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxrec.config import load_config
-from jaxrec.train import Trainer
+from jaxrec.trainer import Trainer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 

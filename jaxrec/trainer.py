@@ -1,4 +1,4 @@
-"""Training and evaluation: state built abstractly and materialised sharded, one pure jitted step.
+"""Training and evaluation (public entry: `jaxrec.train(cfg)`): state built abstractly and materialised sharded, one pure jitted step.
 
 The train state is a plain pytree ``{"params", "tables", "opt", "step"}`` of pure dicts:
 ``params`` are the trained weights, ``tables`` the model's constant lookups (feature ids, the
