@@ -460,3 +460,10 @@ def _write_json(path: str, data: dict) -> None:
 def train(cfg: Config) -> dict[str, Any]:
   """Public API: trains ``cfg``, evaluates, writes ``cfg.workdir``; returns the final metrics."""
   return Trainer(cfg).run()
+
+
+def evaluate(cfg: Config, step: int | None = None, split: str | None = None) -> dict[str, Any]:
+  """Public API: full-ranking metrics of a saved checkpoint of ``cfg.workdir``."""
+  trainer = Trainer(cfg)
+  step, state = trainer.restore(step)
+  return dict(trainer.evaluate(state, split), step=step)
