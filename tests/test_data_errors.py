@@ -106,6 +106,9 @@ def test_ml1m_ratings_dat_separator(tmp_path):
   (tmp_path / "ratings.dat").write_text("1::1::5::978300760\n1:1::3::978302109\n")
   with pytest.raises(DataError, match=r"ratings\.dat, line 2: expected 4 '::'-separated integers .*3 field\(s\) in '1:1::3::978302109'"):
     movielens.load_ml1m(str(tmp_path))
+  (tmp_path / "ratings.dat").write_text("1::1::5::978300760\n1::1\t::3::978302109\n")
+  with pytest.raises(DataError, match=r"ratings\.dat, line 2: .*a stray tab in '1\\t' as MovieID"):
+    movielens.load_ml1m(str(tmp_path))
 
 
 def test_duplicate_header_in_interactions(tmp_path):

@@ -62,7 +62,8 @@ def decode(data: bytes, path: str | os.PathLike, encodings: Sequence[str]) -> st
       first_error = first_error or e
   e = first_error
   line = _line_of(data, e.start)
-  bad = data[data.rfind(b"\n", 0, e.start) + 1:data.find(b"\n", e.start) if data.find(b"\n", e.start) >= 0 else len(data)]
+  end = data.find(b"\n", e.start)
+  bad = data[data.rfind(b"\n", 0, e.start) + 1:end if end >= 0 else len(data)]
   raise DataError(path, line, f"text in {' or '.join(encodings)}",
                   got=f"byte 0x{data[e.start]:02x} that is not valid {e.encoding}: {_show(bad)}")
 
@@ -91,8 +92,11 @@ def int_table(path: str | os.PathLike, columns: Sequence[str], sep: str, *,
     body, first_line = (data.split(b"\n", 1) + [b""])[1], 2
   # numpy's tokenizer only takes one-character delimiters; "::" has no single-colon neighbours
   # in valid rows, so collapsing it keeps the column count (a stray ":" still fails to parse).
-  delimiter = sep
+  delimiter, table = sep, None
   if len(sep) > 1:
+    # A tab where "::" belongs would otherwise pass as a separator after the collapse.
+    if b"\t" in body:
+      _raise_first_bad_line(path, data, columns, sep, header, first_line)
     body, delimiter = body.replace(sep.encode(), b"\t"), "\t"
   if not body.strip():
     return np.zeros((0, len(columns)), np.int64)
@@ -100,11 +104,10 @@ def int_table(path: str | os.PathLike, columns: Sequence[str], sep: str, *,
     table = np.loadtxt(io.BytesIO(body), dtype=np.int64, delimiter=delimiter, comments=None, ndmin=2,
                        encoding="latin-1")
   except ValueError:
-    table = None
+    pass
   if table is not None and (table.size == 0 or table.shape[1] == len(columns)):
     return table.reshape(-1, len(columns))
   _raise_first_bad_line(path, data, columns, sep, header, first_line)
-  raise AssertionError("unreachable: numpy rejected the file but every line parses")
 
 
 def _raise_first_bad_line(path, data: bytes, columns: Sequence[str], sep: str, header, first_line: int):
@@ -123,13 +126,18 @@ def _raise_first_bad_line(path, data: bytes, columns: Sequence[str], sep: str, h
       raise DataError(path, number, expected, got=f"{len(fields)} field(s) in {_show(line)}")
     for name, field in zip(columns, fields):
       try:
+        if sep != "\t" and b"\t" in field:
+          raise ValueError(field)
         int(field)
       except ValueError:
-        kind = "a non-integer number" if _is_number(field) else "non-numeric text"
+        kind = ("a stray tab in" if b"\t" in field and sep != "\t" else
+                "a non-integer number" if _is_number(field) else "non-numeric text")
         if number == 1 and header_bytes is None and all(not _is_number(f) for f in fields):
           raise DataError(path, number, expected + " (this format has no header line)",
                           got=f"a header-like line {_show(line)}") from None
         raise DataError(path, number, expected, got=f"{kind} {field.decode('latin-1')!r} as {name} in {_show(line)}") from None
+  # numpy refused the file but every line splits and parses here: report the file as a whole.
+  raise DataError(path, None, expected, got="rows numpy could not read as integers")
 
 
 def split_lines(text: str, path: str | os.PathLike, sep: str, num_fields: int, what: str,
