@@ -44,16 +44,50 @@ class TrainingStopped(RuntimeError):
     self.exit_code = exit_code
 
 
-def _text_vectors(cfg: Config, dataset: Dataset) -> tuple[np.ndarray | None, int]:
-  """Catalog text vectors from the frozen encoder, through the on-disk cache."""
+@dataclasses.dataclass
+class TextSetup:
+  """How item text reaches the item tower."""
+
+  dim: int = 0
+  vectors: np.ndarray | None = None  # frozen: cached catalog vectors [N, D]
+  encoder: Any = None  # lora/full: the pretrained TextEncoder whose weights seed the model's encoder
+  tokens: dict | None = None  # lora/full: catalog tokens, int32 [N, T] each
+
+
+def cache_dir(cfg: Config) -> str:
+  return cfg.encoder.cache_dir or os.environ.get("JAXREC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxrec")
+
+
+def _text_setup(cfg: Config, dataset: Dataset) -> TextSetup:
   if not cfg.model.use_text:
-    return None, 0
+    return TextSetup()
   from jaxrec.text_encoder import TextEncoder, encode_cached
+  live = cfg.encoder.mode in ("lora", "full")
+  adapters = {"lora_rank": cfg.encoder.lora_rank, "lora_alpha": cfg.encoder.lora_alpha,
+              "lora_ffn": cfg.encoder.lora_ffn} if cfg.encoder.mode == "lora" else {}
   encoder = TextEncoder.from_pretrained(cfg.encoder.path or None, max_length=cfg.encoder.max_length or None,
-                                        pooling=cfg.encoder.pooling)
-  cache_dir = cfg.encoder.cache_dir or os.environ.get("JAXREC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxrec")
-  vectors = encode_cached(encoder, list(dataset.item_text), cache_dir, batch_size=cfg.encoder.batch_size)
-  return np.asarray(vectors, np.float32), int(vectors.shape[1])
+                                        pooling=cfg.encoder.pooling, **adapters)
+  if live:
+    return TextSetup(dim=encoder.hidden_size, encoder=encoder, tokens=encoder.tokenize(list(dataset.item_text)))
+  vectors = encode_cached(encoder, list(dataset.item_text), cache_dir(cfg), batch_size=cfg.encoder.batch_size)
+  return TextSetup(dim=int(vectors.shape[1]), vectors=np.asarray(vectors, np.float32))
+
+
+def trainable_filter(mode: str):
+  """Which Params the optimizer updates: in LoRA mode only the adapters of the text encoder."""
+  if mode == "lora":
+    return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("text_encoder"))))
+  return nnx.Param
+
+
+def _take_like(template: Any, source: Any, path: str = "") -> Any:
+  """``source``'s values for the leaves of ``template`` (same nesting), placed with their shardings."""
+  if isinstance(template, dict):
+    return {k: _take_like(v, source[k], f"{path}/{k}") for k, v in template.items()}
+  value = np.asarray(source)
+  if value.shape != template.shape:
+    raise ValueError(f"pretrained encoder weight {path} has shape {value.shape}, the model expects {template.shape}")
+  return jax.device_put(value.astype(template.dtype), template.sharding)
 
 
 class Trainer:
@@ -75,7 +109,9 @@ class Trainer:
     ds, sp = self.dataset, self.split
     self.train_seqs = Sequences.from_interactions(ds, sp.train)
     self.log_q = item_log_q(ds.items[sp.train], ds.num_items)
-    text, text_dim = _text_vectors(cfg, ds)
+    self.text = text_setup = _text_setup(cfg, ds)
+    text, text_dim = text_setup.vectors, text_setup.dim
+    self.live_text = text_setup.encoder is not None
 
     trained = np.bincount(ds.items[sp.train], minlength=ds.num_items) > 0
     self.item_trained = trained
@@ -84,27 +120,31 @@ class Trainer:
                       features=ds.item_features, feature_sizes=ds.item_feature_sizes, text_NxD=text)
     users = Users(num_users=ds.num_users, features=ds.user_features, feature_sizes=ds.user_feature_sizes)
     arrays = {"id_row": catalog.id_row, "features": dict(catalog.features), "text": text,
-              "user_features": dict(users.features)}
+              "user_features": dict(users.features), "tokens": text_setup.tokens}
+    encoder_cfg = text_setup.encoder.config if self.live_text else None
+    self.trainable = trainable = trainable_filter(cfg.encoder.mode)
     row_multiple = self.mesh.size
     model_cfg = cfg.model
 
     def construct(arrays, seed):
       cat = dataclasses.replace(catalog, id_row=arrays["id_row"], features=arrays["features"], text_NxD=arrays["text"])
       usr = dataclasses.replace(users, features=arrays["user_features"])
-      return TwoTower(cat, usr, model_cfg, text_dim, row_multiple=row_multiple, rngs=nnx.Rngs(seed))
+      return TwoTower(cat, usr, model_cfg, text_dim, encoder_cfg=encoder_cfg, tokens=arrays["tokens"],
+                      pooling=cfg.encoder.pooling, row_multiple=row_multiple, rngs=nnx.Rngs(seed))
 
     with nnx.use_eager_sharding(False):
       abstract = nnx.eval_shape(lambda a: construct(a, 0), arrays)
-    self.graphdef, abs_params, abs_tables = nnx.split(abstract, nnx.Param, ...)
+    self.graphdef, abs_params, abs_tables = nnx.split(abstract, trainable, ...)
     param_sh = nnx.to_pure_dict(sharding.state_shardings(abs_params, self.mesh, self.rules))
     table_sh = nnx.to_pure_dict(sharding.state_shardings(abs_tables, self.mesh, self.rules))
-    self.tx = optim.make_optimizer(cfg.train, cfg.encoder)
+    self.tx = optim.make_optimizer(cfg.train, cfg.encoder,
+                                   lambda path: any(getattr(p, "key", None) == "text_encoder" for p in path))
     tx = self.tx
 
     def init(arrays):
       with nnx.use_eager_sharding(False):
         model = construct(arrays, cfg.train.seed)
-      _, params, tables = nnx.split(model, nnx.Param, ...)
+      _, params, tables = nnx.split(model, trainable, ...)
       params = nnx.to_pure_dict(params)
       return {"params": params, "tables": nnx.to_pure_dict(tables), "opt": tx.init(params),
               "step": jnp.zeros((), jnp.int32)}
@@ -122,11 +162,21 @@ class Trainer:
     self.batch_shardings = {"user": batch_sh, "item": batch_sh, "log_q": batch_sh,
                             "history": sharding.batch_sharding(self.mesh, 2, self.rules),
                             "history_mask": sharding.batch_sharding(self.mesh, 2, self.rules)}
+    self.unique_capacity = 0
+    if self.live_text:
+      # The live encoder runs once per distinct item of the batch (positives and history), padded
+      # to a fixed capacity so the step compiles once; the capacity splits over data parallelism.
+      multiple = dp * jax.process_count()
+      worst = min(ds.num_items, cfg.train.batch_size * (cfg.data.history_len + 1))
+      self.unique_capacity = sharding.pad_to_multiple(worst, multiple)
+      self.batch_shardings.update({"unique_items": batch_sh, "item_slot": batch_sh,
+                                   "history_slot": sharding.batch_sharding(self.mesh, 2, self.rules)})
     self._train_step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, self.batch_shardings),
                                out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                                donate_argnums=0)
     self._item_vectors = jax.jit(self._items_fn, out_shardings=sharding.replicated(self.mesh))
     self._query_vectors = jax.jit(self._queries_fn, out_shardings=sharding.replicated(self.mesh))
+    self._catalog_text = jax.jit(self._text_fn, out_shardings=sharding.replicated(self.mesh))
 
   # ---------------------------------------------------------------- pure functions
 
@@ -136,8 +186,13 @@ class Trainer:
   def loss_fn(self, params: dict, tables: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
     model = self.model(params, tables)
     query_key, item_key = jax.random.split(key)
-    q_BxE = model.queries(batch["user"], batch["history"], batch["history_mask"], dropout_key=query_key)
-    pos_BxE = model.items(batch["item"], dropout_key=item_key)
+    pos_text_BxD = history_text_BxLxD = None
+    if self.live_text:
+      text_UxD = model.encode_text(batch["unique_items"])
+      pos_text_BxD, history_text_BxLxD = text_UxD[batch["item_slot"]], text_UxD[batch["history_slot"]]
+    q_BxE = model.queries(batch["user"], batch["history"], batch["history_mask"], history_text_BxLxD,
+                          dropout_key=query_key)
+    pos_BxE = model.items(batch["item"], pos_text_BxD, dropout_key=item_key)
     loss, aux = losses.in_batch_softmax(
         q_BxE, pos_BxE, batch["item"], model.temperature,
         log_q_B=batch["log_q"] if self.cfg.train.logq_correction else None,
@@ -157,17 +212,27 @@ class Trainer:
                  "opt": jax.tree.map(keep, opt, state["opt"]), "step": state["step"] + 1}
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, "logits_shape": aux["logits_shape"]}
 
-  def _items_fn(self, params: dict, tables: dict, items_N: jax.Array) -> jax.Array:
-    return self.model(params, tables).items(items_N)
+  def _items_fn(self, params: dict, tables: dict, items_N: jax.Array, text_NxD: jax.Array | None) -> jax.Array:
+    return self.model(params, tables).items(items_N, text_NxD)
 
-  def _queries_fn(self, params: dict, tables: dict, users_B, history_BxL, mask_BxL) -> jax.Array:
-    return self.model(params, tables).queries(users_B, history_BxL, mask_BxL)
+  def _queries_fn(self, params: dict, tables: dict, users_B, history_BxL, mask_BxL,
+                  history_text_BxLxD: jax.Array | None) -> jax.Array:
+    return self.model(params, tables).queries(users_B, history_BxL, mask_BxL, history_text_BxLxD)
+
+  def _text_fn(self, params: dict, tables: dict, items_N: jax.Array) -> jax.Array:
+    return self.model(params, tables).encode_text(items_N)
 
   # ---------------------------------------------------------------- state
 
   def init_state(self) -> dict:
-    arrays = jax.tree.map(lambda x: None if x is None else np.asarray(x), self._arrays)
-    return self._init(arrays)
+    """Fresh state, with the pretrained encoder's weights when the encoder is part of the model."""
+    state = self._init(self._arrays)
+    if self.live_text:
+      pretrained = nnx.to_pure_dict(nnx.state(self.text.encoder.module))
+      for group in ("params", "tables"):
+        if "text_encoder" in state[group]:
+          state[group]["text_encoder"] = _take_like(state[group]["text_encoder"], pretrained, "text_encoder")
+    return state
 
   def abstract_state(self) -> Any:
     """Shapes, dtypes and target shardings of the train state: the restore target."""
@@ -180,26 +245,41 @@ class Trainer:
 
   def batch_builder(self) -> BatchBuilder:
     return BatchBuilder(self.train_seqs, self.log_q, self.cfg.train.batch_size, self.cfg.data.history_len,
-                        self.cfg.train.seed, jax.process_index(), jax.process_count())
+                        self.cfg.train.seed, jax.process_index(), jax.process_count(),
+                        unique_capacity=self.unique_capacity)
 
   def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
     return self._train_step(state, batch)
 
   # ---------------------------------------------------------------- evaluation
 
-  def item_vectors(self, state: dict, chunk: int = 4096) -> jax.Array:
-    """All catalog item vectors [N, E] (float32, replicated)."""
-    n = self.dataset.num_items
+  def _chunked(self, fn, state: dict, n: int, chunk: int, *extra) -> jax.Array:
+    """``fn(params, tables, ids, *extra[ids])`` over 0..n-1 in fixed-size chunks (one compile)."""
     outs = []
     for start in range(0, n, chunk):
       ids = np.arange(start, min(start + chunk, n), dtype=np.int32)
-      ids = np.pad(ids, (0, chunk - len(ids)), constant_values=0) if n > chunk else ids
-      outs.append(self._item_vectors(state["params"], state["tables"], ids)[:min(chunk, n - start)])
+      ids = np.pad(ids, (0, chunk - len(ids))) if n > chunk else ids
+      args = [None if x is None else x[ids] for x in extra]
+      outs.append(fn(state["params"], state["tables"], ids, *args)[:min(chunk, n - start)])
     return jnp.concatenate(outs) if len(outs) > 1 else outs[0]
 
-  def query_vectors(self, state: dict, users: np.ndarray, known: Sequences) -> jax.Array:
+  def catalog_text(self, state: dict) -> jax.Array | None:
+    """Text vectors [N, D] of every item through the (fine-tuned) live encoder; None when frozen."""
+    if not self.live_text:
+      return None
+    return self._chunked(self._catalog_text, state, self.dataset.num_items, self.cfg.encoder.batch_size)
+
+  def item_vectors(self, state: dict, chunk: int = 4096, text_NxD: jax.Array | None = None) -> jax.Array:
+    """All catalog item vectors [N, E] (float32, replicated)."""
+    if self.live_text and text_NxD is None:
+      text_NxD = self.catalog_text(state)
+    return self._chunked(self._item_vectors, state, self.dataset.num_items, chunk, text_NxD)
+
+  def query_vectors(self, state: dict, users: np.ndarray, known: Sequences,
+                    text_NxD: jax.Array | None = None) -> jax.Array:
     history, mask = known.last_items(users, self.cfg.data.history_len)
-    return self._query_vectors(state["params"], state["tables"], users.astype(np.int32), history, mask)
+    history_text = None if text_NxD is None else text_NxD[np.maximum(history, 0)]
+    return self._query_vectors(state["params"], state["tables"], users.astype(np.int32), history, mask, history_text)
 
   def evaluate(self, state: dict, split: str | None = None) -> dict[str, float]:
     """Full-catalog ranking of every user with held-out items, known items excluded."""
@@ -219,7 +299,8 @@ class Trainer:
     groups = {"warm": ~cold, "cold": cold} if cold.any() else {}
     model_acc = metrics.RankingAccumulator(self.cfg.eval.ks, ds.num_items, groups)
     pop_acc = metrics.RankingAccumulator(self.cfg.eval.ks, ds.num_items, groups)
-    corpus_NxE = self.item_vectors(state)
+    text_NxD = self.catalog_text(state)
+    corpus_NxE = self.item_vectors(state, text_NxD=text_NxD)
     popularity_Nx1 = jnp.asarray(np.bincount(ds.items[sp.train], minlength=ds.num_items).astype(np.float32)[:, None])
     bs = self.cfg.eval.batch_size
     for start in range(0, len(eval_users), bs):
@@ -227,7 +308,7 @@ class Trainer:
       seen = _padded_rows(known, users)
       lo, hi = np.searchsorted(truth_users, [users[0], users[-1] + 1])
       t_users, t_items = truth_users[lo:hi], truth_items[lo:hi]
-      q_BxE = self.query_vectors(state, users, known)
+      q_BxE = self.query_vectors(state, users, known, text_NxD)
       _, ids = topk(q_BxE, corpus_NxE, kmax, exclude=seen)
       model_acc.add(np.asarray(ids), users, t_users, t_items)
       _, pop_ids = topk(jnp.ones((len(users), 1), jnp.float32), popularity_Nx1, kmax, exclude=seen)
@@ -243,9 +324,10 @@ class Trainer:
     known = Sequences.from_interactions(ds, np.concatenate([sp.train, sp.valid]))
     users = np.arange(ds.num_users, dtype=np.int32)
     bs = self.cfg.eval.batch_size
-    user_vectors = np.concatenate([np.asarray(self.query_vectors(state, users[i:i + bs], known))
+    text_NxD = self.catalog_text(state)
+    user_vectors = np.concatenate([np.asarray(self.query_vectors(state, users[i:i + bs], known, text_NxD))
                                    for i in range(0, len(users), bs)])
-    return ItemIndex(np.asarray(self.item_vectors(state)), ds.item_raw_ids, list(ds.item_titles),
+    return ItemIndex(np.asarray(self.item_vectors(state, text_NxD=text_NxD)), ds.item_raw_ids, list(ds.item_titles),
                      metadata={"config_hash": config_hash(self.cfg), "step": int(step), "dataset": ds.name,
                                "model": "two_tower", "text_encoder": self.cfg.encoder.path or "all-MiniLM-L6-v2"
                                if self.cfg.model.use_text else "none"},
@@ -387,6 +469,9 @@ class Trainer:
     b, l = self.cfg.train.batch_size, self.cfg.data.history_len
     shapes = {"user": ((b,), jnp.int32), "item": ((b,), jnp.int32), "log_q": ((b,), jnp.float32),
               "history": ((b, l), jnp.int32), "history_mask": ((b, l), jnp.bool_)}
+    if self.live_text:
+      shapes.update({"unique_items": ((self.unique_capacity,), jnp.int32), "item_slot": ((b,), jnp.int32),
+                     "history_slot": ((b, l), jnp.int32)})
     return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k]) for k, (s, d) in shapes.items()}
 
 

@@ -67,7 +67,7 @@ class BatchBuilder(grain.transforms.Map):
   """Maps a global batch index to this process's rows of that batch (numpy arrays)."""
 
   def __init__(self, seqs: Sequences, log_q: np.ndarray, batch_size: int, history_len: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, unique_capacity: int = 0):
     if batch_size % process_count:
       raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
     if len(seqs) == 0:
@@ -76,6 +76,14 @@ class BatchBuilder(grain.transforms.Map):
     self.batch_size, self.history_len, self.seed = batch_size, history_len, seed
     per_process = batch_size // process_count
     self.rows = slice(process_index * per_process, (process_index + 1) * per_process)
+    # With a live text encoder, the batch also carries its distinct items (global, padded to
+    # ``unique_capacity``; this process holds its share) and each row's slot in that list.
+    self.unique_capacity = unique_capacity
+    if unique_capacity:
+      if unique_capacity % process_count:
+        raise ValueError(f"unique item capacity {unique_capacity} is not divisible by {process_count} processes")
+      share = unique_capacity // process_count
+      self.unique_rows = slice(process_index * share, (process_index + 1) * share)
 
   @functools.lru_cache(maxsize=4)
   def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -92,11 +100,21 @@ class BatchBuilder(grain.transforms.Map):
     return out
 
   def map(self, batch_index: int) -> dict[str, np.ndarray]:
-    pos = self.positions(int(batch_index))[self.rows]
+    all_pos = self.positions(int(batch_index))
+    pos = all_pos[self.rows]
     history, mask = self.seqs.history_before(pos, self.history_len)
     items = self.seqs.items[pos]
-    return {"user": self.seqs.user[pos], "item": items, "history": history, "history_mask": mask,
-            "log_q": self.log_q[items]}
+    batch = {"user": self.seqs.user[pos], "item": items, "history": history, "history_mask": mask,
+             "log_q": self.log_q[items]}
+    if self.unique_capacity:
+      all_history, all_mask = self.seqs.history_before(all_pos, self.history_len)
+      unique = np.unique(np.concatenate([self.seqs.items[all_pos], all_history[all_mask]]))
+      if len(unique) > self.unique_capacity:
+        raise ValueError(f"batch {batch_index} has {len(unique)} distinct items, over the capacity {self.unique_capacity}")
+      batch["unique_items"] = np.pad(unique, (0, self.unique_capacity - len(unique))).astype(np.int32)[self.unique_rows]
+      batch["item_slot"] = np.searchsorted(unique, items).astype(np.int32)
+      batch["history_slot"] = np.where(mask, np.searchsorted(unique, np.maximum(history, 0)), 0).astype(np.int32)
+    return batch
 
 
 def train_batches(builder: BatchBuilder, start: int, stop: int, prefetch: int = 4) -> grain.IterDataset:

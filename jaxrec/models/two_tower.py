@@ -12,13 +12,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrec.config import ModelConfig
+from jaxrec.models.encoder import BertConfig, BertEncoder
 from jaxrec.models.towers import Catalog, ItemTower, QueryTower, Table, Users
+from jaxrec.text_encoder import encode_tokens
 
 
 class TwoTower(nnx.Module):
+  """With ``encoder_cfg`` the model carries a live text encoder (LoRA or full fine-tuning) and the
+  catalog's tokens ``[N, T]``; without it, item text comes from the cached vectors in the catalog."""
 
   def __init__(self, catalog: Catalog, users: Users, cfg: ModelConfig, text_dim: int, *,
+               encoder_cfg: BertConfig | None = None, tokens: dict | None = None, pooling: str = "mean",
                row_multiple: int = 1, rngs: nnx.Rngs):
+    self.pooling = pooling
+    if encoder_cfg is not None:
+      self.text_encoder = BertEncoder(encoder_cfg, rngs=rngs)
+      self.tokens = nnx.Dict({name: Table(jnp.asarray(tokens[name], jnp.int32))
+                              for name in ("input_ids", "attention_mask", "token_type_ids")})
+    else:
+      self.text_encoder = None
     self.item_tower = ItemTower(catalog, cfg, text_dim, row_multiple=row_multiple, rngs=rngs)
     self.query_tower = QueryTower(users, cfg, row_multiple=row_multiple, rngs=rngs)
     log_t = jnp.asarray(math.log(cfg.temperature), jnp.float32)
@@ -28,6 +40,12 @@ class TwoTower(nnx.Module):
   @property
   def temperature(self) -> jax.Array:
     return jnp.exp(self.log_temperature[...])
+
+  def encode_text(self, items_U: jax.Array) -> jax.Array:
+    """Pooled, L2-normalised text vectors [U, D] of these items through the live encoder."""
+    return encode_tokens(self.text_encoder, self.tokens["input_ids"][...][items_U],
+                         self.tokens["attention_mask"][...][items_U], self.tokens["token_type_ids"][...][items_U],
+                         self.pooling, normalize=True)
 
   def items(self, items_N: jax.Array, text_NxD: jax.Array | None = None,
             dropout_key: jax.Array | None = None) -> jax.Array:
