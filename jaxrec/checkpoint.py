@@ -64,6 +64,7 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     errors = []
     for s in candidates:
+      self._check_compatible(s, abstract_state)
       args = {"state": ocp.args.StandardRestore(abstract_state), "losses": ocp.args.JsonRestore()}
       if data_iter is not None:
         args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -75,6 +76,26 @@ class Checkpointer:
         continue
       return s, restored["state"], list(restored["losses"]["losses"])
     raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors))
+
+  def _check_compatible(self, step: int, abstract_state: Any) -> None:
+    """Raises one error listing every parameter whose saved shape differs from the model's.
+
+    An unreadable metadata file means a damaged step, which restore handles by falling back."""
+    try:
+      metadata = self.manager.item_metadata(step)["state"]
+      saved = {jax.tree_util.keystr(path): tuple(leaf.shape)
+               for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(metadata, "tree", metadata))[0]
+               if hasattr(leaf, "shape")}
+    except Exception:  # damaged metadata: let the restore loop report and fall back
+      return
+    wanted = {jax.tree_util.keystr(path): tuple(leaf.shape)
+              for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    problems = [f"{k}: checkpoint {saved[k]} vs model {v}" for k, v in wanted.items() if k in saved and saved[k] != v]
+    problems += [f"{k}: missing from the checkpoint" for k in wanted if k not in saved]
+    problems += [f"{k}: in the checkpoint but not in the model" for k in saved if k not in wanted]
+    if problems:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this config "
+                            f"({len(problems)} mismatched parameters): " + "; ".join(problems))
 
   def saved_config(self, step: int) -> dict:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))

@@ -71,6 +71,8 @@ class ModelConfig:
   use_item_ids: bool = True
   use_text: bool = True
   use_user_ids: bool = True
+  id_row_multiple: int = 128  # id tables are padded to a multiple of this so they shard evenly (and
+  # checkpoints restore across meshes); use a multiple of the fsdp*tensor size on big meshes
   id_dropout: float = 0.1  # chance an item id row is replaced by the shared cold row in training
   temperature: float = 0.05
   learn_temperature: bool = False

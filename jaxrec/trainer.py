@@ -123,7 +123,7 @@ class Trainer:
               "user_features": dict(users.features), "tokens": text_setup.tokens}
     encoder_cfg = text_setup.encoder.config if self.live_text else None
     self.trainable = trainable = trainable_filter(cfg.encoder.mode)
-    row_multiple = self.mesh.size
+    row_multiple = cfg.model.id_row_multiple
     model_cfg = cfg.model
 
     def construct(arrays, seed):
@@ -368,7 +368,10 @@ class Trainer:
     timer_start, examples = time.perf_counter(), 0
     every = cfg.checkpoint.every
     try:
+      fault_step = int(os.environ.get("JAXREC_FAULT_KILL_AT_STEP", "0"))
       for step in range(start_step, cfg.train.steps):
+        if step == fault_step:  # fault-injection for preemption tests: die as a killed VM would
+          os.kill(os.getpid(), signal.SIGKILL)
         batch = self.put_batch(next(data_iter))
         state, step_metrics = compiled(state, batch)
         examples += cfg.train.batch_size
