@@ -63,6 +63,9 @@ def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int = 120) -> bool:
   Returns True when this is a multi-process run. A coordinator that never answers fails after
   ``timeout_s`` with an error naming the address, before any compute.
   """
+  if os.environ.get("JAXREC_TPU_POD") and not jax.distributed.is_initialized():
+    jax.distributed.initialize()  # TPU VMs describe the slice to JAX themselves
+    return True
   address = cfg.coordinator_address or os.environ.get("JAXREC_COORDINATOR", "")
   num = cfg.num_processes if cfg.num_processes > 1 else int(os.environ.get("JAXREC_NUM_PROCESSES", "1"))
   pid = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("JAXREC_PROCESS_ID", "-1"))

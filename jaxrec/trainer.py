@@ -368,7 +368,7 @@ class Trainer:
     timer_start, examples = time.perf_counter(), 0
     every = cfg.checkpoint.every
     try:
-      fault_step = int(os.environ.get("JAXREC_FAULT_KILL_AT_STEP", "0"))
+      fault_step = int(os.environ.get("JAXREC_FAULT_KILL_AT_STEP", "-1"))
       for step in range(start_step, cfg.train.steps):
         if step == fault_step:  # fault-injection for preemption tests: die as a killed VM would
           os.kill(os.getpid(), signal.SIGKILL)
@@ -399,6 +399,7 @@ class Trainer:
         progress.close()
       ckpt.close()
 
+    log.info("final parameter checksum %s", parameter_checksum(state["params"]))
     log.info("evaluating on the %s split", cfg.eval.split)
     result = self.evaluate(state)
     result.update(sources_describe(self.dataset, self.split))
@@ -481,6 +482,18 @@ class Trainer:
 def config_hash(cfg: Config) -> str:
   import hashlib
   return hashlib.sha256(to_json(cfg).encode()).hexdigest()[:16]
+
+
+def parameter_checksum(params: Any) -> str:
+  """A digest of every parameter's full value as this process sees it (gathered across processes)."""
+  import hashlib
+  from jax.experimental import multihost_utils
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    value = multihost_utils.process_allgather(leaf, tiled=True) if jax.process_count() > 1 else np.asarray(leaf)
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(np.ascontiguousarray(value).tobytes())
+  return digest.hexdigest()[:16]
 
 
 def optax_global_norm(tree: Any) -> jax.Array:
