@@ -225,6 +225,11 @@ def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int |
           raise ValueError(f"exclude ids must be in [0, {num_n}) or -1 padding; "
                            f"exclude[{r}, {c}] = {ex_np[r, c]}")
       excl_BxM = jnp.asarray(ex, jnp.int32) if ex.shape[1] else None
+      if excl_BxM is not None and excl_BxM.shape[1] & (excl_BxM.shape[1] - 1):
+        # Round M up to a power of two: callers whose per-batch M varies (seen items) then
+        # reuse a handful of compiled kernels instead of compiling one per batch.
+        width = 1 << (excl_BxM.shape[1] - 1).bit_length()
+        excl_BxM = jnp.pad(excl_BxM, ((0, 0), (0, width - excl_BxM.shape[1])), constant_values=-1)
     else:
       raise ValueError(f"exclude must be int ids [B, M] or a bool mask [B, N], got {ex.dtype}")
 
@@ -271,3 +276,287 @@ def topk_memory_analysis(queries, corpus, k: int, *, block_size: int | None = No
   lowered = _topk_single.lower(queries, corpus, None, None, None, k=int(k), block=block,
                                approximate=approximate, recall_target=0.95)
   return lowered.compile().memory_analysis()
+
+
+# ----------------------------------------------------------------------------------------------
+# ItemIndex: the serving artifact
+
+FORMAT_NAME = "jaxrec.ItemIndex"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class IndexFormatError(ValueError):
+  """An ItemIndex directory is missing, truncated, corrupted or of another format version."""
+
+
+def _sha256(path):
+  import hashlib
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _id_key(value):
+  """Dictionary key of a raw id: numpy scalars and Python values of the same id compare equal."""
+  return value.item() if isinstance(value, np.generic) else value
+
+
+class ItemIndex:
+  """Item vectors with their raw ids, titles and provenance; optionally users for `recommend`.
+
+  Args:
+    vectors: float32 [N, E] item vectors (L2-normalised for cosine scores).
+    item_ids: [N] raw item ids (ints or strings), row i describes item_ids[i].
+    titles: N strings.
+    metadata: JSON-serialisable provenance (config hash, step, model name, ...).
+    user_vectors: float32 [U, E] query vectors, one per user, computed at export time.
+    user_ids: [U] raw user ids.
+    user_seen: (indptr [U+1], indices [T]) CSR rows of the items each user already knows.
+  """
+
+  def __init__(self, vectors, item_ids, titles: Sequence[str], metadata: dict | None = None, *,
+               user_vectors=None, user_ids=None, user_seen=None):
+    self.vectors = np.ascontiguousarray(np.asarray(vectors, np.float32))
+    if self.vectors.ndim != 2:
+      raise ValueError(f"vectors must be [N, E], got shape {self.vectors.shape}")
+    num_n = self.vectors.shape[0]
+    self.item_ids = np.asarray(item_ids)
+    self.titles = [str(t) for t in titles]
+    if self.item_ids.shape != (num_n,) or len(self.titles) != num_n:
+      raise ValueError(f"{num_n} vectors need {num_n} item ids and titles; got "
+                       f"{self.item_ids.shape[0] if self.item_ids.ndim else 0} ids, {len(self.titles)} titles")
+    self.metadata = dict(metadata or {})
+    self.user_vectors = self.user_ids = self.user_seen = None
+    if (user_vectors is None) != (user_ids is None):
+      raise ValueError("user_vectors and user_ids come together")
+    if user_vectors is not None:
+      self.user_vectors = np.ascontiguousarray(np.asarray(user_vectors, np.float32))
+      self.user_ids = np.asarray(user_ids)
+      num_u = self.user_ids.shape[0]
+      if self.user_vectors.shape != (num_u, self.vectors.shape[1]):
+        raise ValueError(f"user_vectors must be [{num_u}, {self.vectors.shape[1]}], "
+                         f"got {self.user_vectors.shape}")
+      if user_seen is not None:
+        indptr, indices = (np.asarray(a, np.int64) for a in user_seen)
+        if indptr.shape != (num_u + 1,) or indptr[0] != 0 or indptr[-1] != len(indices):
+          raise ValueError(f"user_seen indptr must be [{num_u + 1}] from 0 to len(indices)")
+        if len(indices) and (indices.min() < 0 or indices.max() >= num_n):
+          raise ValueError(f"user_seen indices must be item rows in [0, {num_n})")
+        self.user_seen = (indptr, indices)
+    self._item_row = {_id_key(v): i for i, v in enumerate(self.item_ids.tolist())}
+    self._user_row = ({} if self.user_ids is None else
+                      {_id_key(v): i for i, v in enumerate(self.user_ids.tolist())})
+
+  def __len__(self) -> int:
+    return self.vectors.shape[0]
+
+  # -- lookups ---------------------------------------------------------------------------------
+
+  def item_rows(self, ids) -> np.ndarray:
+    """Rows of raw item ids; an unknown id raises KeyError naming it."""
+    rows = []
+    for v in ids:
+      row = self._item_row.get(_id_key(v))
+      if row is None:
+        raise KeyError(f"unknown item id {v!r} (index has {len(self)} items)")
+      rows.append(row)
+    return np.asarray(rows, np.int32)
+
+  def user_row(self, user_id) -> int:
+    if self.user_vectors is None:
+      raise KeyError(f"this index holds no user vectors, so user {user_id!r} cannot be looked up")
+    row = self._user_row.get(_id_key(user_id))
+    if row is None:
+      raise KeyError(f"unknown user id {user_id!r} (index has {len(self._user_row)} users)")
+    return row
+
+  def seen_items(self, user_id) -> list[tuple[Any, str]]:
+    """(item_id, title) of the items the user already knows, in stored (time) order."""
+    row = self.user_row(user_id)
+    if self.user_seen is None:
+      return []
+    indptr, indices = self.user_seen
+    return [(self.item_ids[i].item(), self.titles[i]) for i in indices[indptr[row]:indptr[row + 1]]]
+
+  # -- search ----------------------------------------------------------------------------------
+
+  def _per_query_rows(self, spec, num_b, name):
+    """A list of ids for all queries, or one list per query -> list of row arrays (len B)."""
+    spec = list(spec)
+    per_query = len(spec) > 0 and all(isinstance(s, (list, tuple, np.ndarray)) for s in spec)
+    if per_query:
+      if len(spec) != num_b:
+        raise ValueError(f"per-query {name} needs {num_b} lists, got {len(spec)}")
+      return [self.item_rows(s) for s in spec]
+    rows = self.item_rows(spec)
+    return [rows] * num_b
+
+  def search(self, query_vectors, k: int, exclude=None, include=None):
+    """Top-k items per query -> (scores [B, K] float32, raw item ids [B, K]).
+
+    `exclude` / `include` are raw item ids: one list for every query or one list per query.
+    `include` restricts the candidates. Slots no item fills have score -inf and id -1 (or ""
+    for string ids). A 1-D query gives 1-D results.
+    """
+    q = np.asarray(query_vectors, np.float32)
+    single = q.ndim == 1
+    q_BxE = q[None] if single else q
+    if q_BxE.ndim != 2 or q_BxE.shape[1] != self.vectors.shape[1]:
+      raise ValueError(f"query vectors must be [B, {self.vectors.shape[1]}], got {q.shape}")
+    num_b, num_n = q_BxE.shape[0], len(self)
+    mask_BxN = None
+    if exclude is not None or include is not None:
+      mask_BxN = np.zeros((num_b, num_n), bool)
+      if include is not None:
+        mask_BxN[:] = True
+        for b, rows in enumerate(self._per_query_rows(include, num_b, "include")):
+          mask_BxN[b, rows] = False
+      if exclude is not None:
+        for b, rows in enumerate(self._per_query_rows(exclude, num_b, "exclude")):
+          mask_BxN[b, rows] = True
+    scores_BxK, rows_BxK = (np.asarray(x) for x in topk(q_BxE, self.vectors, k, exclude=mask_BxN))
+    fill = "" if self.item_ids.dtype.kind in "US" else -1
+    ids_BxK = np.where(rows_BxK >= 0, self.item_ids[np.maximum(rows_BxK, 0)], fill)
+    return (scores_BxK[0], ids_BxK[0]) if single else (scores_BxK, ids_BxK)
+
+  def recommend(self, user_raw_id, k: int = 10, exclude_seen: bool = True):
+    """[(item_id, title, score)] for a stored user, best first, known items left out."""
+    row = self.user_row(user_raw_id)
+    exclude = None
+    if exclude_seen and self.user_seen is not None:
+      indptr, indices = self.user_seen
+      exclude = [self.item_ids[indices[indptr[row]:indptr[row + 1]]]]
+    scores, ids = self.search(self.user_vectors[row][None], k, exclude=exclude)
+    return [(i.item() if isinstance(i, np.generic) else i, self.titles[self._item_row[_id_key(i)]],
+             float(s)) for i, s in zip(ids[0], scores[0]) if s > NEG_INF]
+
+  def to_faiss(self):
+    """An exact faiss.IndexFlatIP holding the item vectors (row i = item_ids[i])."""
+    try:
+      import faiss
+    except ImportError as e:
+      raise ImportError("to_faiss() needs faiss: pip install faiss-cpu") from e
+    index = faiss.IndexFlatIP(self.vectors.shape[1])
+    index.add(self.vectors)
+    return index
+
+  # -- persistence -----------------------------------------------------------------------------
+
+  def _arrays(self) -> dict[str, np.ndarray]:
+    arrays = {"vectors": self.vectors, "item_ids": self.item_ids}
+    if self.user_vectors is not None:
+      arrays.update(user_vectors=self.user_vectors, user_ids=self.user_ids)
+      if self.user_seen is not None:
+        arrays.update(user_seen_indptr=self.user_seen[0], user_seen_indices=self.user_seen[1])
+    return arrays
+
+  def save(self, path: str) -> None:
+    """Write the index as one directory; a crash never leaves a half-written `path`."""
+    import json
+    import os
+    import shutil
+    import uuid
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+      files = {}
+      for name, arr in self._arrays().items():
+        if arr.dtype == object:
+          raise ValueError(f"{name} has dtype object; use int or str ids")
+        fname = f"{name}.npy"
+        np.save(os.path.join(tmp, fname), arr, allow_pickle=False)
+        files[fname] = {"shape": list(arr.shape), "dtype": arr.dtype.str}
+      with open(os.path.join(tmp, "titles.json"), "w") as f:
+        json.dump(self.titles, f, ensure_ascii=False)
+      files["titles.json"] = {"shape": [len(self.titles)], "dtype": "json"}
+      for fname, entry in files.items():
+        full = os.path.join(tmp, fname)
+        entry.update(bytes=os.path.getsize(full), sha256=_sha256(full))
+      manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "num_items": len(self),
+                  "dim": int(self.vectors.shape[1]), "metadata": self.metadata, "files": files}
+      with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+      # rename(2) cannot replace a non-empty directory: move the old one aside first.
+      old = None
+      if os.path.exists(path):
+        old = f"{tmp}.old"
+        os.rename(path, old)
+      os.rename(tmp, path)
+      if old:
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+
+  @classmethod
+  def load(cls, path: str, *, verify_checksums: bool = True) -> "ItemIndex":
+    """Read an index saved by `save`; any missing, truncated or foreign file raises
+    IndexFormatError naming it."""
+    import json
+    import os
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+      raise IndexFormatError(f"no ItemIndex directory at {path}")
+    if not os.path.exists(mpath):
+      raise IndexFormatError(f"{mpath} is missing: not an ItemIndex directory (or an interrupted save)")
+    try:
+      with open(mpath) as f:
+        manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise IndexFormatError(f"{mpath} is not valid JSON: {e}") from e
+    if manifest.get("format") != FORMAT_NAME:
+      raise IndexFormatError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+      raise IndexFormatError(f"{mpath}: format version {manifest.get('version')!r}; this jaxrec reads "
+                             f"version {FORMAT_VERSION} (re-export the index with `jaxrec export`)")
+    files = manifest.get("files", {})
+    for required in ("vectors.npy", "item_ids.npy", "titles.json"):
+      if required not in files:
+        raise IndexFormatError(f"{mpath} lists no {required}")
+    loaded = {}
+    for fname, entry in files.items():
+      full = os.path.join(path, fname)
+      if not os.path.exists(full):
+        raise IndexFormatError(f"{full} is missing (listed in {MANIFEST})")
+      size = os.path.getsize(full)
+      if size != entry["bytes"]:
+        raise IndexFormatError(f"{full} has {size} bytes, manifest says {entry['bytes']} (truncated?)")
+      if verify_checksums and _sha256(full) != entry["sha256"]:
+        raise IndexFormatError(f"{full} fails its sha256 checksum (corrupted)")
+      try:
+        if fname.endswith(".json"):
+          with open(full) as f:
+            value = json.load(f)
+          shape = [len(value)]
+        else:
+          value = np.load(full, allow_pickle=False)
+          shape = list(value.shape)
+          if value.dtype.str != entry["dtype"]:
+            raise IndexFormatError(f"{full}: dtype {value.dtype.str}, manifest says {entry['dtype']}")
+      except IndexFormatError:
+        raise
+      except Exception as e:  # numpy/json parse errors of a damaged file
+        raise IndexFormatError(f"{full} cannot be read: {e}") from e
+      if shape != entry["shape"]:
+        raise IndexFormatError(f"{full}: shape {shape}, manifest says {entry['shape']}")
+      loaded[fname[:fname.rindex(".")]] = value
+    if loaded["vectors"].shape != (manifest["num_items"], manifest["dim"]):
+      raise IndexFormatError(f"{path}/vectors.npy: shape {loaded['vectors'].shape} does not match "
+                             f"num_items={manifest['num_items']}, dim={manifest['dim']}")
+    seen = None
+    if "user_seen_indptr" in loaded:
+      seen = (loaded["user_seen_indptr"], loaded["user_seen_indices"])
+    try:
+      return cls(loaded["vectors"], loaded["item_ids"], loaded["titles"], manifest.get("metadata"),
+                 user_vectors=loaded.get("user_vectors"), user_ids=loaded.get("user_ids"),
+                 user_seen=seen)
+    except ValueError as e:
+      raise IndexFormatError(f"{path}: inconsistent contents: {e}") from e

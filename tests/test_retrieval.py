@@ -247,3 +247,132 @@ def test_peak_memory_is_far_below_the_full_score_matrix():
   full_scores = num_b * num_n * 4  # 16.4 GB for a naive q @ c.T
   assert stats.temp_size_in_bytes < full_scores / 50
   assert stats.temp_size_in_bytes < 512 << 20
+
+
+# -- ItemIndex ---------------------------------------------------------------------------------
+
+
+def make_index(rng, num_n=60, dim=8, num_u=5, str_ids=False):
+  vecs = dyadic(rng, (num_n, dim))
+  ids = np.array([f"i{i}" for i in range(num_n)]) if str_ids else np.arange(1000, 1000 + num_n)
+  titles = [f"title {i}" for i in range(num_n)]
+  users = dyadic(rng, (num_u, dim))
+  seen_rows = [rng.choice(num_n, size=u + 1, replace=False) for u in range(num_u)]
+  indptr = np.concatenate([[0], np.cumsum([len(s) for s in seen_rows])])
+  return retrieval.ItemIndex(vecs, ids, titles, metadata={"config_hash": "abc", "step": 7},
+                             user_vectors=users, user_ids=np.arange(10, 10 + num_u),
+                             user_seen=(indptr, np.concatenate(seen_rows)))
+
+
+@pytest.mark.parametrize("str_ids", [False, True])
+def test_index_round_trip_same_results(tmp_path, str_ids):
+  rng = np.random.default_rng(12)
+  index = make_index(rng, str_ids=str_ids)
+  q = dyadic(rng, (3, 8))
+  index.save(str(tmp_path / "idx"))
+  loaded = retrieval.ItemIndex.load(str(tmp_path / "idx"))
+  assert loaded.metadata == {"config_hash": "abc", "step": 7}
+  np.testing.assert_array_equal(loaded.item_ids, index.item_ids)
+  ex = [index.item_ids[[0, 5]].tolist()] * 3
+  for a, b in zip(index.search(q, 12, exclude=ex), loaded.search(q, 12, exclude=ex)):
+    np.testing.assert_array_equal(a, b)
+  # Same as the kernel on rows, mapped to raw ids.
+  s, rows = reference(q, index.vectors, 12, exclude=np.tile([[0, 5]], (3, 1)).astype(np.int32))
+  got_s, got_ids = loaded.search(q, 12, exclude=ex)
+  np.testing.assert_array_equal(got_s, s)
+  np.testing.assert_array_equal(got_ids, index.item_ids[rows])
+  assert loaded.recommend(12, k=4) == index.recommend(12, k=4)
+
+
+def test_index_save_replaces_existing_directory(tmp_path):
+  rng = np.random.default_rng(13)
+  make_index(rng, num_n=10).save(str(tmp_path / "idx"))
+  make_index(rng, num_n=20).save(str(tmp_path / "idx"))
+  assert len(retrieval.ItemIndex.load(str(tmp_path / "idx"))) == 20
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temp dirs left behind
+
+
+def test_index_search_include_exclude_per_query():
+  rng = np.random.default_rng(14)
+  index = make_index(rng)
+  q = dyadic(rng, (2, 8))
+  include = [[1001, 1002, 1003], [1010, 1011]]
+  s, ids = index.search(q, 4, include=include, exclude=[[1002], []])
+  assert set(ids[0][:2]) == {1001, 1003} and ids[0][2] == -1 and s[0][2] == -np.inf
+  assert set(ids[1][:2]) == {1010, 1011} and np.all(ids[1][2:] == -1)
+  s1, ids1 = index.search(q[0], 3)  # a single query gives 1-D results
+  assert ids1.shape == (3,) and s1.shape == (3,)
+  with pytest.raises(KeyError, match="unknown item id 99"):
+    index.search(q, 3, exclude=[99])
+
+
+def test_index_recommend_uses_user_vector_and_skips_seen():
+  rng = np.random.default_rng(15)
+  index = make_index(rng)
+  recs = index.recommend(13, k=5)
+  row = 3
+  indptr, indices = index.user_seen
+  seen = indices[indptr[row]:indptr[row + 1]]
+  _, want_rows = reference(index.user_vectors[row:row + 1], index.vectors, 5,
+                           exclude=seen[None].astype(np.int32))
+  assert [r[0] for r in recs] == index.item_ids[want_rows[0]].tolist()
+  assert [r[1] for r in recs] == [index.titles[i] for i in want_rows[0]]
+  assert all(isinstance(r[2], float) for r in recs)
+  assert not set(index.item_ids[seen]) & {r[0] for r in recs}
+  all_recs = index.recommend(13, k=5, exclude_seen=False)
+  assert all_recs[0][2] >= recs[0][2]
+  with pytest.raises(KeyError, match="unknown user id 999"):
+    index.recommend(999)
+
+
+def test_index_to_faiss_matches_search():
+  faiss = pytest.importorskip("faiss")  # optional dependency (pip install faiss-cpu)
+  rng = np.random.default_rng(16)
+  index = make_index(rng)
+  q = rng.standard_normal((3, 8)).astype(np.float32)
+  fi = index.to_faiss()
+  assert isinstance(fi, faiss.IndexFlatIP) and fi.ntotal == len(index)
+  _, rows = fi.search(q, 5)
+  np.testing.assert_array_equal(index.item_ids[rows], index.search(q, 5)[1])
+
+
+def _corrupt(path, fname, how):
+  full = path / fname
+  data = full.read_bytes()
+  if how == "truncate":
+    full.write_bytes(data[:len(data) // 2])
+  elif how == "flip":
+    full.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+  elif how == "delete":
+    full.unlink()
+
+
+@pytest.mark.parametrize("fname,how,match", [
+    ("vectors.npy", "truncate", "vectors.npy has .* bytes"),
+    ("vectors.npy", "flip", "vectors.npy fails its sha256"),
+    ("titles.json", "delete", "titles.json is missing"),
+    ("user_vectors.npy", "truncate", "user_vectors.npy has"),
+    ("manifest.json", "delete", "manifest.json is missing"),
+    ("manifest.json", "truncate", "manifest.json is not valid JSON"),
+])
+def test_index_load_rejects_damaged_files(tmp_path, fname, how, match):
+  make_index(np.random.default_rng(17)).save(str(tmp_path / "idx"))
+  _corrupt(tmp_path / "idx", fname, how)
+  with pytest.raises(retrieval.IndexFormatError, match=match):
+    retrieval.ItemIndex.load(str(tmp_path / "idx"))
+
+
+def test_index_load_rejects_other_versions_and_shapes(tmp_path):
+  import json
+  make_index(np.random.default_rng(18)).save(str(tmp_path / "idx"))
+  mpath = tmp_path / "idx" / "manifest.json"
+  manifest = json.loads(mpath.read_text())
+  mpath.write_text(json.dumps(dict(manifest, version=99)))
+  with pytest.raises(retrieval.IndexFormatError, match="format version 99"):
+    retrieval.ItemIndex.load(str(tmp_path / "idx"))
+  manifest["files"]["vectors.npy"]["shape"] = [61, 8]
+  mpath.write_text(json.dumps(manifest))
+  with pytest.raises(retrieval.IndexFormatError, match=r"vectors.npy: shape \[60, 8\], manifest says \[61, 8\]"):
+    retrieval.ItemIndex.load(str(tmp_path / "idx"))
+  with pytest.raises(retrieval.IndexFormatError, match="no ItemIndex directory"):
+    retrieval.ItemIndex.load(str(tmp_path / "nowhere"))
