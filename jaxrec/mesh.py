@@ -56,7 +56,23 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
 
 
-def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int = 120) -> bool:
+def _wait_for_coordinator(address: str, timeout_s: int, pid: int, num: int) -> None:
+  import socket
+  import time
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise MeshError(f"could not join the coordinator at {address} as process {pid} of {num} within "
+                        f"{timeout_s}s: {e}") from None
+      time.sleep(0.5)
+
+
+def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int | None = None) -> bool:
   """Starts jax.distributed when config or environment asks for several processes.
 
   Environment (set by launch/*.sh): JAXREC_COORDINATOR, JAXREC_NUM_PROCESSES, JAXREC_PROCESS_ID.
@@ -76,10 +92,14 @@ def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int = 120) -> bool:
                     "(mesh.coordinator_address / mesh.process_id or JAXREC_COORDINATOR / JAXREC_PROCESS_ID)")
   if jax.distributed.is_initialized():
     return True
+  timeout_s = timeout_s or int(os.environ.get("JAXREC_INIT_TIMEOUT", "120"))
   local = os.environ.get("JAXREC_LOCAL_DEVICES")
   if local:
     jax.config.update("jax_num_cpu_devices", int(local))
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if pid != 0:
+    # XLA's client aborts the whole process when the coordinator is unreachable, so check first.
+    _wait_for_coordinator(address, timeout_s, pid, num)
   bind = address if address.startswith("127.") or address.startswith("localhost") else None
   log.info("jax.distributed: process %d of %d, coordinator %s", pid, num, address)
   try:
