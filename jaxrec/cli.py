@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
   common(sub.add_parser("data-stats", help="dataset statistics and an item-popularity plot"))
+  p = sub.add_parser("study", help="train and evaluate a grid of experiments; write tables and plots")
+  p.add_argument("--config", required=True, help="study file under configs/study/")
+  p.add_argument("--out", help="output directory (default: the study's own)")
+  p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+  p.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
   return parser
 
 
@@ -160,8 +165,13 @@ def cmd_data_stats(args) -> int:
   return stats.main(argv + list(args.overrides)) or 0
 
 
+def cmd_study(args) -> int:
+  from jaxrec import study
+  return study.main(["--config", args.config] + (["--out", args.out] if args.out else []) + list(args.overrides)) or 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "recommend": cmd_recommend, "export": cmd_export,
-            "data-stats": cmd_data_stats}
+            "data-stats": cmd_data_stats, "study": cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:
