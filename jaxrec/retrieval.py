@@ -7,9 +7,15 @@ query, C corpus rows per block, S corpus shards.
 is O(B * (K + C)) and never O(B * N). Ordering is total: score descending, then index ascending,
 which makes the result a pure function of the inputs (identical sharded, unsharded, any block).
 
-Items that can never be returned: rows masked by `valid`, ids in `exclude`, and any score that is
--inf or NaN (a NaN anywhere in a corpus row makes that row's scores NaN, so NaN rows are never
-returned). Slots that no item fills come back as score -inf, index -1.
+Items that can never be returned: rows masked by `valid`, ids in `exclude`, corpus rows holding
+a NaN or inf, and scores that are -inf or NaN. A query holding a NaN or inf returns nothing.
+Slots that no item fills come back as score -inf, index -1.
+
+Exactness: the result is the top-k of the float32 scores under (score desc, index asc). The
+kernel's candidate filter uses a fused matmul and the final scores are recomputed for the
+candidates; both are float32 dot products (HIGHEST precision) of the same rows, which can differ
+in the last bit (summation order), as any two BLAS libraries do. Inputs whose products are
+exactly representable (the tests) therefore give bit-identical results to a brute force.
 """
 
 from __future__ import annotations
@@ -100,16 +106,194 @@ def _stream_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approxi
   return carry
 
 
+# The exact kernel. A fused dot + max gives, per query, the maximum of every CHUNK-row chunk
+# (XLA:CPU fuses the reduce into the matmul, so the [C, T] score tile never goes to memory and
+# no per-tile selection runs). Selection then works on these maxima, top-down:
+#   * the k best GROUP-chunk groups by their maximum contain every top-k element (a group
+#     without one has a maximum no better than the k-th element, and at most k groups hold
+#     one); ordering groups by (max desc, id asc) keeps this true under exact ties;
+#   * the same argument picks k chunks inside those groups;
+#   * the k*CHUNK rows of those chunks are re-scored and the exact top-k is taken.
+# Excluded ids can inflate a maximum, so with M excluded ids per query k + M groups and chunks
+# are kept (each excluded id spoils at most one of them). `valid`, non-finite rows and bool
+# masks are applied to the scores before the maximum, so they never inflate it.
+# lax.top_k on XLA:CPU costs ~10-50 us per row at k=100, so the kernel calls it 5 times per
+# query per super-block instead of once per corpus block.
+CHUNK = 16  # corpus rows per chunk maximum
+GROUP = 16  # chunks per group
+ALIGN = CHUNK * GROUP
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def _tile_maxima(q_ExT, c_CxE, ok_C, mask_TxC):
+  """[C/CHUNK, T] chunk maxima of c @ q; rows with ok False / mask True score -inf."""
+  s_CxT = jax.lax.dot_general(c_CxE, q_ExT, (((1,), (0,)), ((), ())),
+                              precision=jax.lax.Precision.HIGHEST,
+                              preferred_element_type=jnp.float32)
+  if ok_C is not None or mask_TxC is not None:
+    keep_CxT = jnp.ones(s_CxT.shape, jnp.bool_)
+    if ok_C is not None:
+      keep_CxT &= ok_C[:, None]
+    if mask_TxC is not None:
+      keep_CxT &= ~mask_TxC.T
+    s_CxT = jnp.where(keep_CxT, s_CxT, NEG_INF)
+  num_c, num_t = s_CxT.shape
+  return s_CxT.reshape(num_c // CHUNK, CHUNK, num_t).max(axis=1)
+
+
+def _super_block_topk(q_TxE, c_NxE, ok_N, all_ok, excl_TxM, mask_TxN, *, s0, s1, k, tile,
+                      refine_rows):
+  """Exact top-k over corpus rows [s0, s1) for T queries -> (vals_TxK, global rows_TxK)."""
+  num_t, num_e = q_TxE.shape
+  num_n = c_NxE.shape[0]
+  q_ExT = q_TxE.T
+  rows = s1 - s0
+  num_full = rows // tile
+  tail = rows - num_full * tile
+  tail_pad = _round_up(tail, ALIGN)
+  num_g1 = (num_full * tile + tail_pad) // CHUNK
+
+  def full_tiles(masked):
+    def body(j, m1_G1xT):
+      start = s0 + j * tile
+      c_CxE = jax.lax.dynamic_slice_in_dim(c_NxE, start, tile)
+      ok_C = jax.lax.dynamic_slice_in_dim(ok_N, start, tile) if masked else None
+      mask_TxC = (None if mask_TxN is None else
+                  jax.lax.dynamic_slice_in_dim(mask_TxN, start, tile, axis=1))
+      m_GxT = _tile_maxima(q_ExT, c_CxE, ok_C, mask_TxC)
+      return jax.lax.dynamic_update_slice_in_dim(m1_G1xT, m_GxT, j * (tile // CHUNK), 0)
+    init = jnp.full((num_g1, num_t), NEG_INF, jnp.float32)
+    return jax.lax.fori_loop(0, num_full, body, init) if num_full else init
+
+  if mask_TxN is None and num_full:
+    # The common case (every row valid and finite) keeps the mask out of the fused matmul.
+    m1_G1xT = jax.lax.cond(all_ok, lambda: full_tiles(False), lambda: full_tiles(True))
+  else:
+    m1_G1xT = full_tiles(True)
+  if tail:
+    start = s0 + num_full * tile
+    pad = tail_pad - tail
+    c_CxE = jnp.pad(c_NxE[start:s1], ((0, pad), (0, 0)))
+    ok_C = jnp.pad(ok_N[start:s1], (0, pad), constant_values=False)
+    mask_TxC = (None if mask_TxN is None else
+                jnp.pad(mask_TxN[:, start:s1], ((0, 0), (0, pad)), constant_values=True))
+    m1_G1xT = jax.lax.dynamic_update_slice_in_dim(
+        m1_G1xT, _tile_maxima(q_ExT, c_CxE, ok_C, mask_TxC), num_full * tile // CHUNK, 0)
+
+  extra = 0 if excl_TxM is None else excl_TxM.shape[1]
+  num_g2 = num_g1 // GROUP
+  k2 = min(k + extra, num_g2)
+  m2_TxG2 = m1_G1xT.reshape(num_g2, GROUP, num_t).max(axis=1).T
+  _, g2_TxK2 = jax.lax.top_k(m2_TxG2, k2)
+  # Ascending group ids, so that top_k's position tie-break below is the chunk-id tie-break.
+  g2_TxK2 = -jax.lax.top_k(-g2_TxK2, k2)[0]
+  c1_TxW = (g2_TxK2[:, :, None] * GROUP + jnp.arange(GROUP)).reshape(num_t, k2 * GROUP)
+  t_col = jnp.arange(num_t)[:, None]
+  v1_TxW = m1_G1xT.reshape(-1)[c1_TxW * num_t + t_col]
+  k1 = min(k + extra, k2 * GROUP)
+  _, p1_TxK1 = jax.lax.top_k(v1_TxW, k1)
+  ch_TxK1 = -jax.lax.top_k(-jnp.take_along_axis(c1_TxW, p1_TxK1, axis=1), k1)[0]
+  rows_TxR = s0 + (ch_TxK1[:, :, None] * CHUNK + jnp.arange(CHUNK)).reshape(num_t, k1 * CHUNK)
+
+  def refine(args):
+    q_txE, rows_txR, excl_txM, mask_txN = args
+    safe_txR = jnp.minimum(rows_txR, num_n - 1)
+    s_txR = jnp.einsum("te,tre->tr", q_txE, c_NxE[safe_txR],
+                       precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    keep_txR = (rows_txR < s1) & ok_N[safe_txR] & ~jnp.isnan(s_txR)
+    if excl_txM is not None:
+      keep_txR &= ~jnp.any(rows_txR[:, :, None] == excl_txM[:, None, :], axis=-1)
+    if mask_txN is not None:
+      keep_txR &= ~jnp.take_along_axis(mask_txN, safe_txR, axis=1)
+    s_txR = jnp.where(keep_txR, s_txR, NEG_INF)
+    kk = min(k, s_txR.shape[1])
+    v_txK, p_txK = jax.lax.top_k(s_txR, kk)
+    i_txK = jnp.take_along_axis(rows_txR, p_txK, axis=1)
+    if kk < k:
+      v_txK = jnp.pad(v_txK, ((0, 0), (0, k - kk)), constant_values=NEG_INF)
+      i_txK = jnp.pad(i_txK, ((0, 0), (0, k - kk)), constant_values=-1)
+    return v_txK, i_txK
+
+  # Re-score in query slices so the gathered [t, R, E] rows stay near `refine_rows` rows.
+  num_r = rows_TxR.shape[1]
+  sub = max(1, min(num_t, refine_rows // num_r))
+  while num_t % sub:
+    sub -= 1
+  split = lambda x: None if x is None else x.reshape(num_t // sub, sub, *x.shape[1:])
+  v_TxK, i_TxK = jax.lax.map(refine, (split(q_TxE), split(rows_TxR), split(excl_TxM),
+                                      split(mask_TxN)))
+  return v_TxK.reshape(num_t, k), i_TxK.reshape(num_t, k)
+
+
+def _exact_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, tile, q_tile, super_rows,
+                refine_rows):
+  """Exact top-k (local row indices; -inf / any index for empty slots) over the whole corpus."""
+  num_b = q_BxE.shape[0]
+  num_n = c_NxE.shape[0]
+  q_ok_B = jnp.all(jnp.isfinite(q_BxE), axis=1)
+  q_BxE = jnp.where(q_ok_B[:, None], q_BxE, 0)
+  ok_N = jnp.all(jnp.isfinite(c_NxE), axis=1)
+  if valid_N is not None:
+    ok_N &= valid_N
+  all_ok = jnp.all(ok_N)
+  num_t = min(q_tile, _round_up(num_b, 8))
+  b_pad = _round_up(num_b, num_t) - num_b
+  pad_b = lambda x, v: None if x is None else jnp.pad(
+      x, ((0, b_pad),) + ((0, 0),) * (x.ndim - 1), constant_values=v)
+  q_BxE, excl_BxM, mask_BxN = pad_b(q_BxE, 0), pad_b(excl_BxM, -1), pad_b(mask_BxN, True)
+  supers = [(s, min(s + super_rows, num_n)) for s in range(0, num_n, super_rows)]
+
+  def per_query_tile(args):
+    q_TxE, excl_TxM, mask_TxN = args
+    vals_TxK = jnp.full((num_t, k), NEG_INF, jnp.float32)
+    idx_TxK = jnp.full((num_t, k), -1, jnp.int32)
+    for s0, s1 in supers:
+      v, i = _super_block_topk(q_TxE, c_NxE, ok_N, all_ok, excl_TxM, mask_TxN, s0=s0, s1=s1,
+                               k=k, tile=tile, refine_rows=refine_rows)
+      vals_TxK, idx_TxK = _merge_topk(vals_TxK, idx_TxK, v, i, k) if len(supers) > 1 else (v, i)
+    return vals_TxK, idx_TxK
+
+  tiles = lambda x: None if x is None else x.reshape(-1, num_t, *x.shape[1:])
+  vals, idx = jax.lax.map(per_query_tile, (tiles(q_BxE), tiles(excl_BxM), tiles(mask_BxN)))
+  vals_BxK = vals.reshape(-1, k)[:num_b]
+  idx_BxK = idx.reshape(-1, k)[:num_b]
+  return jnp.where(q_ok_B[:, None], vals_BxK, NEG_INF), idx_BxK
+
+
+def _plan(num_b, num_n, block_size):
+  """Static tiling: corpus rows per fused tile, queries per tile, rows per super-block."""
+  tile = _round_up(block_size, ALIGN) if block_size else 4096
+  tile = min(tile, _round_up(num_n, ALIGN))
+  q_tile = 512
+  num_t = min(q_tile, _round_up(num_b, 8))
+  # Chunk maxima of one super-block ([rows / CHUNK, T] float32) stay within ~128 MiB.
+  super_rows = max(tile, ((128 << 20) * CHUNK // (4 * num_t)) // tile * tile)
+  return dict(tile=tile, q_tile=q_tile, super_rows=super_rows, refine_rows=1 << 16)
+
+
 def _finalize(vals_BxK, idx_BxK):
   return vals_BxK, jnp.where(vals_BxK == NEG_INF, -1, idx_BxK).astype(jnp.int32)
+
+
+def _local_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approximate,
+                recall_target):
+  """Top-k of one device's corpus rows (local indices)."""
+  if approximate:
+    block = block or _default_block(q_BxE.shape[0], c_NxE.shape[0], k)
+    return _stream_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, k=k, block=block,
+                        approximate=True, recall_target=recall_target, index_offset=0)
+  return _exact_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, k=k,
+                     **_plan(q_BxE.shape[0], c_NxE.shape[0], block))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "approximate", "recall_target"))
 def _topk_single(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approximate,
                  recall_target):
-  vals_BxK, idx_BxK = _stream_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, k=k, block=block,
-                                   approximate=approximate, recall_target=recall_target,
-                                   index_offset=0)
+  vals_BxK, idx_BxK = _local_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, k=k, block=block,
+                                  approximate=approximate, recall_target=recall_target)
   return _finalize(vals_BxK, idx_BxK)
 
 
@@ -125,9 +309,9 @@ def _topk_sharded(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approx
     offset = shard * num_n_local
     # Exclusion ids are global; shift them into this shard's row range.
     excl_local = None if excl_BxM is None else jnp.where(excl_BxM >= 0, excl_BxM - offset, -1)
-    vals_BxK, idx_BxK = _stream_topk(q_BxE, c_nxE, valid_n, excl_local, mask_Bxn, k=k,
-                                     block=block, approximate=approximate,
-                                     recall_target=recall_target, index_offset=0)
+    vals_BxK, idx_BxK = _local_topk(q_BxE, c_nxE, valid_n, excl_local, mask_Bxn, k=k,
+                                    block=block, approximate=approximate,
+                                    recall_target=recall_target)
     idx_BxK = jnp.where(idx_BxK >= 0, idx_BxK + offset, -1)
     # Gathered in shard order = ascending index ranges, so the position tie-break of the final
     # top_k is the index tie-break.
@@ -173,15 +357,16 @@ def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int |
     exclude: per-query ids never returned: an int array [B, M] of corpus rows padded with -1,
       or a bool mask [B, N] (True = excluded).
     valid: bool [N]; False rows (padding) are never returned.
-    block_size: corpus rows scored per step (default: a ~64 MiB score tile).
+    block_size: corpus rows per fused score tile, rounded up to a multiple of 256
+      (default 4096; with approximate=True, rows per streamed block).
     approximate: per-block selection by `jax.lax.approx_max_k` with `recall_target`
       (expected recall of each block's top-k; TPU only, other backends compute it exactly).
     mesh: a `jax.sharding.Mesh`; the corpus rows are split over `items_axes` (default: all mesh
       axes), each device selects its local top-k, one merge gives the global result. Results
       equal the unsharded kernel's.
 
-  Scores sort descending; equal scores sort by ascending index. Rows whose scores are NaN
-  (any NaN in the corpus row) or -inf are never returned.
+  Scores sort descending; equal scores sort by ascending index. Corpus rows holding NaN/inf
+  and -inf scores are never returned; a query holding NaN/inf returns (-inf, -1) throughout.
   """
   q_BxE = jnp.asarray(queries)
   c_NxE = jnp.asarray(corpus)
@@ -233,8 +418,8 @@ def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int |
     else:
       raise ValueError(f"exclude must be int ids [B, M] or a bool mask [B, N], got {ex.dtype}")
 
-  block = int(block_size) if block_size else _default_block(num_b, num_n, k)
-  if block <= 0:
+  block = 0 if block_size is None else int(block_size)  # 0: the kernel's own choice
+  if block_size is not None and block <= 0:
     raise ValueError(f"block_size must be positive, got {block_size}")
   static = dict(k=k, block=block, approximate=bool(approximate),
                 recall_target=float(recall_target))
@@ -259,7 +444,8 @@ def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int |
     c_NxE = jnp.pad(c_NxE, ((0, pad), (0, 0)))
     if mask_BxN is not None:
       mask_BxN = jnp.pad(mask_BxN, ((0, 0), (0, pad)), constant_values=True)
-  static["block"] = min(block, (num_n + pad) // num_s)
+  if block:
+    static["block"] = min(block, (num_n + pad) // num_s)
   return _topk_sharded(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, mesh=mesh,
                        items_axes=items_axes, **static)
 
@@ -271,8 +457,7 @@ def topk_memory_analysis(queries, corpus, k: int, *, block_size: int | None = No
   Accepts `jax.ShapeDtypeStruct`s, so the footprint of a large case can be checked without
   allocating it.
   """
-  num_b, num_n = queries.shape[0], corpus.shape[0]
-  block = int(block_size) if block_size else _default_block(num_b, num_n, k)
+  block = int(block_size) if block_size else 0
   lowered = _topk_single.lower(queries, corpus, None, None, None, k=int(k), block=block,
                                approximate=approximate, recall_target=0.95)
   return lowered.compile().memory_analysis()

@@ -376,3 +376,42 @@ def test_index_load_rejects_other_versions_and_shapes(tmp_path):
     retrieval.ItemIndex.load(str(tmp_path / "idx"))
   with pytest.raises(retrieval.IndexFormatError, match="no ItemIndex directory"):
     retrieval.ItemIndex.load(str(tmp_path / "nowhere"))
+
+
+# -- the kernel's tiling, forced small -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_kernel_tiling_query_tiles_super_blocks_and_ties(with_valid):
+  """Several query tiles, super-blocks, full tiles and a tail, exact ties across chunk, group
+  and super-block boundaries, and exclusions that inflate chunk maxima."""
+  rng = np.random.default_rng(19)
+  num_b, num_n, k = 21, 1700, 37
+  q = dyadic(rng, (num_b, 4), levels=1)  # few distinct scores: ties everywhere
+  c = dyadic(rng, (num_n, 4), levels=1)
+  exclude = np.full((num_b, 16), -1, np.int32)
+  exclude[:, :12] = reference(q, c, 12)[1]
+  valid = rng.random(num_n) < 0.7 if with_valid else None
+  plan = dict(tile=256, q_tile=8, super_rows=768, refine_rows=64)
+  f = jax.jit(lambda q, c, v, e: retrieval._exact_topk(q, c, v, e, None, k=k, **plan))
+  got = retrieval._finalize(*f(q, c, None if valid is None else jnp.asarray(valid), exclude))
+  assert_exact(got, reference(q, c, k, exclude=exclude, valid=valid))
+
+
+def test_kernel_tiling_with_bool_mask():
+  rng = np.random.default_rng(20)
+  q, c = dyadic(rng, (10, 8), levels=2), dyadic(rng, (1300, 8), levels=2)
+  mask = rng.random((10, 1300)) < 0.5
+  plan = dict(tile=512, q_tile=8, super_rows=1024, refine_rows=256)
+  f = jax.jit(lambda q, c, m: retrieval._exact_topk(q, c, None, None, m, k=30, **plan))
+  assert_exact(retrieval._finalize(*f(q, c, mask)), reference(q, c, 30, exclude=mask))
+
+
+def test_non_finite_queries_return_nothing():
+  rng = np.random.default_rng(21)
+  q, c = dyadic(rng, (3, 8)), dyadic(rng, (300, 8))
+  q[1, 0] = np.nan
+  q[2, 3] = np.inf
+  v, i = (np.asarray(x) for x in topk(q, c, 5))
+  assert np.all(i[1:] == -1) and np.all(v[1:] == -np.inf)
+  assert_exact((v[:1], i[:1]), reference(q[:1], c, 5))
