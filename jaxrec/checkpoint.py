@@ -31,7 +31,10 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max(cfg.keep, 1), enable_async_checkpointing=cfg.async_save,
                                            create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # Handlers named up front, so a fresh process can read a step's metadata before restoring it.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                "losses": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -83,12 +86,14 @@ class Checkpointer:
     An unreadable metadata file means a damaged step, which restore handles by falling back."""
     try:
       metadata = self.manager.item_metadata(step)["state"]
-      saved = {jax.tree_util.keystr(path): tuple(leaf.shape)
+      saved = {_path_name(path): tuple(leaf.shape)
                for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(metadata, "tree", metadata))[0]
                if hasattr(leaf, "shape")}
     except Exception:  # damaged metadata: let the restore loop report and fall back
       return
-    wanted = {jax.tree_util.keystr(path): tuple(leaf.shape)
+    if not saved:
+      return
+    wanted = {_path_name(path): tuple(leaf.shape)
               for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     problems = [f"{k}: checkpoint {saved[k]} vs model {v}" for k, v in wanted.items() if k in saved and saved[k] != v]
     problems += [f"{k}: missing from the checkpoint" for k in wanted if k not in saved]
@@ -104,6 +109,17 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _path_name(path) -> str:
+  """'params/item_tower/mlp/out/kernel' whether the tree holds dicts, lists or named tuples."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+  return "/".join(parts)
 
 
 def abstract_like(tree: Any) -> Any:
