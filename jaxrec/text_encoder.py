@@ -113,7 +113,7 @@ class TextEncoder:
   """A pretrained BERT-family encoder with its tokenizer, pooling and max length."""
 
   def __init__(self, module: BertEncoder, tokenizer: Any, *, max_length: int, pooling: str = "mean",
-               normalize: bool = True, identity: str = "", path: str = ""):
+               normalize: bool = True, lower_case: bool = False, identity: str = "", path: str = ""):
     cfg = module.cfg
     if pooling not in ("mean", "cls"):
       raise ValueError(f"pooling {pooling!r} must be 'mean' or 'cls'")
@@ -122,17 +122,18 @@ class TextEncoder:
                        f"(the model's max_position_embeddings)")
     self.module, self.tokenizer, self.config = module, tokenizer, cfg
     self.max_length, self.pooling, self.normalize, self.path = max_length, pooling, normalize, path
+    self.lower_case = lower_case  # sentence_bert_config's do_lower_case: lowercases before tokenizing
     self.hidden_size = cfg.hidden_size
     self.length_buckets = tuple(b for b in LENGTH_BUCKETS if b < max_length) + (max_length,)
     self.identity = hashlib.sha256(
-        f"{identity}|max_length={max_length}|pooling={pooling}|normalize={normalize}|dtype={cfg.dtype}".encode()
-    ).hexdigest()
+        f"{identity}|max_length={max_length}|pooling={pooling}|normalize={normalize}|lower_case={lower_case}"
+        f"|dtype={cfg.dtype}".encode()).hexdigest()
     graphdef = nnx.graphdef(module)
 
     # One jit per encoder; XLA keeps one executable per (rows, length) bucket.
     @jax.jit
     def forward(state, ids_BxL, mask_BxL, types_BxL):
-      return encode_tokens(nnx.merge(graphdef, state), ids_BxL, mask_BxL, types_BxL, self.pooling, self.normalize)
+      return encode_tokens(nnx.merge(graphdef, state), ids_BxL, mask_BxL, types_BxL, pooling, normalize)
     self._forward = forward
 
   @classmethod
@@ -158,7 +159,7 @@ class TextEncoder:
     module, _ = load_encoder(path, sharding=sharding, seed=seed, **config_overrides)
     identity = f"{_dir_fingerprint(path)}|{os.path.basename(find_weights_file(path))}"
     return cls(module, tokenizer, max_length=int(max_length), pooling=pooling, normalize=normalize,
-               identity=identity, path=path)
+               lower_case=bool(st_config.get("do_lower_case", False)), identity=identity, path=path)
 
   @staticmethod
   def _load_tokenizer(path: str):
@@ -177,7 +178,8 @@ class TextEncoder:
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
       raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
-    return self.tokenizer(list(texts), padding=False, truncation=True, max_length=max_length,
+    texts = [t.lower() for t in texts] if self.lower_case else list(texts)
+    return self.tokenizer(texts, padding=False, truncation=True, max_length=max_length,
                           return_token_type_ids=True, return_attention_mask=False)
 
   def _pad(self, tokens: dict, rows: Sequence[int], length: int, num_rows: int) -> dict[str, np.ndarray]:

@@ -224,3 +224,27 @@ def test_bad_arguments(tmp_path):
     enc.encode("one text")
   with pytest.raises(TypeError, match="item 1 is NoneType"):
     enc.encode(["ok", None])
+
+
+def test_sentence_transformers_configs_are_read(tmp_path):
+  import json
+  path = tiny_bert.write(tmp_path / "st")
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:  # a cased tokenizer
+    json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": False, "model_max_length": 64}, f)
+  plain = TextEncoder.from_pretrained(path)
+  assert plain.max_length == 64 and plain.pooling == "mean" and not plain.lower_case
+  assert plain.tokenize(["THE Movie"])["input_ids"][0, :4].tolist() == [2, 1, 1, 3]  # [UNK] [UNK]
+  with open(os.path.join(path, "sentence_bert_config.json"), "w") as f:
+    json.dump({"max_seq_length": 32, "do_lower_case": True}, f)
+  os.makedirs(os.path.join(path, "1_Pooling"))
+  with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+    json.dump({"word_embedding_dimension": 8, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}, f)
+  st = TextEncoder.from_pretrained(path)
+  assert st.max_length == 32 and st.pooling == "cls" and st.lower_case
+  assert st.tokenize(["THE Movie"])["input_ids"][0, :4].tolist() == [2, 5, 7, 3]
+  assert st.identity != plain.identity
+  with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+    json.dump({"pooling_mode_max_tokens": True}, f)
+  with pytest.raises(WeightsError, match=r"1_Pooling/config.json: pooling \['pooling_mode_max_tokens'\] is not supported"):
+    TextEncoder.from_pretrained(path)
+  assert TextEncoder.from_pretrained(path, pooling="mean").pooling == "mean"  # an explicit choice wins
