@@ -1,0 +1,89 @@
+"""The study runner on configs/study/tiny.py: every cell trains, the tables hold numbers, the
+plots are PNGs, and a second run resumes by reading the finished cells."""
+
+import math
+import os
+import struct
+
+import pytest
+
+from fixtures import tiny_bert
+from jaxrec import study
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "study", "tiny.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("study")
+  encoder = tiny_bert.write(tmp / "tiny_bert")
+  out = tmp / "out"
+  argv = ["--config", TINY, "--out", str(out), f"encoder.path={encoder}", f"encoder.cache_dir={tmp / 'cache'}"]
+  assert study.main(argv) == 0
+  return out, argv
+
+
+def test_every_cell_trains_and_the_tables_hold_numbers(tiny_study):
+  out, _ = tiny_study
+  cells = study.read_csv(out / "cells.csv")
+  trained = [r for r in cells if r["model"] != study.POPULARITY]
+  assert sorted((r["model"], r["train_fraction"], r["seed"]) for r in trained) == [
+      ("hybrid", 0.5, 0.0), ("hybrid", 1.0, 0.0), ("hybrid", 1.0, 1.0), ("id", 0.5, 0.0), ("id", 1.0, 0.0),
+      ("id", 1.0, 1.0), ("text", 1.0, 1.0)]
+  for row in cells:
+    for name in ("recall@10", "ndcg@10", "mrr@10", "hit@10", "recall@50", "warm/recall@10", "cold/recall@10",
+                 "coverage@10"):
+      assert 0.0 <= row[name] <= 1.0, (row["model"], name, row[name])
+    assert row["recall@50"] >= row["recall@10"]
+  # The popularity ranking never recommends an item without training interactions.
+  assert all(r["cold/recall@10"] == 0.0 for r in cells if r["model"] == study.POPULARITY)
+
+  results = study.read_csv(out / "results.csv")
+  by_key = {(r["model"], r["train_fraction"]): r for r in results}
+  assert set(by_key) == {("popularity", 1.0), ("id", 1.0), ("text", 1.0), ("hybrid", 1.0), ("popularity", 0.5),
+                         ("id", 0.5), ("hybrid", 0.5)}
+  hybrid = by_key[("hybrid", 1.0)]
+  assert hybrid["n"] == 2 and hybrid["seeds"] == "0 1"
+  seeds = [r["recall@10"] for r in trained if r["model"] == "hybrid" and r["train_fraction"] == 1.0]
+  assert hybrid["recall@10_mean"] == pytest.approx(sum(seeds) / 2, abs=1e-5)
+  assert hybrid["recall@10_std"] == pytest.approx(abs(seeds[0] - seeds[1]) / math.sqrt(2), abs=1e-5)
+  assert by_key[("text", 1.0)]["n"] == 1 and math.isnan(by_key[("text", 1.0)]["recall@10_std"])
+
+  table = (out / "results.md").read_text()
+  assert "| hybrid text + ids | 1 | 2 | " + f"{hybrid['recall@10_mean']:.4f} ± {hybrid['recall@10_std']:.4f}" in table
+  assert "| popularity | 0.5 | 1 | " in table
+  assert (out / "commands.sh").read_text().count("jaxrec train --config configs/tiny.py") == 7
+
+
+def test_plots_are_pngs_with_drawn_pixels(tiny_study):
+  out, _ = tiny_study
+  for name in ("recall_synthetic_cold.png", "efficiency_synthetic_cold.png"):
+    data = (out / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) in ((900, 420), (1000, 420))
+    assert len(data) > 2000  # axes, bars or lines and labels, not a blank canvas
+
+
+def test_a_second_run_reads_finished_cells_instead_of_training(tiny_study):
+  out, argv = tiny_study
+  stamps = {p: os.path.getmtime(p) for p in out.rglob("metrics.json")}
+  assert len(stamps) == 7
+  assert study.main(argv) == 0
+  assert {p: os.path.getmtime(p) for p in out.rglob("metrics.json")} == stamps
+
+
+def test_a_cell_whose_config_changed_is_refused(tiny_study):
+  out, argv = tiny_study
+  with pytest.raises(study.StudyError, match="holds a run of a different config"):
+    study.main(argv + ["model.temperature=0.2"])
+
+
+def test_bad_study_files_fail_before_training(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config():\n  return None\n")
+  with pytest.raises(study.StudyError, match="defines no get_study"):
+    study.main(["--config", str(bad), "--out", str(tmp_path / "o")])
+  with pytest.raises(study.StudyError, match="cell synthetic/cold/id/f0.5/s0: .*train.stpes"):
+    study.main(["--config", TINY, "--out", str(tmp_path / "o"), "train.stpes=3"])
