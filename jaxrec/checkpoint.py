@@ -27,10 +27,12 @@ class CheckpointError(RuntimeError):
 
 class Checkpointer:
 
-  def __init__(self, directory: str, cfg: CheckpointConfig):
+  def __init__(self, directory: str, cfg: CheckpointConfig, best_metric: str = ""):
+    """``best_metric``: keep only the single best step by this metric (higher is better)."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max(cfg.keep, 1), enable_async_checkpointing=cfg.async_save,
-                                           create=True)
+    best = {"best_fn": lambda metrics: metrics[best_metric], "best_mode": "max"} if best_metric else {}
+    options = ocp.CheckpointManagerOptions(max_to_keep=1 if best_metric else max(cfg.keep, 1),
+                                           enable_async_checkpointing=cfg.async_save, create=True, **best)
     # Handlers named up front, so a fresh process can read a step's metadata before restoring it.
     handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                 "losses": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
@@ -43,14 +45,14 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iter: Any | None, config_json: str, losses: list[float] | None = None,
-           force: bool = False) -> bool:
+           force: bool = False, metrics: dict | None = None) -> bool:
     """Saves asynchronously; ``losses`` (the loss of every step so far) travels with the state."""
     args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(json.loads(config_json)),
             "losses": ocp.args.JsonSave({"losses": list(losses or [])})}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     try:
-      return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+      return self.manager.save(step, args=ocp.args.Composite(**args), force=force, metrics=metrics)
     except OSError as e:
       raise CheckpointError(f"could not write checkpoint {step} under {self.directory}: {e}; earlier checkpoints are intact") from e
 

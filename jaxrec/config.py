@@ -117,6 +117,8 @@ class CheckpointConfig:
   keep: int = 3
   resume_from: str = ""
   async_save: bool = True
+  best_metric: str = ""  # e.g. "recall@10": also keep the best step by this validation metric
+  # (evaluated every train.eval_every steps) in checkpoints/best
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,6 +305,8 @@ def validate(config: Config) -> Config:
     raise ConfigError(f"config key 'data.train_fraction' must be in (0, 1]; got {config.data.train_fraction}")
   if config.data.split == "random" and (len(config.data.split_ratios) != 3 or abs(sum(config.data.split_ratios) - 1) > 1e-6):
     raise ConfigError(f"config key 'data.split_ratios' must be three numbers summing to 1; got {config.data.split_ratios}")
+  if config.checkpoint.best_metric and config.train.eval_every <= 0:
+    raise ConfigError("config key 'checkpoint.best_metric' needs train.eval_every > 0 (validation runs then)")
   if any(k <= 0 for k in config.eval.ks):
     raise ConfigError(f"config key 'eval.ks' must be positive; got {config.eval.ks}")
   return config

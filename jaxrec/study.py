@@ -167,8 +167,14 @@ def cell_config(cell: Cell) -> Config:
 
 
 def command(cell: Cell) -> str:
-  """The ``jaxrec train`` command that reproduces this cell alone (workdir last, as the study sets it)."""
-  return " ".join(["jaxrec train --config", shlex.quote(cell.dataset.config), *map(shlex.quote, cell.overrides)])
+  """The ``jaxrec train`` command that reproduces this cell alone (workdir last, as the study sets
+  it; relative to the current directory when below it, so the command is portable)."""
+  parts = []
+  for item in cell.overrides:
+    if item.startswith("workdir=") and not os.path.relpath(item[8:]).startswith(".."):
+      item = "workdir=" + os.path.relpath(item[8:])
+    parts.append(shlex.quote(item))
+  return " ".join(["jaxrec train --config", shlex.quote(cell.dataset.config), *parts])
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -587,4 +593,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-  sys.exit(main())
+  # Study files import jaxrec.study; run that module's main so its Study class is the one checked.
+  from jaxrec import study as _study
+  sys.exit(_study.main())

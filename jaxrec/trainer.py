@@ -363,16 +363,24 @@ class Trainer:
 
     writer = _summary_writer(os.path.join(workdir, "tb")) if is_main else None
     progress = _progress(cfg, start_step) if is_main else None
+    best = Checkpointer(os.path.join(workdir, "checkpoints", "best"), cfg.checkpoint, cfg.checkpoint.best_metric) \
+        if cfg.checkpoint.best_metric else None
     stop_signal = _SignalFlag()
     pending = None  # (step, device metrics) of the step dispatched last, read one step late
-    timer_start, examples = time.perf_counter(), 0
+    flops_per_step = _step_flops(compiled)
+    profiler = _Profiler(os.path.join(workdir, "profile"), start_step + 3, 5) if cfg.train.profile and is_main else None
+    timer_start, examples, data_wait = time.perf_counter(), 0, 0.0
     every = cfg.checkpoint.every
     try:
       fault_step = int(os.environ.get("JAXREC_FAULT_KILL_AT_STEP", "-1"))
       for step in range(start_step, cfg.train.steps):
         if step == fault_step:  # fault-injection for preemption tests: die as a killed VM would
           os.kill(os.getpid(), signal.SIGKILL)
+        if profiler is not None:
+          profiler.at(step)
+        waited = time.perf_counter()
         batch = self.put_batch(next(data_iter))
+        data_wait += time.perf_counter() - waited
         state, step_metrics = compiled(state, batch)
         examples += cfg.train.batch_size
         if pending is not None:
@@ -380,9 +388,14 @@ class Trainer:
         pending = (step, step_metrics)
         done = step + 1
         interrupted = stop_signal.raised is not None
-        if interrupted or (every and done % every == 0 and done < cfg.train.steps):
+        validate = bool(cfg.train.eval_every) and done % cfg.train.eval_every == 0 and done < cfg.train.steps
+        save = interrupted or (every and done % every == 0 and done < cfg.train.steps)
+        if validate or save:  # both need the loss history up to ``done``
           self._record(*pending, history, writer, progress, ckpt)
           pending = None
+        if validate:
+          self._validate(done, state, data_iter, history, writer, best)
+        if save:
           ckpt.save(done, state, data_iter, to_json(cfg), history, force=interrupted)
         if interrupted:
           ckpt.close()
@@ -390,7 +403,10 @@ class Trainer:
                                 f"{ckpt.directory}; rerun the same command to resume", EXIT_PREEMPTED)
       if pending is not None:
         self._record(*pending, history, writer, progress, ckpt)
+      jax.block_until_ready(state)
       elapsed = time.perf_counter() - timer_start
+      if profiler is not None:
+        profiler.stop()
       if cfg.train.steps > start_step or ckpt.latest_step() is None:
         ckpt.save(cfg.train.steps, state, data_iter, to_json(cfg), history, force=True)
     finally:
@@ -398,7 +414,13 @@ class Trainer:
       if progress is not None:
         progress.close()
       ckpt.close()
+      if best is not None:
+        best.close()
 
+    if elapsed > 0 and cfg.train.steps > start_step:
+      steps_done = cfg.train.steps - start_step
+      log.info("%.2f ms/step: %.1f%% waiting for data, the rest dispatching/computing; %.3f TFLOP/s achieved",
+               1e3 * elapsed / steps_done, 100 * data_wait / elapsed, flops_per_step * steps_done / elapsed / 1e12)
     log.info("final parameter checksum %s", parameter_checksum(state["params"]))
     log.info("evaluating on the %s split", cfg.eval.split)
     result = self.evaluate(state)
@@ -408,6 +430,8 @@ class Trainer:
         "train/final_loss": history[-1] if history else float("nan"),
         "train/losses": history,
         "train/examples_per_sec": examples / elapsed if elapsed > 0 and examples else 0.0,
+        "train/data_wait_fraction": data_wait / elapsed if elapsed > 0 else 0.0,
+        **_utilisation(flops_per_step, (cfg.train.steps - start_step) / elapsed if elapsed > 0 else 0.0, self.mesh),
         "protocol": f"{self.split.protocol}; full ranking of {self.dataset.num_items} items, the user's known items "
                     f"excluded; evaluated on {cfg.eval.split}",
         "model/params": self.num_params,
@@ -425,6 +449,22 @@ class Trainer:
         writer.close()
     self.state = state
     return result
+
+  def _validate(self, step: int, state: dict, data_iter, history, writer, best) -> None:
+    """Validation metrics mid-training; with checkpoint.best_metric, keeps the best step's state."""
+    metrics_ = self.evaluate(state, "valid")
+    log.info("step %d validation: %s", step, ", ".join(f"{k}={metrics_[k]:.4f}" for k in ("recall@10", "ndcg@10")
+                                                     if k in metrics_))
+    if writer is not None:
+      for key, value in metrics_.items():
+        if isinstance(value, float) and not key.startswith("popularity/"):
+          writer.add_scalar("valid/" + key.replace("@", "_at_"), value, step)
+    if best is not None:
+      if self.cfg.checkpoint.best_metric not in metrics_:
+        raise ValueError(f"checkpoint.best_metric={self.cfg.checkpoint.best_metric!r} is not a validation metric "
+                         f"(e.g. {', '.join(sorted(metrics_)[:4])})")
+      best.save(step, state, data_iter, to_json(self.cfg), history, metrics={k: float(v) for k, v in metrics_.items()
+                                                                              if isinstance(v, (int, float))})
 
   def _record(self, step, step_metrics, history, writer, progress, ckpt) -> None:
     """Host side of one finished step: NaN policy, loss history, progress bar, TensorBoard."""
@@ -482,6 +522,53 @@ class Trainer:
 def config_hash(cfg: Config) -> str:
   import hashlib
   return hashlib.sha256(to_json(cfg).encode()).hexdigest()[:16]
+
+
+# Dense peak FLOP/s per chip for the MFU estimate (bf16 for accelerators); CPUs have no fixed
+# peak, so on CPU only the achieved FLOP/s is reported.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12}
+
+
+def _step_flops(compiled) -> float:
+  """FLOPs of one train step from XLA's cost analysis of the compiled program (all devices)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # some backends have no cost model
+    return 0.0
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", 0.0))
+
+
+def _utilisation(flops_per_step: float, steps_per_sec: float, mesh) -> dict[str, float]:
+  achieved = flops_per_step * steps_per_sec
+  out = {"train/step_tflops": flops_per_step / 1e12, "train/achieved_tflops_per_sec": achieved / 1e12}
+  kind = mesh.devices.flat[0].device_kind
+  peak = next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), 0.0)
+  if peak:
+    out["train/mfu"] = achieved / (peak * mesh.size)
+  return out
+
+
+class _Profiler:
+  """A jax.profiler trace of ``num_steps`` steps starting at ``first`` (open it with TensorBoard or Perfetto)."""
+
+  def __init__(self, directory: str, first: int, num_steps: int):
+    self.directory, self.first, self.last, self.active = directory, first, first + num_steps, False
+
+  def at(self, step: int) -> None:
+    if step == self.first and not self.active:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+      log.info("profiling steps %d-%d into %s", self.first, self.last - 1, self.directory)
+    elif step == self.last:
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def parameter_checksum(params: Any) -> str:

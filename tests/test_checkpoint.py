@@ -112,3 +112,15 @@ def test_incompatible_checkpoint_lists_the_mismatched_parameters(tmp_path):
   assert "params/item_tower/mlp/out/kernel: checkpoint (32, 16) vs model (32, 24)" in message
   assert "params/query_tower/mlp/out/bias: checkpoint (16,) vs model (24,)" in message
   assert "missing" not in message  # only the real differences are listed
+
+
+def test_best_validation_step_is_kept_beside_the_latest(tmp_path):
+  cfg = load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path}", "train.steps=12", "train.eval_every=4",
+                           "checkpoint.every=4", "checkpoint.keep=1", "checkpoint.best_metric=recall@10",
+                           "checkpoint.async_save=false"])
+  Trainer(cfg).run()
+  best_dir = tmp_path / "checkpoints" / "best"
+  kept = sorted(int(p.name) for p in best_dir.iterdir() if p.name.isdigit())
+  assert len(kept) == 1 and kept[0] in (4, 8)
+  latest = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert latest == [12]

@@ -84,3 +84,41 @@ def test_batch_not_divisible_by_data_parallel_size_fails_before_compute():
     _trainer("mesh.data=8", "train.batch_size=36")
   with pytest.raises(MeshError, match="5 x fsdp=1 x tensor=1 = 5 devices, but 8 are available"):
     _trainer("mesh.data=5")
+
+
+def test_bfloat16_towers_track_float32_on_a_fixed_batch():
+  """Mixed precision policy: towers may compute in bf16; logits/softmax stay float32.
+  Documented tolerance: 2% relative on the loss of a fixed batch and init."""
+  f32 = _trainer("mesh.num_devices=1")
+  bf16 = _trainer("mesh.num_devices=1", "model.dtype=bfloat16")
+  state32, state16 = f32.init_state(), bf16.init_state()
+  batch = f32.batch_builder().map(0)
+  key = jax.random.key(0)
+  loss32, _ = f32.loss_fn(state32["params"], state32["tables"], f32.put_batch(batch), key)
+  loss16, _ = bf16.loss_fn(state16["params"], state16["tables"], bf16.put_batch(batch), key)
+  assert loss16.dtype == np.float32
+  np.testing.assert_allclose(float(loss16), float(loss32), rtol=2e-2)
+  _, metrics = bf16.train_step(state16, bf16.put_batch(batch))
+  assert np.isfinite(float(metrics["loss"]))
+
+
+def test_train_step_compiles_once_across_varying_batches():
+  trainer = _trainer("mesh.data=8")
+  state = trainer.init_state()
+  builder = trainer.batch_builder()
+  for b in range(6):
+    state, _ = trainer.train_step(state, trainer.put_batch(builder.map(b)))
+  assert trainer._train_step._cache_size() == 1
+
+
+def test_nonfinite_loss_stops_with_its_exit_code_or_is_skipped(tmp_path):
+  from jaxrec.trainer import EXIT_NONFINITE, TrainingStopped
+  cfg = load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path}", "train.steps=20", "checkpoint.every=5",
+                           "checkpoint.async_save=false", "model.temperature=1e-30"])
+  with pytest.raises(TrainingStopped) as e:
+    Trainer(cfg).run()
+  assert e.value.exit_code == EXIT_NONFINITE and "train.nan_policy=stop" in str(e.value)
+  skip = load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path / 'skip'}", "train.steps=3",
+                            "model.temperature=1e-30", "train.nan_policy=skip"])
+  result = Trainer(skip).run()
+  assert result["steps"] == 3
