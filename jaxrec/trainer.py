@@ -193,6 +193,10 @@ class Trainer:
     q_BxE = model.queries(batch["user"], batch["history"], batch["history_mask"], history_text_BxLxD,
                           dropout_key=query_key)
     pos_BxE = model.items(batch["item"], pos_text_BxD, dropout_key=item_key)
+    # Rows of both towers' outputs stay with their batch shard; the loss then gathers the
+    # positives once so every query meets the global batch's candidates.
+    q_BxE = sharding.constrain(q_BxE, self.mesh, ("batch", "tower_out"), self.rules)
+    pos_BxE = sharding.constrain(pos_BxE, self.mesh, ("batch", "tower_out"), self.rules)
     loss, aux = losses.in_batch_softmax(
         q_BxE, pos_BxE, batch["item"], model.temperature,
         log_q_B=batch["log_q"] if self.cfg.train.logq_correction else None,
