@@ -33,6 +33,16 @@ SUPPORTED_MODEL_TYPES = ("bert",)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _precision(cfg: "BertConfig") -> jax.lax.Precision | None:
+  # float32 must mean float32 on accelerators: GPUs otherwise run f32 matmuls as TF32 (~1e-3 error)
+  # and the frozen vectors must equal sentence-transformers' (torch keeps TF32 off for matmuls).
+  # CPUs compute f32 dots exactly at default precision, and asking for HIGHEST there turns off
+  # XLA's fast CPU matmul fusion, so the default stays on CPU. bfloat16 compute is a speed choice.
+  if cfg.dtype == "float32" and jax.default_backend() != "cpu":
+    return jax.lax.Precision.HIGHEST
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   vocab_size: int = 30522
@@ -137,16 +147,18 @@ class LoRA(nnx.Module):
     self.a = LoRAParam(_partitioned(a_init, (in_axis, None))(rngs.params(), (in_features, rank), jnp.float32))
     self.b = LoRAParam(_partitioned(_zeros, (None, out_axis))(rngs.params(), (rank, out_features), jnp.float32))
     self.scaling = cfg.lora_alpha / rank
-    self.dtype = _DTYPES[cfg.dtype]
+    self.dtype, self.precision = _DTYPES[cfg.dtype], _precision(cfg)
 
   def __call__(self, x_BxLxI: jax.Array) -> jax.Array:
     a, b = self.a[...].astype(self.dtype), self.b[...].astype(self.dtype)
-    return (x_BxLxI.astype(self.dtype) @ a @ b) * self.scaling
+    x_BxLxR = jnp.matmul(x_BxLxI.astype(self.dtype), a, precision=self.precision)
+    return jnp.matmul(x_BxLxR, b, precision=self.precision) * self.scaling
 
 
 def _linear(cfg: BertConfig, n_in: int, n_out: int, in_axis: str, out_axis: str, *, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(n_in, n_out, dtype=_DTYPES[cfg.dtype], kernel_init=_partitioned(_normal, (in_axis, out_axis)),
-                    bias_init=_partitioned(_zeros, (out_axis,)), rngs=rngs)
+  return nnx.Linear(n_in, n_out, dtype=_DTYPES[cfg.dtype], precision=_precision(cfg),
+                    kernel_init=_partitioned(_normal, (in_axis, out_axis)), bias_init=_partitioned(_zeros, (out_axis,)),
+                    rngs=rngs)
 
 
 def _layer_norm(cfg: BertConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -179,7 +191,7 @@ class BertAttention(nnx.Module):
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     d = cfg.hidden_size
-    self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+    self.num_heads, self.head_dim, self.precision = cfg.num_attention_heads, cfg.head_dim, _precision(cfg)
     self.query = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
     self.key = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
     self.value = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
@@ -201,10 +213,11 @@ class BertAttention(nnx.Module):
       q_BxLxD = q_BxLxD + self.query_lora(x_BxLxD).astype(q_BxLxD.dtype)
       v_BxLxD = v_BxLxD + self.value_lora(x_BxLxD).astype(v_BxLxD.dtype)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._heads(q_BxLxD), self._heads(self.key(x_BxLxD)), self._heads(v_BxLxD)
-    scores_BxHxLxL = jnp.einsum("blhk,bmhk->bhlm", q_BxLxHxK, k_BxLxHxK, preferred_element_type=jnp.float32)
+    scores_BxHxLxL = jnp.einsum("blhk,bmhk->bhlm", q_BxLxHxK, k_BxLxHxK, precision=self.precision,
+                                preferred_element_type=jnp.float32)
     scores_BxHxLxL = scores_BxHxLxL * (1.0 / math.sqrt(self.head_dim)) + mask_bias_Bx1x1xL
     probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
-    ctx_BxLxHxK = jnp.einsum("bhlm,bmhk->blhk", probs_BxHxLxL, v_BxLxHxK)
+    ctx_BxLxHxK = jnp.einsum("bhlm,bmhk->blhk", probs_BxHxLxL, v_BxLxHxK, precision=self.precision)
     ctx_BxLxD = ctx_BxLxHxK.reshape(x_BxLxD.shape)
     return self.norm(x_BxLxD + self.out(ctx_BxLxD))
 
