@@ -167,7 +167,6 @@ class TextEncoder:
     if not any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES):
       raise WeightsError(f"{path}: no tokenizer files (one of {', '.join(_TOKENIZER_FILES)}); "
                          "the tokenizer is loaded from the model directory")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silences the "PyTorch was not found" banner
     from transformers import AutoTokenizer
     try:
       return AutoTokenizer.from_pretrained(path, local_files_only=True)
