@@ -156,8 +156,10 @@ def main() -> None:
   if st is not None:
     print(f"st:      {args.n / min(st_times):8.1f} sentences/s best, {args.n / statistics.median(st_times):8.1f} median "
           f"({fmt(st_times)} s)  {st['engine']}")
+    paired = [s / j for j, s in zip(jr.times, st_times)]  # same round, so roughly the same load
     print(f"ratio jaxrec / sentence-transformers: {min(st_times) / min(jr.times):.2f}x best-vs-best, "
-          f"{statistics.median(st_times) / statistics.median(jr.times):.2f}x median-vs-median")
+          f"{statistics.median(st_times) / statistics.median(jr.times):.2f}x median-vs-median, "
+          f"{statistics.median(paired):.2f}x median of per-round ratios ({', '.join(f'{r:.2f}' for r in paired)})")
     head_diff = max(abs(a - b) for ra, rb in zip(jr.first[:4, :4].tolist(), st["embeddings_head"]) for a, b in zip(ra, rb))
     print(f"same vectors: max |diff| over a 4x4 corner {head_diff:.1e}")
   print(f"frozen cache: first encode_cached (miss, incl. compile) {jr.cache_miss_cold_s:.2f} s, "
