@@ -307,16 +307,27 @@ class Trainer:
     corpus_NxE = self.item_vectors(state, text_NxD=text_NxD)
     popularity_Nx1 = jnp.asarray(np.bincount(ds.items[sp.train], minlength=ds.num_items).astype(np.float32)[:, None])
     bs = self.cfg.eval.batch_size
+    bs = min(bs, len(eval_users))
+    # A dense [B, N] mask is the cheapest exclusion while it is small; long id lists cost the
+    # kernel more than a mask of a few thousand items.
+    use_mask = bs * ds.num_items <= 1 << 26
     for start in range(0, len(eval_users), bs):
       users = eval_users[start:start + bs]
-      seen = _padded_rows(known, users)
+      n = len(users)
+      padded = np.pad(users, (0, bs - n), mode="edge")  # fixed batch shape: one compile per run
+      seen = _padded_rows(known, padded)
+      if use_mask:
+        mask = np.zeros((bs, ds.num_items), bool)
+        rows, cols = np.nonzero(seen >= 0)
+        mask[rows, seen[rows, cols]] = True
+        seen = mask
       lo, hi = np.searchsorted(truth_users, [users[0], users[-1] + 1])
       t_users, t_items = truth_users[lo:hi], truth_items[lo:hi]
-      q_BxE = self.query_vectors(state, users, known, text_NxD)
+      q_BxE = self.query_vectors(state, padded, known, text_NxD)
       _, ids = topk(q_BxE, corpus_NxE, kmax, exclude=seen)
-      model_acc.add(np.asarray(ids), users, t_users, t_items)
-      _, pop_ids = topk(jnp.ones((len(users), 1), jnp.float32), popularity_Nx1, kmax, exclude=seen)
-      pop_acc.add(np.asarray(pop_ids), users, t_users, t_items)
+      model_acc.add(np.asarray(ids)[:n], users, t_users, t_items)
+      _, pop_ids = topk(jnp.ones((bs, 1), jnp.float32), popularity_Nx1, kmax, exclude=seen)
+      pop_acc.add(np.asarray(pop_ids)[:n], users, t_users, t_items)
     out = model_acc.result()
     out.update({f"popularity/{k}": v for k, v in pop_acc.result().items()})
     return out
