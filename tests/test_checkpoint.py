@@ -124,3 +124,22 @@ def test_best_validation_step_is_kept_beside_the_latest(tmp_path):
   assert len(kept) == 1 and kept[0] in (4, 8)
   latest = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert latest == [12]
+
+
+def test_failed_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+  cfg = load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path}", "train.steps=10", "checkpoint.every=5",
+                           "checkpoint.async_save=false"])
+  real_save = ocp.CheckpointManager.save
+
+  def full_disk(self, step, *args, **kwargs):
+    if step == 10:
+      raise OSError(28, "No space left on device")
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+  with pytest.raises(CheckpointError, match="could not write checkpoint 10 .* No space left on device; earlier checkpoints are intact"):
+    Trainer(cfg).run()
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+  step, _ = Trainer(cfg).restore()
+  assert step == 5

@@ -122,3 +122,20 @@ def test_nonfinite_loss_stops_with_its_exit_code_or_is_skipped(tmp_path):
                             "model.temperature=1e-30", "train.nan_policy=skip"])
   result = Trainer(skip).run()
   assert result["steps"] == 3
+
+
+def test_rules_table_overrides_and_divisibility_fallback():
+  from jaxrec import sharding
+  from jaxrec.mesh import make_mesh
+  from jaxrec.config import MeshConfig
+  mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  assert sharding.resolve(("embed", "mlp"), (64, 256), mesh) == jax.sharding.PartitionSpec("fsdp", "tensor")
+  # 3 rows do not split over fsdp x tensor: that dimension stays whole instead of failing
+  assert sharding.resolve(("id_rows", "embed"), (3, 64), mesh) == jax.sharding.PartitionSpec(None, "fsdp")
+  rules = sharding.rules_from_config(["embed:tensor", "mlp:"])
+  assert sharding.resolve(("embed", "mlp"), (64, 256), mesh, rules) == jax.sharding.PartitionSpec("tensor")
+  with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+    sharding.rules_from_config(["embed:model"])
+  trainer = _trainer("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.rules=embed:tensor,mlp:")
+  spec = trainer.state_shardings["params"]["item_tower"]["mlp"]["hidden"][0]["kernel"].spec
+  assert spec == jax.sharding.PartitionSpec("tensor")
