@@ -1,0 +1,111 @@
+"""TensorFlow Recommenders peer: the tutorial's two-tower retrieval model on the benchmark's batches.
+
+Runs in its own interpreter (a virtualenv with tensorflow-cpu, tf-keras and
+tensorflow-recommenders; see benchmarks/README.md) and never imports jaxrec. Input: an .npz
+written by benchmarks/train_throughput.py. Output: PREFIX.npz with item vectors [N, E] and query
+vectors [U, E] for the benchmark to score, and PREFIX.json with the timing.
+
+The model is the "Recommending movies: retrieval" tutorial's: a user-id embedding and an item-id
+embedding (the ids here are already dense, so the tutorial's StringLookup layers have nothing to
+do and are left out), scored by a dot product in ``tfrs.tasks.Retrieval`` with no metrics during
+training. Three changes make the loss the one jaxrec optimises, and each is an argument of the
+same TFRS API: both vectors are L2-normalised (so ``temperature`` means what it means in jaxrec),
+``candidate_sampling_probability`` applies the logQ correction, ``remove_accidental_hits`` masks
+duplicates of the positive, and the cross-entropy is averaged over the batch (TFRS sums by
+default, which with global-norm clipping would clip every step). The optimiser is Keras AdamW
+with jaxrec's schedule (linear warmup from 0, cosine decay) and global-norm clipping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # TFRS is built on Keras 2 (tf-keras)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_recommenders as tfrs  # noqa: E402
+
+
+class RetrievalModel(tfrs.Model):
+
+  def __init__(self, num_users: int, num_items: int, dim: int, temperature: float):
+    super().__init__()
+    init = tf.keras.initializers.RandomNormal(stddev=0.05)
+    self.user_model = tf.keras.Sequential([tf.keras.layers.Embedding(num_users, dim, embeddings_initializer=init)])
+    self.item_model = tf.keras.Sequential([tf.keras.layers.Embedding(num_items, dim, embeddings_initializer=init)])
+    loss = tf.keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                   reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE)
+    self.task = tfrs.tasks.Retrieval(loss=loss, temperature=temperature, remove_accidental_hits=True)
+
+  def queries(self, users):
+    return tf.math.l2_normalize(self.user_model(users), axis=-1)
+
+  def items(self, items):
+    return tf.math.l2_normalize(self.item_model(items), axis=-1)
+
+  def compute_loss(self, features, training=False):
+    return self.task(self.queries(features["user"]), self.items(features["item"]),
+                     candidate_sampling_probability=tf.exp(features["log_q"]),
+                     candidate_ids=features["item"], compute_metrics=False)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data", required=True, help="input .npz from train_throughput.py")
+  parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.npz and PREFIX.json")
+  parser.add_argument("--threads", type=int, help="intra-op threads (default: the input's config)")
+  parser.add_argument("--steps", type=int, help="train only this many of the batches (a probe run)")
+  parser.add_argument("--jit-compile", action="store_true", help="compile the train step with XLA (not the tutorial's default)")
+  args = parser.parse_args()
+  started = time.perf_counter()
+  with np.load(args.data, allow_pickle=False) as f:
+    data = {k: f[k] for k in f.files}
+  cfg = json.loads(str(data.pop("config")))
+  cfg.update({k: v for k, v in (("threads", args.threads), ("steps", args.steps)) if v})
+  tf.config.threading.set_intra_op_parallelism_threads(cfg["threads"])
+  tf.config.threading.set_inter_op_parallelism_threads(cfg["threads"])
+  tf.keras.utils.set_random_seed(cfg["seed"])
+
+  model = RetrievalModel(int(data["num_users"]), int(data["num_items"]), cfg["embed_dim"], cfg["temperature"])
+  steps = cfg["total_steps"]
+  warmup = min(cfg["warmup_steps"], max(steps - 1, 0))
+  schedule = tf.keras.optimizers.schedules.CosineDecay(
+      initial_learning_rate=0.0, decay_steps=max(steps, warmup + 1) - warmup, alpha=cfg["end_lr_fraction"],
+      warmup_target=cfg["learning_rate"], warmup_steps=warmup)
+  model.compile(optimizer=tf.keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg["weight_decay"],
+                                                    beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+                                                    global_clipnorm=cfg["clip_norm"]))
+  train_step = tf.function(model.train_step, jit_compile=args.jit_compile)
+
+  keys = ("user", "item", "log_q")
+  batches = {k: data["batch_" + k] for k in keys}
+  losses = []
+  t0 = None
+  for step in range(cfg["steps"]):
+    if step == cfg["timing_warmup"]:
+      t0 = time.perf_counter()
+    logs = train_step({k: tf.convert_to_tensor(batches[k][step]) for k in keys})
+    losses.append(logs["loss"])
+  elapsed = time.perf_counter() - t0
+  losses = [float(x) for x in losses]
+
+  items_NxE = model.items(tf.range(int(data["num_items"]))).numpy()
+  queries_UxE = model.queries(tf.convert_to_tensor(data["eval_users"])).numpy()
+  np.savez(args.out + ".npz", item_vectors=items_NxE, query_vectors=queries_UxE)
+  timed = cfg["steps"] - cfg["timing_warmup"]
+  summary = {"peer": "tfrs" + ("+xla" if args.jit_compile else ""), "version": f"tf {tf.__version__}, tfrs {tfrs.__version__}",
+             "threads": cfg["threads"], "timed_steps": timed, "elapsed_s": elapsed,
+             "examples_per_sec": timed * cfg["batch_size"] / elapsed, "ms_per_step": 1000 * elapsed / timed,
+             "losses": losses, "wall_s": time.perf_counter() - started,
+             "params": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
+  with open(args.out + ".json", "w") as f:
+    json.dump(summary, f)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,412 @@
+"""Training throughput of jaxrec against its peers, on the same data, in one run on this machine.
+
+Configurations (each a jaxrec run and a peer run on identical batches):
+
+  id      jaxrec ID-only two-tower        vs TensorFlow Recommenders' tutorial retrieval model
+  frozen  jaxrec text two-tower, cached   vs a PyTorch implementation of the same model
+          (frozen) MiniLM item vectors
+  full    jaxrec with MiniLM fine-tuned   vs the same PyTorch model fine-tuning MiniLM
+          in the item tower
+
+How it is fair: the benchmark builds every training batch once with jaxrec's own batch builder
+(user, positive item, last-L history, logQ) and writes them, with the catalog and user tables,
+to an .npz; each peer runs in its own virtualenv as a subprocess, trains on exactly those batches
+in the same order with the same batch size, model sizes, loss, optimiser and schedule, and
+returns its item and query vectors. Every side then gets the same full-ranking evaluation (the
+one Trainer.evaluate does: held-out split, known items excluded, jaxrec's top-k and metrics), so
+a faster side cannot hide a worse model. Throughput is steady state: the first ``--warmup`` steps
+(compilation, tracing, allocator warm-up) are excluded, the rest timed end to end including the
+per-step host-to-framework copy of the batch. Sides alternate for ``--rounds`` rounds, because
+the CPU is shared and its load drifts; the median round is reported.
+
+    .venv/bin/python benchmarks/train_throughput.py                     # id + frozen (+ full)
+    .venv/bin/python benchmarks/train_throughput.py --configs id --rounds 5
+    .venv/bin/python benchmarks/train_throughput.py --data ml100k      # ../shared/data/ml-100k
+    .venv/bin/python benchmarks/train_throughput.py --smoke            # seconds; used by the tests
+
+Peer interpreters: ``--tfrs-python`` / ``$JAXREC_TFRS_PYTHON`` (default /tmp/tfrsenv/bin/python)
+and ``--torch-python`` / ``$JAXREC_TORCH_PYTHON`` (default /tmp/torchenv/bin/python); a missing
+one skips that peer with the reason in the output. Setup commands: benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_HERE)
+PEERS = {"tfrs": os.path.join(_HERE, "peers", "tfrs_two_tower.py"),
+         "torch": os.path.join(_HERE, "peers", "torch_two_tower.py")}
+PEER_PYTHON = {"tfrs": ("JAXREC_TFRS_PYTHON", ("/tmp/tfrsenv/bin/python",)),
+               "torch": ("JAXREC_TORCH_PYTHON", ("/tmp/torchenv/bin/python", "/tmp/stenv/bin/python"))}
+PEER_CHECK = {"tfrs": "import os; os.environ.setdefault('TF_USE_LEGACY_KERAS', '1'); import tensorflow_recommenders",
+              "torch": "import torch, transformers"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One configuration: jaxrec overrides, its peer, and how long to train."""
+
+  name: str
+  peer: str
+  overrides: tuple[str, ...]
+  steps: int
+  warmup: int
+  drop_features: bool = False  # train from split files, which carry no categorical features
+
+
+def settings(args) -> dict[str, Setting]:
+  common = ("mesh.num_devices=1", "train.progress=false", f"train.batch_size={args.batch_size}")
+  data = {"synthetic": (), "ml100k": ("data.source=ml100k", f"data.path={args.ml100k_path}", "data.item_text=title+genres",
+                                      "encoder.max_length=64")}[args.data]
+  smoke = ("data.synthetic.num_users=120", "data.synthetic.num_items=90", "data.synthetic.num_topics=6",
+           "data.synthetic.interactions_per_user=10") if args.smoke else ()
+  steps, warmup = (6, 2) if args.smoke else (args.steps, args.warmup)
+  full_steps, full_warmup = (4, 2) if args.smoke else (args.full_steps, 2)
+  full_batch = 8 if args.smoke else args.full_batch_size
+  return {
+      # TFRS's tutorial model has no history, no features and no MLP: the closest jaxrec model has
+      # one history item, no hidden layer (mlp_dims empty: one Linear + L2 norm per tower) and no
+      # categorical features; it stays slightly bigger than the peer (see benchmarks/README.md).
+      "id": Setting("id", "tfrs", common + data + smoke + (
+          "model.use_text=false", "encoder.mode=none", "model.use_user_ids=true", "model.mlp_dims=",
+          "data.history_len=1"), steps, warmup, drop_features=True),
+      "frozen": Setting("frozen", "torch", common + data + smoke + ("encoder.mode=frozen",), steps, warmup),
+      "full": Setting("full", "torch", common[:2] + data + smoke + (
+          "encoder.mode=full", f"train.batch_size={full_batch}", f"data.history_len={args.full_history_len}"),
+          full_steps, full_warmup),
+  }
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def write_split_files(cfg, directory: str) -> None:
+  """The configured source's split as train/valid/test .npz files (ids and time, nothing else)."""
+  from jaxrec.data import sources
+  ds, sp = sources.load(cfg.data)
+  for name, idx in (("train", sp.train), ("valid", sp.valid), ("test", sp.test)):
+    np.savez(os.path.join(directory, name + ".npz"), user=ds.user_raw_ids[ds.users[idx]],
+             item=ds.item_raw_ids[ds.items[idx]], timestamp=ds.timestamps[idx])
+
+
+def make_config(setting: Setting, workdir: str):
+  from jaxrec.config import load_config
+  overrides = list(setting.overrides) + [f"workdir={workdir}", f"train.steps={setting.steps}"]
+  cfg = load_config(os.path.join(_REPO, "configs", "default.py"), overrides)
+  if setting.drop_features:
+    split_dir = os.path.join(workdir, "split")
+    os.makedirs(split_dir, exist_ok=True)
+    write_split_files(cfg, split_dir)
+    cfg = load_config(os.path.join(_REPO, "configs", "default.py"),
+                      overrides + ["data.source=files", f"data.path={split_dir}", "data.split=predefined"])
+  return cfg
+
+
+class Evaluation:
+  """Trainer.evaluate's protocol for any side's vectors: full ranking of the catalog for every
+  user with held-out items, the user's known items excluded, jaxrec's top-k and metrics."""
+
+  def __init__(self, trainer):
+    from jaxrec.data.pipeline import Sequences
+    cfg, ds, sp = trainer.cfg, trainer.dataset, trainer.split
+    held = sp.test if cfg.eval.split == "test" else sp.valid
+    known_idx = np.concatenate([sp.train, sp.valid]) if cfg.eval.split == "test" else sp.train
+    self.known = Sequences.from_interactions(ds, known_idx)
+    order = np.lexsort((ds.items[held], ds.users[held]))
+    self.truth_users, self.truth_items = ds.users[held][order], ds.items[held][order]
+    self.users = np.unique(self.truth_users)
+    if cfg.eval.max_users:
+      self.users = self.users[:cfg.eval.max_users]
+    self.history, self.mask = self.known.last_items(self.users, cfg.data.history_len)
+    self.ks, self.batch_size, self.num_items = cfg.eval.ks, cfg.eval.batch_size, ds.num_items
+    cold = sp.cold_items
+    self.groups = {"warm": ~cold, "cold": cold} if cold.any() else {}
+
+  def score(self, items_NxE: np.ndarray, queries_UxE: np.ndarray) -> dict[str, float]:
+    from jaxrec.metrics import RankingAccumulator
+    from jaxrec.retrieval import topk
+    from jaxrec.trainer import _padded_rows
+    acc = RankingAccumulator(self.ks, self.num_items, self.groups)
+    corpus = np.asarray(items_NxE, np.float32)
+    for start in range(0, len(self.users), self.batch_size):
+      users = self.users[start:start + self.batch_size]
+      lo, hi = np.searchsorted(self.truth_users, [users[0], users[-1] + 1])
+      _, ids = topk(np.asarray(queries_UxE[start:start + self.batch_size], np.float32), corpus, max(self.ks),
+                    exclude=_padded_rows(self.known, users))
+      acc.add(np.asarray(ids), users, self.truth_users[lo:hi], self.truth_items[lo:hi])
+    return acc.result()
+
+
+def jaxrec_vectors(trainer, state, evaluation: Evaluation) -> tuple[np.ndarray, np.ndarray]:
+  text = trainer.catalog_text(state) if hasattr(trainer, "catalog_text") else None
+  extra = {} if text is None else {"text_NxD": text}
+  items = np.asarray(trainer.item_vectors(state, **extra))
+  queries = [np.asarray(trainer.query_vectors(state, evaluation.users[i:i + 512], evaluation.known,
+                                              *([text] if text is not None else [])))
+             for i in range(0, len(evaluation.users), 512)]
+  return items, np.concatenate(queries)
+
+
+def catalog_text(cfg, dataset, tokens: bool) -> dict[str, np.ndarray]:
+  """The frozen MiniLM vectors jaxrec trains on (through its on-disk cache), or the token table."""
+  from jaxrec.text_encoder import TextEncoder, encode_cached
+  encoder = TextEncoder.from_pretrained(cfg.encoder.path or None, max_length=cfg.encoder.max_length or None,
+                                        pooling=cfg.encoder.pooling)
+  if tokens:
+    return {"tokens_" + k: np.asarray(v, np.int32) for k, v in encoder.tokenize(list(dataset.item_text)).items()}
+  cache = cfg.encoder.cache_dir or os.environ.get("JAXREC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxrec")
+  return {"text": np.asarray(encode_cached(encoder, list(dataset.item_text), cache, batch_size=cfg.encoder.batch_size),
+                             np.float32)}
+
+
+def peer_inputs(setting: Setting, cfg, trainer, batches: list[dict], evaluation: Evaluation, threads: int) -> dict:
+  ds = trainer.dataset
+  trained = np.bincount(ds.items[trainer.split.train], minlength=ds.num_items) > 0
+  m, t = cfg.model, cfg.train
+  peer_cfg = {
+      "steps": setting.steps, "timing_warmup": setting.warmup, "total_steps": t.steps, "batch_size": t.batch_size,
+      "seed": t.seed, "threads": threads, "embed_dim": m.embed_dim, "id_dim": m.id_dim, "feature_dim": m.feature_dim,
+      "mlp_dims": list(m.mlp_dims), "temperature": m.temperature, "id_dropout": m.id_dropout,
+      "learning_rate": t.learning_rate, "warmup_steps": t.warmup_steps, "end_lr_fraction": t.end_lr_fraction,
+      "weight_decay": t.weight_decay, "clip_norm": t.clip_norm, "mode": cfg.encoder.mode,
+      "encoder_lr_multiplier": cfg.encoder.lr_multiplier, "model_dir": "",
+  }
+  out = {"num_items": np.int64(ds.num_items), "num_users": np.int64(ds.num_users),
+         "id_row": np.where(trained, np.cumsum(trained), 0).astype(np.int32), "num_id_rows": np.int64(trained.sum() + 1),
+         "eval_users": evaluation.users.astype(np.int32), "eval_history": evaluation.history, "eval_mask": evaluation.mask}
+  for key in ("user", "item", "history", "history_mask", "log_q"):
+    out["batch_" + key] = np.stack([b[key] for b in batches])
+  for name, values in ds.item_features.items():
+    out["item_feature_" + name], out["size_item_feature_" + name] = values, np.int64(ds.item_feature_sizes[name])
+  for name, values in ds.user_features.items():
+    out["user_feature_" + name], out["size_user_feature_" + name] = values, np.int64(ds.user_feature_sizes[name])
+  if m.use_text:
+    out.update(catalog_text(cfg, ds, tokens=cfg.encoder.mode in ("lora", "full")))
+    if cfg.encoder.mode in ("lora", "full"):
+      from jaxrec.text_encoder import default_model_dir
+      peer_cfg["model_dir"] = cfg.encoder.path or default_model_dir()
+  out["config"] = np.asarray(json.dumps(peer_cfg))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def run_jaxrec(trainer, batches: list[dict], warmup: int) -> dict:
+  import jax
+  state = trainer.init_state()
+  jax.block_until_ready(state)
+  losses = []
+  t0 = time.perf_counter()
+  for step, batch in enumerate(batches):
+    if step == warmup:
+      jax.block_until_ready(state)
+      t0 = time.perf_counter()
+    state, metrics = trainer.train_step(state, trainer.put_batch(batch))
+    losses.append(metrics["loss"])
+  jax.block_until_ready(state)
+  elapsed = time.perf_counter() - t0
+  timed = len(batches) - warmup
+  batch_size = len(batches[0]["item"])
+  return {"state": state, "examples_per_sec": timed * batch_size / elapsed, "ms_per_step": 1000 * elapsed / timed,
+          "losses": [float(x) for x in losses]}
+
+
+def find_python(peer: str, explicit: str | None) -> tuple[str | None, str]:
+  """The peer's interpreter, or None and why not."""
+  env, defaults = PEER_PYTHON[peer]
+  candidates = [explicit] if explicit else ([os.environ[env]] if os.environ.get(env) else list(defaults))
+  for python in candidates:
+    if not os.path.exists(python):
+      continue
+    check = subprocess.run([python, "-c", PEER_CHECK[peer]], capture_output=True, text=True, timeout=120)
+    if check.returncode == 0:
+      return python, ""
+    return None, f"{python} cannot `{PEER_CHECK[peer]}`: {check.stderr.strip().splitlines()[-1:]}"
+  return None, f"no {peer} interpreter (tried {', '.join(candidates)}; set ${env} or see benchmarks/README.md)"
+
+
+def run_peer(peer: str, python: str, inputs: str, out_prefix: str, extra: tuple[str, ...] = ()) -> dict:
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+  proc = subprocess.run([python, PEERS[peer], "--data", inputs, "--out", out_prefix, *extra], capture_output=True,
+                        text=True, env=env)
+  if proc.returncode != 0:
+    raise RuntimeError(f"{peer} peer failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+  with open(out_prefix + ".json") as f:
+    summary = json.load(f)
+  with np.load(out_prefix + ".npz") as f:
+    summary["item_vectors"], summary["query_vectors"] = f["item_vectors"], f["query_vectors"]
+  return summary
+
+
+def quality(scores: dict) -> dict:
+  keep = ("recall@10", "ndcg@10", "recall@50", "warm/recall@10", "cold/recall@10")
+  return {k: scores[k] for k in keep if k in scores}
+
+
+def benchmark(setting: Setting, args, tmp: str, log) -> dict:
+  from jaxrec.trainer import Trainer
+  workdir = os.path.join(tmp, setting.name)
+  os.makedirs(workdir, exist_ok=True)
+  cfg = make_config(setting, workdir)
+  result = {"config": setting.name, "peer": setting.peer, "batch_size": cfg.train.batch_size, "steps": setting.steps,
+            "timed_steps": setting.steps - setting.warmup, "overrides": list(setting.overrides)}
+  try:
+    trainer = Trainer(cfg)
+  except Exception as e:  # e.g. an encoder mode this trainer does not implement yet
+    result["jaxrec_error"] = f"{type(e).__name__}: {e}"
+    log(f"[{setting.name}] jaxrec side not available: {result['jaxrec_error']}")
+    return result
+  builder = trainer.batch_builder()
+  batches = [builder.map(b) for b in range(setting.steps)]
+  evaluation = Evaluation(trainer)
+  result["data"] = {"name": trainer.dataset.name, "users": trainer.dataset.num_users, "items": trainer.dataset.num_items,
+                    "train_examples": len(trainer.split.train), "eval_users": len(evaluation.users)}
+  result["jaxrec_params"] = int(trainer.num_params)
+  python, why = (None, "--peers excludes it") if setting.peer not in args.peers else find_python(
+      setting.peer, args.tfrs_python if setting.peer == "tfrs" else args.torch_python)
+  inputs = os.path.join(workdir, "peer_inputs.npz")
+  if python:
+    np.savez(inputs, **peer_inputs(setting, cfg, trainer, batches, evaluation, args.peer_threads[-1]))
+  else:
+    result["peer_skipped"] = why
+    log(f"[{setting.name}] {setting.peer} peer skipped: {why}")
+  jax_runs, peer_runs = [], []
+  peer_extra = ("--jit-compile",) if setting.peer == "tfrs" and args.tfrs_xla else ()
+  if python:
+    # On a shared 2-core machine a peer's OpenMP/Eigen pool can run far slower with 2 threads than
+    # with 1 (spinning workers starved by the neighbours), so the peer gets its best thread count.
+    probe_steps = min(setting.steps, setting.warmup + min(10, max(2, (setting.steps - setting.warmup) // 3)))
+    probe = {}
+    for threads in args.peer_threads:
+      run = run_peer(setting.peer, python, inputs, os.path.join(workdir, f"probe_{threads}"),
+                     peer_extra + ("--threads", str(threads), "--steps", str(probe_steps)))
+      probe[threads] = run["examples_per_sec"]
+      log(f"[{setting.name}] {setting.peer} probe with {threads} thread(s): {probe[threads]:,.0f} examples/s")
+    result["peer_threads"] = best = max(probe, key=probe.get)
+    result["peer_thread_probe"] = probe
+    peer_extra += ("--threads", str(best))
+  for r in range(args.full_rounds if setting.name == "full" else args.rounds):
+    run = run_jaxrec(trainer, batches, setting.warmup)
+    jax_runs.append(run)
+    log(f"[{setting.name}] round {r + 1}: jaxrec {run['examples_per_sec']:,.0f} examples/s ({run['ms_per_step']:.2f} ms/step)")
+    if python:
+      peer = run_peer(setting.peer, python, inputs, os.path.join(workdir, f"peer_{r}"), peer_extra)
+      peer_runs.append(peer)
+      log(f"[{setting.name}] round {r + 1}: {peer['peer']} {peer['examples_per_sec']:,.0f} examples/s "
+          f"({peer['ms_per_step']:.2f} ms/step)")
+  first = jax_runs[0]
+  items, queries = jaxrec_vectors(trainer, first["state"], evaluation)
+  result["jaxrec"] = {"examples_per_sec": statistics.median(r["examples_per_sec"] for r in jax_runs),
+                      "rounds": [r["examples_per_sec"] for r in jax_runs],
+                      "ms_per_step": statistics.median(r["ms_per_step"] for r in jax_runs),
+                      "final_loss": first["losses"][-1], "quality": quality(evaluation.score(items, queries))}
+  if peer_runs:
+    p = peer_runs[0]
+    result["peer_result"] = {"name": f"{p['peer']} ({p['threads']} thr)", "version": p["version"], "params": p["params"],
+                             "examples_per_sec": statistics.median(r["examples_per_sec"] for r in peer_runs),
+                             "rounds": [r["examples_per_sec"] for r in peer_runs],
+                             "ms_per_step": statistics.median(r["ms_per_step"] for r in peer_runs),
+                             "final_loss": p["losses"][-1],
+                             "quality": quality(evaluation.score(p["item_vectors"], p["query_vectors"]))}
+    result["ratio"] = result["jaxrec"]["examples_per_sec"] / result["peer_result"]["examples_per_sec"]
+  return result
+
+
+def table(results: list[dict]) -> str:
+  lines = ["| config | batch | side | examples/s (median) | ms/step | ratio jaxrec/peer | final loss | R@10 | N@10 | params |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    if "jaxrec" not in r:
+      lines.append(f"| {r['config']} | {r['batch_size']} | jaxrec | not available: {r.get('jaxrec_error', '')} | | | | | | |")
+      continue
+    sides = [("jaxrec", r["jaxrec"], r["jaxrec_params"])]
+    if "peer_result" in r:
+      sides.append((r["peer_result"]["name"], r["peer_result"], r["peer_result"]["params"]))
+    for name, side, params in sides:
+      ratio = f"**{r['ratio']:.2f}x**" if name == "jaxrec" and "ratio" in r else ""
+      q = side["quality"]
+      eps = side["examples_per_sec"]
+      rate = f"{eps:,.0f}" if eps >= 100 else f"{eps:.2f}"
+      lines.append(f"| {r['config']} | {r['batch_size']} | {name} | {rate} | {side['ms_per_step']:.2f} | {ratio} | "
+                   f"{side['final_loss']:.4f} | {q.get('recall@10', math.nan):.4f} | {q.get('ndcg@10', math.nan):.4f} | "
+                   f"{params:,} |")
+    if "peer_skipped" in r:
+      lines.append(f"| {r['config']} | {r['batch_size']} | {r['peer']} | skipped: {r['peer_skipped']} | | | | | | |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--configs", default="id,frozen,full", help="comma-separated: id, frozen, full")
+  parser.add_argument("--peers", default="tfrs,torch", help="peers to run (others are skipped with a reason)")
+  parser.add_argument("--data", choices=("synthetic", "ml100k"), default="synthetic")
+  parser.add_argument("--ml100k-path", default=os.path.normpath(os.path.join(_REPO, "..", "shared", "data", "ml-100k")))
+  parser.add_argument("--steps", type=int, default=300, help="training steps per run (id, frozen)")
+  parser.add_argument("--warmup", type=int, default=20, help="untimed steps at the start of every run")
+  parser.add_argument("--batch-size", type=int, default=256)
+  parser.add_argument("--full-steps", type=int, default=8)
+  parser.add_argument("--full-rounds", type=int, default=1)
+  parser.add_argument("--full-batch-size", type=int, default=32)
+  parser.add_argument("--full-history-len", type=int, default=4)
+  parser.add_argument("--rounds", type=int, default=3, help="alternating jaxrec/peer rounds; the median is reported")
+  parser.add_argument("--peer-threads", default=f"1,{os.cpu_count() or 1}",
+                      help="intra-op thread counts to probe for each peer; the fastest is used")
+  parser.add_argument("--tfrs-python")
+  parser.add_argument("--torch-python")
+  parser.add_argument("--tfrs-xla", action="store_true", help="also compile TFRS's step with XLA (jit_compile=True)")
+  parser.add_argument("--smoke", action="store_true", help="tiny world, a few steps, one round (for tests)")
+  parser.add_argument("--json", help="write all results here")
+  parser.add_argument("--keep-dir", help="keep the peers' inputs and outputs here instead of a temporary directory")
+  args = parser.parse_args(argv)
+  if args.smoke:
+    args.rounds, args.batch_size = 1, 32
+    if args.peer_threads == parser.get_default("peer_threads"):
+      args.peer_threads = "1"
+    if args.configs == parser.get_default("configs"):
+      args.configs = "id,frozen"
+  args.peers = tuple(p for p in args.peers.split(",") if p)
+  args.peer_threads = sorted({int(t) for t in args.peer_threads.split(",") if t})
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  all_settings = settings(args)
+  names = [c for c in args.configs.split(",") if c]
+  unknown = sorted(set(names) - set(all_settings))
+  if unknown:
+    parser.error(f"unknown config(s) {unknown}; choose from {sorted(all_settings)}")
+
+  def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+  import jax
+  header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_before": os.getloadavg(), "cpus": os.cpu_count(), "jax": jax.__version__,
+            "devices": str(jax.devices()[:1]), "data": args.data}
+  results = []
+  with tempfile.TemporaryDirectory(prefix="jaxrec_bench_") as tmp:
+    for name in names:
+      results.append(benchmark(all_settings[name], args, args.keep_dir or tmp, log))
+  header["load_after"] = os.getloadavg()
+  print(f"{header['date']}; load average before {header['load_before'][0]:.2f}, after {header['load_after'][0]:.2f} "
+        f"({header['cpus']} CPUs); data {args.data}")
+  print(table(results))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"header": header, "results": results}, f, indent=1, default=float)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

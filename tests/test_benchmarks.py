@@ -1,0 +1,53 @@
+"""Smoke test of the training-throughput benchmark at tiny size.
+
+jaxrec's side always runs and must report a finite throughput; each peer (TensorFlow Recommenders,
+PyTorch) runs only where its interpreter is installed ($JAXREC_TFRS_PYTHON / $JAXREC_TORCH_PYTHON
+or the default paths in benchmarks/train_throughput.py) and is skipped with the reason otherwise.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "train_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  out = tmp_path_factory.mktemp("train_throughput") / "results.json"
+  # The benchmark runs on one device like a user's single-CPU run, not on the tests' 8 virtual ones.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--json", str(out)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "| id |" in proc.stdout and "| frozen |" in proc.stdout, proc.stdout
+  return {r["config"]: r for r in json.loads(out.read_text())["results"]}
+
+
+@pytest.mark.parametrize("config", ["id", "frozen"])
+def test_jaxrec_side_reports_finite_throughput_and_quality(smoke, config):
+  result = smoke[config]
+  assert "jaxrec" in result, result.get("jaxrec_error")
+  side = result["jaxrec"]
+  assert math.isfinite(side["examples_per_sec"]) and side["examples_per_sec"] > 0
+  assert math.isfinite(side["final_loss"])
+  assert 0.0 <= side["quality"]["recall@10"] <= 1.0
+  assert result["timed_steps"] > 0
+
+
+@pytest.mark.parametrize("config,peer", [("id", "tfrs"), ("frozen", "torch")])
+def test_peer_side_reports_finite_throughput_and_quality(smoke, config, peer):
+  result = smoke[config]
+  if "peer_skipped" in result:
+    pytest.skip(f"{peer} peer not available: {result['peer_skipped']}")
+  side = result["peer_result"]
+  assert math.isfinite(side["examples_per_sec"]) and side["examples_per_sec"] > 0
+  assert math.isfinite(side["final_loss"])
+  assert 0.0 <= side["quality"]["recall@10"] <= 1.0
+  assert math.isfinite(result["ratio"]) and result["ratio"] > 0
