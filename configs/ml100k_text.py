@@ -20,7 +20,8 @@ def get_config() -> Config:
       workdir="runs/ml100k_text",
       data=DataConfig(source="ml100k", path=os.path.normpath(os.path.join(_REPO, "../shared/data/ml-100k")),
                       item_text="title+genres", split="random", split_ratios=(0.8, 0.1, 0.1),
-                      cold_item_fraction=0.1, history_len=20),
+                      cold_item_fraction=0.1, history_len=10),
       encoder=dataclasses.replace(EncoderConfig(), mode="frozen", max_length=64),
-      train=dataclasses.replace(TrainConfig(), steps=2000, batch_size=256),
+      # 600 x 256 = about two epochs of the training pairs; history_len=10 (was 20) halves each step.
+      train=dataclasses.replace(TrainConfig(), steps=600, batch_size=256),
   )

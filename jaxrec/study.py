@@ -572,6 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StudyError:
       raise
     except Exception as e:  # one broken cell must not cost the rest of the grid
+      from jaxrec.trainer import EXIT_PREEMPTED, TrainingStopped
+      if isinstance(e, TrainingStopped) and e.exit_code == EXIT_PREEMPTED:
+        raise  # SIGTERM/SIGINT stops the study; the cell saved a checkpoint and resumes on the next run
       log.error("cell %s failed: %s: %s", cell.id, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
       failed.append(cell.id)
       continue
