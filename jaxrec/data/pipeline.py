@@ -76,8 +76,9 @@ class BatchBuilder(grain.transforms.Map):
     self.batch_size, self.history_len, self.seed = batch_size, history_len, seed
     per_process = batch_size // process_count
     self.rows = slice(process_index * per_process, (process_index + 1) * per_process)
-    # With a live text encoder, the batch also carries its distinct items (global, padded to
-    # ``unique_capacity``; this process holds its share) and each row's slot in that list.
+    # With ``unique_capacity``, the batch also carries its distinct items (global, padded to the
+    # capacity; this process holds its share) and each row's slot in that list, so the item tower
+    # runs once per distinct item.
     self.unique_capacity = unique_capacity
     if unique_capacity:
       if unique_capacity % process_count:
@@ -117,7 +118,13 @@ class BatchBuilder(grain.transforms.Map):
     return batch
 
 
-def train_batches(builder: BatchBuilder, start: int, stop: int, prefetch: int = 4) -> grain.IterDataset:
-  """Batches ``start..stop-1`` with host-side prefetch on a background thread."""
-  return (grain.MapDataset.range(start, stop).map(builder)
-          .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
+def train_batches(builder: BatchBuilder, start: int, stop: int, prefetch: int = 4,
+                  to_device=None) -> grain.IterDataset:
+  """Batches ``start..stop-1`` built on a background thread; with ``to_device`` (host batch ->
+  device arrays) the transfer runs on a second thread, so the train loop finds batches already
+  on the device. The iterator's checkpointed position counts only batches the loop has taken."""
+  ds = (grain.MapDataset.range(start, stop).map(builder)
+        .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
+  if to_device is not None:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds.map(to_device), prefetch_buffer_size=2)
+  return ds
