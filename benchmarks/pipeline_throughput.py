@@ -55,7 +55,7 @@ def main(argv=None) -> None:
   print(f"config {args.config or 'default'}: batch {bs}, history {cfg.data.history_len}, "
         f"{len(trainer.train_seqs):,} training examples, load {os.getloadavg()[0]:.1f}")
   print(f"pipeline (grain, host batches)   {pipeline:12,.0f} examples/s")
-  print(f"host -> device transfer          {transfer:12,.0f} examples/s")
+  print(f"build + host -> device transfer  {transfer:12,.0f} examples/s")
   print(f"train step (device batches)      {step:12,.0f} examples/s")
   print(f"pipeline / step                  {pipeline / step:12.1f}x")
 
