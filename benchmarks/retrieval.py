@@ -13,6 +13,8 @@ load average (the machine is shared; compare ratios, not absolute numbers across
   python benchmarks/retrieval.py --quick                 # the issue's two target cells + d=384
   python benchmarks/retrieval.py                          # full grid B{256,4096} N{1e5,1e6} d{64,384} k{10,100}
   python benchmarks/retrieval.py --B 4096 --N 1000000 --d 64 --k 100 --repeats 3 --json out.json
+  git show HEAD:jaxrec/retrieval.py > /tmp/before.py    # kernel change: before/after, same run
+  python benchmarks/retrieval.py --quick --before /tmp/before.py
 """
 
 from __future__ import annotations
@@ -129,6 +131,27 @@ def method_numpy(q, c, k, state, tile_bytes=256 << 20):
 METHODS = {"faiss_flatip": method_faiss, "jaxrec_topk": method_jaxrec, "numpy_blocked": method_numpy}
 
 
+def add_before(path):
+  """Method `jaxrec_before`: `topk` of another copy of jaxrec/retrieval.py, timed in this run.
+
+  Load moves absolute numbers by up to 2x between runs on the shared machine, so a kernel change
+  is judged against the old kernel on the same data under the same load.
+  """
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("jaxrec_retrieval_before", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+
+  def method_before(q, c, k, state):
+    import jax
+    if "jax" not in state:
+      state["jax"] = (jax.device_put(q), jax.device_put(c))
+    s, i = module.topk(*state["jax"], k)
+    return np.asarray(s), np.asarray(i)
+
+  METHODS["jaxrec_before"] = method_before
+
+
 def recall(q, c, ref_i, got_i, k, tol=1e-5):
   strict = np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(ref_i, got_i)])
   q64 = q.astype(np.float64)
@@ -188,7 +211,14 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
   ap.add_argument("--json", default=None)
+  ap.add_argument("--before", default=None, metavar="PATH",
+                  help="also time topk from this copy of jaxrec/retrieval.py (jaxrec_before)")
   args = ap.parse_args(argv)
+  if args.before:
+    add_before(args.before)
+    if "jaxrec_before" not in args.methods:
+      args.methods.insert(args.methods.index("jaxrec_topk") if "jaxrec_topk" in args.methods
+                          else len(args.methods), "jaxrec_before")
   cells = QUICK if args.quick else list(itertools.product(args.B, args.N, args.d, args.k))
   print(f"# load at start: {os.getloadavg()}", flush=True)
   peak = measure_peak()

@@ -106,30 +106,30 @@ def _stream_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approxi
   return carry
 
 
-# The exact kernel. A fused dot + max gives, per query, the maximum of every CHUNK-row chunk
-# (XLA:CPU fuses the reduce into the matmul, so the [C, T] score tile never goes to memory and
-# no per-tile selection runs). Selection then works on these maxima, top-down:
-#   * the k best GROUP-chunk groups by their maximum contain every top-k element (a group
+# The exact kernel. A fused dot + max gives, per query, the maximum of every chunk of `chunk`
+# rows (8 or 16, see `_plan`; XLA:CPU fuses the reduce into the matmul, so the [C, T] score
+# tile never goes to memory and no per-tile selection runs). Selection then works on these
+# maxima, top-down:
+#   * the k best groups of GROUP chunks by their maximum contain every top-k element (a group
 #     without one has a maximum no better than the k-th element, and at most k groups hold
 #     one); ordering groups by (max desc, id asc) keeps this true under exact ties;
 #   * the same argument picks k chunks inside those groups;
-#   * the k*CHUNK rows of those chunks are re-scored and the exact top-k is taken.
+#   * the k * chunk rows of those chunks are re-scored and the exact top-k is taken.
 # Excluded ids can inflate a maximum, so with M excluded ids per query k + M groups and chunks
 # are kept (each excluded id spoils at most one of them). `valid`, non-finite rows and bool
 # masks are applied to the scores before the maximum, so they never inflate it.
 # lax.top_k on XLA:CPU costs ~10-50 us per row at k=100, so the kernel calls it 5 times per
-# query per super-block instead of once per corpus block.
-CHUNK = 16  # corpus rows per chunk maximum
+# query per super-block instead of once per corpus block, each time on all T queries at once.
 GROUP = 16  # chunks per group
-ALIGN = CHUNK * GROUP
+ALIGN = 256  # fused tiles and the padded tail hold whole groups of any chunk size used
 
 
 def _round_up(x, m):
   return -(-x // m) * m
 
 
-def _tile_maxima(q_ExT, c_CxE, ok_C, mask_TxC):
-  """[C/CHUNK, T] chunk maxima of c @ q; rows with ok False / mask True score -inf."""
+def _tile_maxima(q_ExT, c_CxE, ok_C, mask_TxC, chunk):
+  """[C/chunk, T] chunk maxima of c @ q; rows with ok False / mask True score -inf."""
   s_CxT = jax.lax.dot_general(c_CxE, q_ExT, (((1,), (0,)), ((), ())),
                               precision=jax.lax.Precision.HIGHEST,
                               preferred_element_type=jnp.float32)
@@ -141,11 +141,11 @@ def _tile_maxima(q_ExT, c_CxE, ok_C, mask_TxC):
       keep_CxT &= ~mask_TxC.T
     s_CxT = jnp.where(keep_CxT, s_CxT, NEG_INF)
   num_c, num_t = s_CxT.shape
-  return s_CxT.reshape(num_c // CHUNK, CHUNK, num_t).max(axis=1)
+  return s_CxT.reshape(num_c // chunk, chunk, num_t).max(axis=1)
 
 
 def _super_block_topk(q_TxE, c_NxE, ok_N, all_ok, excl_TxM, mask_TxN, *, s0, s1, k, tile,
-                      refine_rows):
+                      refine_rows, chunk, group):
   """Exact top-k over corpus rows [s0, s1) for T queries -> (vals_TxK, global rows_TxK)."""
   num_t, num_e = q_TxE.shape
   num_n = c_NxE.shape[0]
@@ -154,7 +154,7 @@ def _super_block_topk(q_TxE, c_NxE, ok_N, all_ok, excl_TxM, mask_TxN, *, s0, s1,
   num_full = rows // tile
   tail = rows - num_full * tile
   tail_pad = _round_up(tail, ALIGN)
-  num_g1 = (num_full * tile + tail_pad) // CHUNK
+  num_g1 = (num_full * tile + tail_pad) // chunk
 
   def full_tiles(masked):
     def body(j, m1_G1xT):
@@ -163,8 +163,8 @@ def _super_block_topk(q_TxE, c_NxE, ok_N, all_ok, excl_TxM, mask_TxN, *, s0, s1,
       ok_C = jax.lax.dynamic_slice_in_dim(ok_N, start, tile) if masked else None
       mask_TxC = (None if mask_TxN is None else
                   jax.lax.dynamic_slice_in_dim(mask_TxN, start, tile, axis=1))
-      m_GxT = _tile_maxima(q_ExT, c_CxE, ok_C, mask_TxC)
-      return jax.lax.dynamic_update_slice_in_dim(m1_G1xT, m_GxT, j * (tile // CHUNK), 0)
+      m_GxT = _tile_maxima(q_ExT, c_CxE, ok_C, mask_TxC, chunk)
+      return jax.lax.dynamic_update_slice_in_dim(m1_G1xT, m_GxT, j * (tile // chunk), 0)
     init = jnp.full((num_g1, num_t), NEG_INF, jnp.float32)
     return jax.lax.fori_loop(0, num_full, body, init) if num_full else init
 
@@ -181,24 +181,24 @@ def _super_block_topk(q_TxE, c_NxE, ok_N, all_ok, excl_TxM, mask_TxN, *, s0, s1,
     mask_TxC = (None if mask_TxN is None else
                 jnp.pad(mask_TxN[:, start:s1], ((0, 0), (0, pad)), constant_values=True))
     m1_G1xT = jax.lax.dynamic_update_slice_in_dim(
-        m1_G1xT, _tile_maxima(q_ExT, c_CxE, ok_C, mask_TxC), num_full * tile // CHUNK, 0)
+        m1_G1xT, _tile_maxima(q_ExT, c_CxE, ok_C, mask_TxC, chunk), num_full * tile // chunk, 0)
 
   extra = 0 if excl_TxM is None else excl_TxM.shape[1]
-  num_g2 = num_g1 // GROUP
+  num_g2 = num_g1 // group
   k2 = min(k + extra, num_g2)
-  m2_TxG2 = m1_G1xT.reshape(num_g2, GROUP, num_t).max(axis=1).T
+  m2_TxG2 = m1_G1xT.reshape(num_g2, group, num_t).max(axis=1).T
   _, g2_TxK2 = jax.lax.top_k(m2_TxG2, k2)
   # Ascending group ids, so that top_k's position tie-break below is the chunk-id tie-break.
   g2_TxK2 = -jax.lax.top_k(-g2_TxK2, k2)[0]
-  c1_TxW = (g2_TxK2[:, :, None] * GROUP + jnp.arange(GROUP)).reshape(num_t, k2 * GROUP)
+  c1_TxW = (g2_TxK2[:, :, None] * group + jnp.arange(group)).reshape(num_t, k2 * group)
   t_col = jnp.arange(num_t)[:, None]
   v1_TxW = m1_G1xT.reshape(-1)[c1_TxW * num_t + t_col]
-  k1 = min(k + extra, k2 * GROUP)
+  k1 = min(k + extra, k2 * group)
   _, p1_TxK1 = jax.lax.top_k(v1_TxW, k1)
   ch_TxK1 = -jax.lax.top_k(-jnp.take_along_axis(c1_TxW, p1_TxK1, axis=1), k1)[0]
-  rows_TxR = s0 + (ch_TxK1[:, :, None] * CHUNK + jnp.arange(CHUNK)).reshape(num_t, k1 * CHUNK)
+  rows_TxR = s0 + (ch_TxK1[:, :, None] * chunk + jnp.arange(chunk)).reshape(num_t, k1 * chunk)
 
-  def refine(args):
+  def rescore(args):
     q_txE, rows_txR, excl_txM, mask_txN = args
     safe_txR = jnp.minimum(rows_txR, num_n - 1)
     s_txR = jnp.einsum("te,tre->tr", q_txE, c_NxE[safe_txR],
@@ -208,28 +208,29 @@ def _super_block_topk(q_TxE, c_NxE, ok_N, all_ok, excl_TxM, mask_TxN, *, s0, s1,
       keep_txR &= ~jnp.any(rows_txR[:, :, None] == excl_txM[:, None, :], axis=-1)
     if mask_txN is not None:
       keep_txR &= ~jnp.take_along_axis(mask_txN, safe_txR, axis=1)
-    s_txR = jnp.where(keep_txR, s_txR, NEG_INF)
-    kk = min(k, s_txR.shape[1])
-    v_txK, p_txK = jax.lax.top_k(s_txR, kk)
-    i_txK = jnp.take_along_axis(rows_txR, p_txK, axis=1)
-    if kk < k:
-      v_txK = jnp.pad(v_txK, ((0, 0), (0, k - kk)), constant_values=NEG_INF)
-      i_txK = jnp.pad(i_txK, ((0, 0), (0, k - kk)), constant_values=-1)
-    return v_txK, i_txK
+    return jnp.where(keep_txR, s_txR, NEG_INF)
 
-  # Re-score in query slices so the gathered [t, R, E] rows stay near `refine_rows` rows.
+  # Re-score in query slices so the gathered [t, R, E] rows stay near `refine_rows` rows; the
+  # selection runs once on all T rows, since each lax.map step costs a loop iteration and a
+  # top_k call of its own.
   num_r = rows_TxR.shape[1]
   sub = max(1, min(num_t, refine_rows // num_r))
   while num_t % sub:
     sub -= 1
   split = lambda x: None if x is None else x.reshape(num_t // sub, sub, *x.shape[1:])
-  v_TxK, i_TxK = jax.lax.map(refine, (split(q_TxE), split(rows_TxR), split(excl_TxM),
-                                      split(mask_TxN)))
-  return v_TxK.reshape(num_t, k), i_TxK.reshape(num_t, k)
+  s_TxR = jax.lax.map(rescore, (split(q_TxE), split(rows_TxR), split(excl_TxM),
+                                split(mask_TxN))).reshape(num_t, num_r)
+  kk = min(k, num_r)
+  v_TxK, p_TxK = jax.lax.top_k(s_TxR, kk)
+  i_TxK = jnp.take_along_axis(rows_TxR, p_TxK, axis=1)
+  if kk < k:
+    v_TxK = jnp.pad(v_TxK, ((0, 0), (0, k - kk)), constant_values=NEG_INF)
+    i_TxK = jnp.pad(i_TxK, ((0, 0), (0, k - kk)), constant_values=-1)
+  return v_TxK, i_TxK
 
 
 def _exact_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, tile, q_tile, super_rows,
-                refine_rows):
+                refine_rows, chunk, group):
   """Exact top-k (local row indices; -inf / any index for empty slots) over the whole corpus."""
   num_b = q_BxE.shape[0]
   num_n = c_NxE.shape[0]
@@ -252,7 +253,8 @@ def _exact_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, tile, q_tile, s
     idx_TxK = jnp.full((num_t, k), -1, jnp.int32)
     for s0, s1 in supers:
       v, i = _super_block_topk(q_TxE, c_NxE, ok_N, all_ok, excl_TxM, mask_TxN, s0=s0, s1=s1,
-                               k=k, tile=tile, refine_rows=refine_rows)
+                               k=k, tile=tile, refine_rows=refine_rows, chunk=chunk,
+                               group=group)
       vals_TxK, idx_TxK = _merge_topk(vals_TxK, idx_TxK, v, i, k) if len(supers) > 1 else (v, i)
     return vals_TxK, idx_TxK
 
@@ -263,8 +265,8 @@ def _exact_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, tile, q_tile, s
   return jnp.where(q_ok_B[:, None], vals_BxK, NEG_INF), idx_BxK
 
 
-def _plan(num_b, num_n, block_size):
-  """Static tiling: corpus rows per fused tile, queries per tile, rows per super-block."""
+def _plan(num_b, num_n, block_size, k, dim):
+  """Static tiling: corpus rows per fused tile, queries per tile, rows per super-block, chunk."""
   on_cpu = jax.default_backend() == "cpu"
   # CPU: a [4096, 512] tile keeps the fused matmul near its best rate with the maxima in cache.
   # Accelerators want large matmuls and have the memory for them.
@@ -272,10 +274,18 @@ def _plan(num_b, num_n, block_size):
   tile = min(tile, _round_up(num_n, ALIGN))
   q_tile = 512 if on_cpu else 8192
   num_t = min(q_tile, _round_up(num_b, 8))
-  # Chunk maxima of one super-block ([rows / CHUNK, T] float32) stay within the budget.
+  # The re-scoring gathers k * chunk rows of E floats per query; at k = 100, E = 384 that is
+  # 2.4 MB per query with 16-row chunks, which cost as much as a third of the matmul on CPU.
+  # 8-row chunks halve it for twice the chunk maxima (still a small fraction of the scores).
+  chunk = 8 if k * dim >= 8192 else 16
+  # Chunk maxima of one super-block ([rows / chunk, T] float32) stay within the budget.
   budget = (128 << 20) if on_cpu else (2 << 30)
-  super_rows = max(tile, (budget * CHUNK // (4 * num_t)) // tile * tile)
-  return dict(tile=tile, q_tile=q_tile, super_rows=super_rows, refine_rows=1 << 16)
+  super_rows = max(tile, (budget * chunk // (4 * num_t)) // tile * tile)
+  # Gathered rows of one re-scoring step stay near 16 MiB: 100 MB steps measured slower at
+  # E = 384, and much smaller steps pay a loop iteration each.
+  refine_rows = max(1024, (16 << 20) // (4 * dim))
+  return dict(tile=tile, q_tile=q_tile, super_rows=super_rows, refine_rows=refine_rows,
+              chunk=chunk, group=GROUP)
 
 
 def _finalize(vals_BxK, idx_BxK):
@@ -290,7 +300,7 @@ def _local_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approxim
     return _stream_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, k=k, block=block,
                         approximate=True, recall_target=recall_target, index_offset=0)
   return _exact_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, k=k,
-                     **_plan(q_BxE.shape[0], c_NxE.shape[0], block))
+                     **_plan(q_BxE.shape[0], c_NxE.shape[0], block, k, q_BxE.shape[1]))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "approximate", "recall_target"))

@@ -381,8 +381,9 @@ def test_index_load_rejects_other_versions_and_shapes(tmp_path):
 # -- the kernel's tiling, forced small -----------------------------------------------------------
 
 
+@pytest.mark.parametrize("chunk", [16, 8])
 @pytest.mark.parametrize("with_valid", [False, True])
-def test_kernel_tiling_query_tiles_super_blocks_and_ties(with_valid):
+def test_kernel_tiling_query_tiles_super_blocks_and_ties(with_valid, chunk):
   """Several query tiles, super-blocks, full tiles and a tail, exact ties across chunk, group
   and super-block boundaries, and exclusions that inflate chunk maxima."""
   rng = np.random.default_rng(19)
@@ -392,19 +393,37 @@ def test_kernel_tiling_query_tiles_super_blocks_and_ties(with_valid):
   exclude = np.full((num_b, 16), -1, np.int32)
   exclude[:, :12] = reference(q, c, 12)[1]
   valid = rng.random(num_n) < 0.7 if with_valid else None
-  plan = dict(tile=256, q_tile=8, super_rows=768, refine_rows=64)
+  plan = dict(tile=256, q_tile=8, super_rows=768, refine_rows=64, chunk=chunk,
+              group=retrieval.GROUP)
   f = jax.jit(lambda q, c, v, e: retrieval._exact_topk(q, c, v, e, None, k=k, **plan))
   got = retrieval._finalize(*f(q, c, None if valid is None else jnp.asarray(valid), exclude))
   assert_exact(got, reference(q, c, k, exclude=exclude, valid=valid))
 
 
-def test_kernel_tiling_with_bool_mask():
+@pytest.mark.parametrize("chunk", [16, 8])
+def test_kernel_tiling_with_bool_mask(chunk):
   rng = np.random.default_rng(20)
   q, c = dyadic(rng, (10, 8), levels=2), dyadic(rng, (1300, 8), levels=2)
   mask = rng.random((10, 1300)) < 0.5
-  plan = dict(tile=512, q_tile=8, super_rows=1024, refine_rows=256)
+  plan = dict(tile=512, q_tile=8, super_rows=1024, refine_rows=256, chunk=chunk,
+              group=retrieval.GROUP)
   f = jax.jit(lambda q, c, m: retrieval._exact_topk(q, c, None, None, m, k=30, **plan))
   assert_exact(retrieval._finalize(*f(q, c, mask)), reference(q, c, 30, exclude=mask))
+
+
+@pytest.mark.parametrize("k,dim,chunk", [(10, 64, 16), (100, 64, 16), (100, 384, 8), (10, 384, 16)])
+def test_plan_picks_small_chunks_for_large_k_times_dim(k, dim, chunk):
+  assert retrieval._plan(4096, 100_000, 0, k, dim)["chunk"] == chunk
+
+
+def test_large_k_wide_rows_use_8_row_chunks_exactly():
+  """k * E >= 8192 takes the 8-row-chunk path through the public entry point."""
+  rng = np.random.default_rng(22)
+  q, c = dyadic(rng, (9, 128), levels=1), dyadic(rng, (3000, 128), levels=1)
+  exclude = np.full((9, 4), -1, np.int32)
+  exclude[:, :3] = reference(q, c, 3)[1]
+  assert_exact(topk(q, c, 70, exclude=exclude, block_size=512),
+               reference(q, c, 70, exclude=exclude))
 
 
 def test_non_finite_queries_return_nothing():
