@@ -102,9 +102,9 @@ def write_split_files(cfg, directory: str) -> None:
              item=ds.item_raw_ids[ds.items[idx]], timestamp=ds.timestamps[idx])
 
 
-def make_config(setting: Setting, workdir: str):
+def make_config(setting: Setting, workdir: str, extra: tuple[str, ...] = ()):
   from jaxrec.config import load_config
-  overrides = list(setting.overrides) + [f"workdir={workdir}", f"train.steps={setting.steps}"]
+  overrides = list(setting.overrides) + [f"workdir={workdir}", f"train.steps={setting.steps}"] + list(extra)
   cfg = load_config(os.path.join(_REPO, "configs", "default.py"), overrides)
   if setting.drop_features:
     split_dir = os.path.join(workdir, "split")
@@ -210,13 +210,20 @@ def run_jaxrec(trainer, batches: list[dict], warmup: int) -> dict:
   state = trainer.init_state()
   jax.block_until_ready(state)
   losses = []
+  k = trainer.cfg.train.steps_per_call  # the trainer's own loop runs K steps per jitted call
   t0 = time.perf_counter()
-  for step, batch in enumerate(batches):
+  for step in range(0, len(batches), k):
     if step == warmup:
       jax.block_until_ready(state)
       t0 = time.perf_counter()
-    state, metrics = trainer.train_step(state, trainer.put_batch(batch))
-    losses.append(metrics["loss"])
+    group = batches[step:step + k]
+    if k == 1:
+      state, metrics = trainer.train_step(state, trainer.put_batch(group[0]))
+      losses.append(metrics["loss"])
+    else:
+      stacked = {key: np.stack([b[key] for b in group]) for key in group[0]}
+      state, metrics = trainer.train_call(state, trainer.put_batch(stacked))
+      losses.extend(metrics["loss"][i] for i in range(k))
   jax.block_until_ready(state)
   elapsed = time.perf_counter() - t0
   timed = len(batches) - warmup
@@ -261,7 +268,7 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
   from jaxrec.trainer import Trainer
   workdir = os.path.join(tmp, setting.name)
   os.makedirs(workdir, exist_ok=True)
-  cfg = make_config(setting, workdir)
+  cfg = make_config(setting, workdir, tuple(args.jaxrec_override))
   result = {"config": setting.name, "peer": setting.peer, "batch_size": cfg.train.batch_size, "steps": setting.steps,
             "timed_steps": setting.steps - setting.warmup, "overrides": list(setting.overrides)}
   try:
@@ -370,6 +377,8 @@ def main(argv=None) -> int:
   parser.add_argument("--tfrs-xla", action="store_true", help="also compile TFRS's step with XLA (jit_compile=True)")
   parser.add_argument("--smoke", action="store_true", help="tiny world, a few steps, one round (for tests)")
   parser.add_argument("--json", help="write all results here")
+  parser.add_argument("--jaxrec-override", action="append", default=[],
+                      help="extra jaxrec key=value for every config, e.g. train.steps_per_call=10")
   parser.add_argument("--keep-dir", help="keep the peers' inputs and outputs here instead of a temporary directory")
   args = parser.parse_args(argv)
   if args.smoke:

@@ -92,6 +92,8 @@ class TrainConfig:
   clip_norm: float = 1.0
   logq_correction: bool = True
   remove_accidental_hits: bool = True
+  steps_per_call: int = 1  # K: train steps run inside one jitted call (lax.scan over K batches); K > 1
+  # removes per-step dispatch and transfer overhead for small models
   log_every: int = 50
   eval_every: int = 0  # 0 = evaluate at the end only
   progress: bool = True
@@ -305,6 +307,13 @@ def validate(config: Config) -> Config:
     raise ConfigError(f"config key 'data.train_fraction' must be in (0, 1]; got {config.data.train_fraction}")
   if config.data.split == "random" and (len(config.data.split_ratios) != 3 or abs(sum(config.data.split_ratios) - 1) > 1e-6):
     raise ConfigError(f"config key 'data.split_ratios' must be three numbers summing to 1; got {config.data.split_ratios}")
+  k = config.train.steps_per_call
+  if k < 1:
+    raise ConfigError(f"config key 'train.steps_per_call' must be >= 1; got {k}")
+  for key, value in (("train.steps", config.train.steps), ("checkpoint.every", config.checkpoint.every),
+                     ("train.eval_every", config.train.eval_every)):
+    if value % k:
+      raise ConfigError(f"config key '{key}'={value} must be a multiple of train.steps_per_call={k}")
   if config.checkpoint.best_metric and config.train.eval_every <= 0:
     raise ConfigError("config key 'checkpoint.best_metric' needs train.eval_every > 0 (validation runs then)")
   if any(k <= 0 for k in config.eval.ks):

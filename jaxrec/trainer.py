@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec import losses, metrics, optim, sharding
 from jaxrec.checkpoint import Checkpointer
@@ -173,6 +174,12 @@ class Trainer:
     self._train_step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, self.batch_shardings),
                                out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                                donate_argnums=0)
+    # The loop runs train.steps_per_call steps per call: the same step, scanned over stacked batches.
+    self.call_shardings = {k: NamedSharding(self.mesh, P(None, *v.spec)) for k, v in self.batch_shardings.items()}
+    self._train_call = jax.jit(lambda state, batches: jax.lax.scan(self._step_fn, state, batches),
+                               in_shardings=(self.state_shardings, self.call_shardings),
+                               out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                               donate_argnums=0)
     self._item_vectors = jax.jit(self._items_fn, out_shardings=sharding.replicated(self.mesh))
     self._query_vectors = jax.jit(self._queries_fn, out_shardings=sharding.replicated(self.mesh))
     self._catalog_text = jax.jit(self._text_fn, out_shardings=sharding.replicated(self.mesh))
@@ -240,8 +247,12 @@ class Trainer:
                         self.state_shardings)
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows -> global batch arrays."""
-    return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], v) for k, v in batch.items()}
+    """This process's rows -> global batch arrays ([B, ...], or [K, B, ...] stacked for a call)."""
+    stacked = batch["user"].ndim == 2
+    shardings = self.call_shardings if stacked else self.batch_shardings
+    if jax.process_count() == 1:  # one device_put of the whole dict: cheapest on a single host
+      return jax.device_put(batch, {k: shardings[k] for k in batch})
+    return {k: _process_local(shardings[k], v, stacked) for k, v in batch.items()}
 
   def batch_builder(self) -> BatchBuilder:
     return BatchBuilder(self.train_seqs, self.log_q, self.cfg.train.batch_size, self.cfg.data.history_len,
@@ -250,6 +261,10 @@ class Trainer:
 
   def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
     return self._train_step(state, batch)
+
+  def train_call(self, state: dict, batches: dict) -> tuple[dict, dict]:
+    """K steps in one call over batches stacked ``[K, B, ...]``; metrics come back ``[K]``."""
+    return self._train_call(state, batches)
 
   # ---------------------------------------------------------------- evaluation
 
@@ -366,7 +381,8 @@ class Trainer:
     log.info("model: %s parameters; mesh %s; %d training examples", f"{self.num_params:,}", dict(self.mesh.shape),
              len(self.train_seqs))
     # Compile ahead of time so the per-device memory is known before the first step runs.
-    compiled = self._train_step.lower(self.abstract_like(state), self.abstract_batch()).compile()
+    k = cfg.train.steps_per_call
+    compiled = self._train_call.lower(self.abstract_like(state), self.abstract_batch(k)).compile()
     memory = compiled.memory_analysis()
     if memory is not None:
       log.info("train step compiled: %.1f MiB temporaries, %.1f MiB arguments per device",
@@ -378,26 +394,26 @@ class Trainer:
         if cfg.checkpoint.best_metric else None
     stop_signal = _SignalFlag()
     pending = None  # (step, device metrics) of the step dispatched last, read one step late
-    flops_per_step = _step_flops(compiled)
-    profiler = _Profiler(os.path.join(workdir, "profile"), start_step + 3, 5) if cfg.train.profile and is_main else None
+    flops_per_step = _step_flops(compiled) / k
+    profiler = _Profiler(os.path.join(workdir, "profile"), start_step + 3 * k, 5 * k) if cfg.train.profile and is_main else None
     timer_start, examples, data_wait = time.perf_counter(), 0, 0.0
     every = cfg.checkpoint.every
     try:
       fault_step = int(os.environ.get("JAXREC_FAULT_KILL_AT_STEP", "-1"))
-      for step in range(start_step, cfg.train.steps):
-        if step == fault_step:  # fault-injection for preemption tests: die as a killed VM would
+      for step in range(start_step, cfg.train.steps, k):
+        if step <= fault_step < step + k:  # fault-injection for preemption tests: die as a killed VM would
           os.kill(os.getpid(), signal.SIGKILL)
         if profiler is not None:
           profiler.at(step)
         waited = time.perf_counter()
-        batch = next(data_iter)
+        batches = next(data_iter)
         data_wait += time.perf_counter() - waited
-        state, step_metrics = compiled(state, batch)
-        examples += cfg.train.batch_size
+        state, call_metrics = compiled(state, batches)
+        examples += k * cfg.train.batch_size
         if pending is not None:
           self._record(*pending, history, writer, progress, ckpt)
-        pending = (step, step_metrics)
-        done = step + 1
+        pending = (step, call_metrics)
+        done = step + k
         interrupted = stop_signal.raised is not None
         validate = bool(cfg.train.eval_every) and done % cfg.train.eval_every == 0 and done < cfg.train.steps
         save = interrupted or (every and done % every == 0 and done < cfg.train.steps)
@@ -477,7 +493,13 @@ class Trainer:
       best.save(step, state, data_iter, to_json(self.cfg), history, metrics={k: float(v) for k, v in metrics_.items()
                                                                               if isinstance(v, (int, float))})
 
-  def _record(self, step, step_metrics, history, writer, progress, ckpt) -> None:
+  def _record(self, first_step, call_metrics, history, writer, progress, ckpt) -> None:
+    """Host side of one finished call (``[K]`` metrics of K steps)."""
+    host = jax.device_get({k: call_metrics[k] for k in ("loss", "finite", "grad_norm")})
+    for i in range(len(host["loss"])):
+      self._record_step(first_step + i, {k: v[i] for k, v in host.items()}, history, writer, progress, ckpt)
+
+  def _record_step(self, step, step_metrics, history, writer, progress, ckpt) -> None:
     """Host side of one finished step: NaN policy, loss history, progress bar, TensorBoard."""
     loss = float(step_metrics["loss"])
     done = step + 1
@@ -500,7 +522,8 @@ class Trainer:
   def _restore_or_init(self, ckpt: Checkpointer, resume: bool):
     """Restore order: this workdir's latest checkpoint, then checkpoint.resume_from, then scratch
     (with the pretrained text encoder's vectors when the model uses text)."""
-    data_iter = iter(train_batches(self.batch_builder(), 0, self.cfg.train.steps, to_device=self.put_batch))
+    data_iter = iter(train_batches(self.batch_builder(), 0, self.cfg.train.steps, to_device=self.put_batch,
+                                   steps_per_call=self.cfg.train.steps_per_call))
     if resume and ckpt.latest_step() is not None:
       step, state, history = ckpt.restore(self.abstract_state(), data_iter)
       log.info("resuming from checkpoint step %d in %s", step, ckpt.directory)
@@ -520,13 +543,26 @@ class Trainer:
   def abstract_like(self, state: dict) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
-  def abstract_batch(self) -> dict:
+  def abstract_batch(self, steps_per_call: int | None = None) -> dict:
+    """Abstract global batch; with ``steps_per_call`` K, K of them stacked for one call."""
     b, l = self.cfg.train.batch_size, self.cfg.data.history_len
     shapes = {"user": ((b,), jnp.int32), "item": ((b,), jnp.int32), "log_q": ((b,), jnp.float32),
               "history": ((b, l), jnp.int32), "history_mask": ((b, l), jnp.bool_)}
     shapes.update({"unique_items": ((self.unique_capacity,), jnp.int32), "item_slot": ((b,), jnp.int32),
                    "history_slot": ((b, l), jnp.int32)})
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k]) for k, (s, d) in shapes.items()}
+    if steps_per_call is None:
+      return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k]) for k, (s, d) in shapes.items()}
+    return {k: jax.ShapeDtypeStruct((steps_per_call, *s), d, sharding=self.call_shardings[k])
+            for k, (s, d) in shapes.items()}
+
+
+def _process_local(sharding_: NamedSharding, local: np.ndarray, stacked: bool) -> jax.Array:
+  """A global array from this process's rows; rows are the batch axis (axis 1 when stacked)."""
+  if not stacked:
+    return jax.make_array_from_process_local_data(sharding_, local)
+  shape = list(local.shape)
+  shape[1] *= jax.process_count()
+  return jax.make_array_from_process_local_data(sharding_, local, tuple(shape))
 
 
 def config_hash(cfg: Config) -> str:

@@ -139,3 +139,14 @@ def test_rules_table_overrides_and_divisibility_fallback():
   trainer = _trainer("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.rules=embed:tensor,mlp:")
   spec = trainer.state_shardings["params"]["item_tower"]["mlp"]["hidden"][0]["kernel"].spec
   assert spec == jax.sharding.PartitionSpec("tensor")
+
+
+def test_several_steps_per_call_train_exactly_like_one(tmp_path):
+  base = ["mesh.num_devices=1", "train.steps=8", "checkpoint.async_save=false"]
+  one = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'one'}"])).run()
+  four = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'four'}", "train.steps_per_call=4"])).run()
+  np.testing.assert_allclose(four["train/losses"], one["train/losses"], rtol=1e-6)
+  assert four["recall@10"] == pytest.approx(one["recall@10"], abs=1e-6)
+  from jaxrec.config import ConfigError
+  with pytest.raises(ConfigError, match="'checkpoint.every'=6 must be a multiple of train.steps_per_call=4"):
+    load_config(TINY, base + ["train.steps_per_call=4", "checkpoint.every=6"])

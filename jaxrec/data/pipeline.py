@@ -118,12 +118,28 @@ class BatchBuilder(grain.transforms.Map):
     return batch
 
 
+class StackedBatches(grain.transforms.Map):
+  """Call index c -> batches ``c*K .. c*K+K-1`` stacked on a leading axis (for K steps per call)."""
+
+  def __init__(self, builder: BatchBuilder, steps_per_call: int):
+    self.builder, self.steps_per_call = builder, steps_per_call
+
+  def map(self, call_index: int) -> dict[str, np.ndarray]:
+    first = int(call_index) * self.steps_per_call
+    batches = [self.builder.map(first + i) for i in range(self.steps_per_call)]
+    return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+
+
 def train_batches(builder: BatchBuilder, start: int, stop: int, prefetch: int = 4,
-                  to_device=None) -> grain.IterDataset:
-  """Batches ``start..stop-1`` built on a background thread; with ``to_device`` (host batch ->
-  device arrays) the transfer runs on a second thread, so the train loop finds batches already
-  on the device. The iterator's checkpointed position counts only batches the loop has taken."""
-  ds = (grain.MapDataset.range(start, stop).map(builder)
+                  to_device=None, steps_per_call: int | None = None) -> grain.IterDataset:
+  """Batches ``start..stop-1`` built on a background thread. With ``steps_per_call=K`` each
+  element stacks K consecutive batches (one jitted call's worth; ``start``/``stop`` count steps
+  and must be multiples of K). With ``to_device`` (host arrays -> device arrays) the transfer runs
+  on a second thread, so the train loop finds batches already on the device. The iterator's
+  checkpointed position counts only elements the loop has taken."""
+  k = steps_per_call or 1
+  transform = builder if steps_per_call is None else StackedBatches(builder, k)
+  ds = (grain.MapDataset.range(start // k, stop // k).map(transform)
         .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
   if to_device is not None:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds.map(to_device), prefetch_buffer_size=2)
