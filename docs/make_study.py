@@ -143,10 +143,14 @@ def efficiency_section(out: str, results) -> list[str]:
       lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines.append("")
     for fraction in fractions:
-      text, ids = _row(part, dataset, split, "hybrid", fraction), _row(part, dataset, split, "id", fraction)
-      if text and ids and ids["recall@10_mean"] > 0:
-        lines.append(f"- fraction {fraction:g}: hybrid / ID-only overall Recall@10 = "
-                     f"{text['recall@10_mean'] / ids['recall@10_mean']:.2f}")
+      ids = _row(part, dataset, split, "id", fraction)
+      ratios = []
+      for model in ("text", "hybrid"):
+        r = _row(part, dataset, split, model, fraction)
+        if r and ids and ids["recall@10_mean"] > 0:
+          ratios.append(f"{model} / ID-only = {r['recall@10_mean'] / ids['recall@10_mean']:.2f}")
+      if ratios:
+        lines.append(f"- fraction {fraction:g}, overall Recall@10: " + ", ".join(ratios))
     lines.append("")
   return lines
 
@@ -193,7 +197,13 @@ def main(argv=None) -> int:
   template_path = os.path.join(DOCS, "study.template.md")
   with open(template_path) as f:
     template = f.read()
+  diagnosis_path = os.path.join(os.path.dirname(out), "ml1m_diagnosis", "results.md")
+  diagnosis = "(not run)"
+  if os.path.isfile(diagnosis_path):
+    with open(diagnosis_path) as f:
+      diagnosis = f.read().split("\n", 2)[2].strip()
   page = template.format(
+      diagnosis=diagnosis,
       protocol="\n".join(protocol_section(out, results)),
       settings="\n".join(settings_section(out, results)),
       table=table.strip(),

@@ -180,11 +180,26 @@ def command(cell: Cell) -> str:
 # ---------------------------------------------------------------------------------------- running
 
 
-def _comparable(config: dict) -> dict:
-  config = dict(config)
-  config.pop("workdir", None)
-  config["train"] = {k: v for k, v in config["train"].items() if k not in ("progress", "log_every", "profile")}
-  return config
+_NOT_COMPARED = ("workdir", "train.progress", "train.log_every", "train.profile")
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def _config_changes(saved: dict, cfg: Config) -> list[str]:
+  """Keys whose value differs between a cell's saved config and the study's. A field added to
+  Config since the run counts only when set away from its default; a removed field not at all."""
+  now, then = _flat(json.loads(to_json(cfg))), _flat(saved)
+  default = _flat(json.loads(to_json(Config())))
+  return sorted(k for k, v in now.items()
+                if k not in _NOT_COMPARED and then.get(k, default.get(k)) != v)
 
 
 def run_cell(cell: Cell) -> tuple[dict[str, Any], bool]:
@@ -197,9 +212,10 @@ def run_cell(cell: Cell) -> tuple[dict[str, Any], bool]:
     if os.path.isfile(saved_path):
       with open(saved_path) as f:
         saved = json.load(f)
-      if _comparable(saved) != _comparable(json.loads(to_json(cfg))):
-        raise StudyError(f"cell {cell.id}: {workdir} holds a run of a different config; use another --out "
-                         "or delete that directory")
+      changed = _config_changes(saved, cfg)
+      if changed:
+        raise StudyError(f"cell {cell.id}: {workdir} holds a run of a different config ({', '.join(changed[:3])}); "
+                         "use another --out or delete that directory")
     with open(metrics_path) as f:
       return json.load(f), False
   from jaxrec.trainer import train
@@ -425,9 +441,10 @@ def _legend(img, x, y, names, colors) -> None:
 
 
 def bar_image(models: Sequence[str], groups: Sequence[str], values: np.ndarray, errors: np.ndarray, title: str,
-              width: int = 900, height: int = 420) -> np.ndarray:
+              colors: Sequence[tuple] | None = None, width: int = 900, height: int = 420) -> np.ndarray:
   """uint8 RGB: ``values[model, group]`` as grouped bars (one colour per model), error ticks = std."""
   img = np.full((height, width, 3), 255, np.uint8)
+  colors = colors or [PALETTE[m % len(PALETTE)] for m in range(len(models))]
   legend_w = 190
   panel = _Panel(img, 70, 50, width - 70 - legend_w - 20, height - 50 - 50,
                  _nice_top(float(np.nanmax(values + np.nan_to_num(errors), initial=0.0)) * 1.05), title)
@@ -441,21 +458,22 @@ def bar_image(models: Sequence[str], groups: Sequence[str], values: np.ndarray, 
       if not math.isfinite(v):
         continue
       x0 = x_start + m * bar
-      _box(img, x0, panel.y(v), x0 + bar - 2, panel.y(0), PALETTE[m % len(PALETTE)])
+      _box(img, x0, panel.y(v), x0 + bar - 2, panel.y(0), colors[m])
       e = errors[m, g]
       if math.isfinite(e) and e > 0:
         cx = x0 + (bar - 2) // 2
         img[panel.y(v + e):panel.y(v - e) + 1, cx] = _INK
     _text(img, int(panel.left + g * slot + slot / 2 - 4 * len(group)), panel.top + panel.height + 12, group)
-  _legend(img, width - legend_w, 60, models, [PALETTE[m % len(PALETTE)] for m in range(n_models)])
+  _legend(img, width - legend_w, 60, models, colors)
   return img
 
 
 def lines_image(models: Sequence[str], xs: Sequence[float], panels: Sequence[tuple[str, np.ndarray]],
-                width: int = 1000, height: int = 420) -> np.ndarray:
+                colors: Sequence[tuple] | None = None, width: int = 1000, height: int = 420) -> np.ndarray:
   """uint8 RGB: side-by-side panels; in each, ``values[model, x]`` as a line per model over
   categorical x positions (the training fractions, evenly spaced)."""
   img = np.full((height, width, 3), 255, np.uint8)
+  colors = colors or [PALETTE[m % len(PALETTE)] for m in range(len(models))]
   legend_w = 190
   pw = (width - legend_w - 40) // max(len(panels), 1)
   for p, (title, values) in enumerate(panels):
@@ -467,14 +485,14 @@ def lines_image(models: Sequence[str], xs: Sequence[float], panels: Sequence[tup
       label = f"{x:g}"
       _text(img, positions[i] - 4 * len(label), panel.top + panel.height + 12, label)
     for m in range(len(models)):
-      color = PALETTE[m % len(PALETTE)]
+      color = colors[m]
       points = [(positions[i], panel.y(values[m, i])) for i in range(len(xs)) if math.isfinite(values[m, i])]
       for a, b in zip(points[:-1], points[1:]):
         _line(img, a, b, color)
       for x, y in points:
         _box(img, x - 4, y - 4, x + 5, y + 5, color)
   _text(img, 70, height - 20, "TRAINING FRACTION", scale=2)
-  _legend(img, width - legend_w, 60, models, [PALETTE[m % len(PALETTE)] for m in range(len(models))])
+  _legend(img, width - legend_w, 60, models, colors)
   return img
 
 
@@ -482,6 +500,7 @@ def write_plots(results: Sequence[dict[str, Any]], out: str, model_order: Sequen
   """Per (dataset, split): the Recall@10 bars at the full training set, and the efficiency lines."""
   written = []
   order = [POPULARITY, *model_order]
+  color = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(order)}  # one colour per model in every plot
   for dataset, split in dict.fromkeys((r["dataset"], r["split"]) for r in results):
     part = [r for r in results if r["dataset"] == dataset and r["split"] == split]
     models = [m for m in order if any(r["model"] == m for r in part)]
@@ -491,7 +510,8 @@ def write_plots(results: Sequence[dict[str, Any]], out: str, model_order: Sequen
     errors = np.array([[full[m][f"{g}recall@10_std"] if m in full else np.nan for g in groups] for m in models])
     names = [g[:-1] if g else "overall" for g in groups]
     path = os.path.join(out, f"recall_{dataset}_{split}.png")
-    write_atomic(path, png_bytes(bar_image(models, names, values, errors, f"RECALL@10 {dataset} {split}")))
+    write_atomic(path, png_bytes(bar_image(models, names, values, errors, f"RECALL@10 {dataset} {split}",
+                                           [color[m] for m in models])))
     written.append(path)
     fractions = sorted({r["train_fraction"] for r in part})
     if len(fractions) > 1:
@@ -503,7 +523,7 @@ def write_plots(results: Sequence[dict[str, Any]], out: str, model_order: Sequen
         if np.isfinite(grid).any():
           panels.append((f"RECALL@10 {'OVERALL' if not g else 'COLD'} {dataset} {split}", grid))
       path = os.path.join(out, f"efficiency_{dataset}_{split}.png")
-      write_atomic(path, png_bytes(lines_image(swept, fractions, panels)))
+      write_atomic(path, png_bytes(lines_image(swept, fractions, panels, [color[m] for m in swept])))
       written.append(path)
   return written
 
