@@ -295,6 +295,7 @@ def validate(config: Config) -> Config:
     if value not in allowed:
       raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
   positive = {"train.steps": config.train.steps, "train.batch_size": config.train.batch_size,
+              "data.history_len": config.data.history_len,
               "model.embed_dim": config.model.embed_dim, "eval.batch_size": config.eval.batch_size}
   for key, value in positive.items():
     if value <= 0:
