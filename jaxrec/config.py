@@ -322,28 +322,35 @@ def validate(config: Config) -> Config:
   return config
 
 
+def call_python_file(path: str | os.PathLike, function: str, kind: str, error: type[Exception] = ConfigError) -> Any:
+  """Runs a user's Python file (a config or study file) and returns ``function()``'s result.
+
+  Any failure is one ``error`` naming the file: missing, failing to run, or lacking ``function``."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise error(f"{kind} file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"jaxrec_{kind}_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # the user's file: report where, not our stack
+    raise error(f"{kind} file {path} failed to run: {type(e).__name__}: {e}") from e
+  if not hasattr(module, function):
+    raise error(f"{kind} file {path} defines no {function}()")
+  try:
+    return getattr(module, function)()
+  except error:
+    raise
+  except Exception as e:
+    raise error(f"{kind} file {path} failed to run: {type(e).__name__}: {e}") from e
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
   """Runs a config file's ``get_config()`` (default: ``configs/default.py``'s, built in) and applies overrides."""
   if path is None:
     config = Config()
   else:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-      raise ConfigError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"jaxrec_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-      spec.loader.exec_module(module)
-    except Exception as e:  # the user's file: report where, not our stack
-      raise ConfigError(f"config file {path} failed to run: {type(e).__name__}: {e}") from e
-    if not hasattr(module, "get_config"):
-      raise ConfigError(f"config file {path} defines no get_config()")
-    try:
-      config = module.get_config()
-    except ConfigError:
-      raise
-    except Exception as e:
-      raise ConfigError(f"config file {path} failed to run: {type(e).__name__}: {e}") from e
+    config = call_python_file(path, "get_config", "config")
     if not isinstance(config, Config):
       raise ConfigError(f"config file {path}: get_config() returned {type(config).__name__}, expected jaxrec.config.Config")
   return validate(apply_overrides(config, overrides))

@@ -22,7 +22,6 @@ import argparse
 import csv
 import dataclasses
 import fnmatch
-import importlib.util
 import io
 import json
 import logging
@@ -35,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxrec.config import Config, ConfigError, load_config, to_json
+from jaxrec.config import Config, ConfigError, call_python_file, load_config, to_json
 from jaxrec.data.plot import GLYPHS, png_bytes, write_atomic
 
 log = logging.getLogger("jaxrec.study")
@@ -122,17 +121,7 @@ class StudyError(ValueError):
 
 
 def load_study(path: str) -> Study:
-  if not os.path.isfile(path):
-    raise StudyError(f"study file not found: {path}")
-  spec = importlib.util.spec_from_file_location(f"jaxrec_study_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    study = module.get_study()
-  except AttributeError as e:
-    if not hasattr(module, "get_study"):
-      raise StudyError(f"study file {path} defines no get_study()") from e
-    raise
+  study = call_python_file(path, "get_study", "study", StudyError)
   if not isinstance(study, Study):
     raise StudyError(f"study file {path}: get_study() returned {type(study).__name__}, expected jaxrec.study.Study")
   return study
