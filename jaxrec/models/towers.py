@@ -80,6 +80,12 @@ def padded_rows(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+def id_table(rows: int, cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Embed:
+  """An id embedding table [rows, id_dim], sharded by rows (``id_rows``)."""
+  return nnx.Embed(rows, cfg.id_dim, param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
+                   embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.05), ("id_rows", "embed")))
+
+
 class ItemTower(nnx.Module):
   """Item index -> text vector ++ id embedding ++ categorical embeddings -> fusion MLP -> [N, E]."""
 
@@ -92,8 +98,7 @@ class ItemTower(nnx.Module):
     if self.use_ids:
       rows = padded_rows(catalog.num_id_rows, row_multiple)  # padding rows are never indexed
       self.id_row = Table(jnp.asarray(catalog.id_row, jnp.int32))
-      self.ids = nnx.Embed(rows, cfg.id_dim, param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
-                           embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.05), ("id_rows", "embed")))
+      self.ids = id_table(rows, cfg, rngs=rngs)
       in_dim += cfg.id_dim
     self.features = nnx.Dict({name: CategoricalBag(values, catalog.feature_sizes[name], cfg.feature_dim, cfg, rngs=rngs)
                               for name, values in sorted(catalog.features.items())})
@@ -131,9 +136,7 @@ class QueryTower(nnx.Module):
     in_dim = cfg.embed_dim  # pooled history
     if self.use_ids:
       # Row 0 is the shared row for users unknown at training time.
-      self.ids = nnx.Embed(padded_rows(users.num_users + 1, row_multiple), cfg.id_dim,
-                           param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
-                           embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.05), ("id_rows", "embed")))
+      self.ids = id_table(padded_rows(users.num_users + 1, row_multiple), cfg, rngs=rngs)
       in_dim += cfg.id_dim
     self.features = nnx.Dict({name: CategoricalBag(values, users.feature_sizes[name], cfg.feature_dim, cfg, rngs=rngs)
                               for name, values in sorted(users.features.items())})
