@@ -44,7 +44,11 @@ class DataConfig:
   min_rating: float = 0.0
   kcore: int = 0
   train_fraction: float = 1.0  # keep this share of training interactions (data-efficiency study)
-  history_len: int = 10  # L: most recent items before the target fed to the query tower
+  history_len: int = 10  # L: items of the user's training history fed to the query tower
+  # Which L items: recent (the L before the target in time; eval: the last L) | sampled (L drawn
+  # from the user's other training items; eval: L drawn from the known ones) | auto (recent for
+  # temporal splits, sampled for random splits and for data without time).
+  history: str = "auto"
   synthetic: SyntheticConfig = SyntheticConfig()
 
 
@@ -71,6 +75,8 @@ class ModelConfig:
   use_item_ids: bool = True
   use_text: bool = True
   use_user_ids: bool = True
+  use_item_features: bool = True  # categorical item features (genres, decade, ...) in the item tower;
+  # false gives the classic pure-id model, which cannot tell cold items apart
   id_row_multiple: int = 128  # id tables are padded to a multiple of this so they shard evenly (and
   # checkpoints restore across meshes); use a multiple of the fsdp*tensor size on big meshes
   id_dropout: float = 0.1  # chance an item id row is replaced by the shared cold row in training
@@ -284,6 +290,7 @@ def validate(config: Config) -> Config:
   choices = {
       "data.source": (config.data.source, ("synthetic", "ml100k", "ml1m", "amazon", "tfds", "files")),
       "data.split": (config.data.split, ("random", "loo", "predefined")),
+      "data.history": (config.data.history, ("auto", "recent", "sampled")),
       "encoder.mode": (config.encoder.mode, ("frozen", "lora", "full", "none")),
       "encoder.pooling": (config.encoder.pooling, ("mean", "cls")),
       "model.dtype": (config.model.dtype, ("float32", "bfloat16")),

@@ -49,8 +49,13 @@ class RankingAccumulator:
     self.users = {prefix: 0 for prefix in self.groups}
     self.recommended = {k: np.zeros(num_items, bool) for k in self.ks}
 
-  def add(self, topk_UxK: np.ndarray, users_U: np.ndarray, truth_users: np.ndarray, truth_items: np.ndarray) -> None:
-    """``truth_users``/``truth_items``: the (user, item) ground-truth pairs of these users."""
+  def add(self, topk_UxK: np.ndarray, users_U: np.ndarray, truth_users: np.ndarray, truth_items: np.ndarray,
+          candidates_U: np.ndarray | None = None) -> None:
+    """``truth_users``/``truth_items``: the (user, item) ground-truth pairs of these users.
+
+    With ``candidates_U`` (how many items each user's ranking chose from), also sums the Recall@K
+    a uniformly random ranking would reach in expectation, K / candidates: the chance level.
+    """
     for k in self.ks:
       ids = topk_UxK[:, :k]
       self.recommended[k][ids[ids >= 0]] = True
@@ -62,7 +67,11 @@ class RankingAccumulator:
       if not has.any():
         continue
       hits = hit_matrix(topk_UxK[has], users_U[has], t_users, t_items, self.num_items)
-      for name, values in per_user(hits, num_truth[has], self.ks).items():
+      values_by_name = per_user(hits, num_truth[has], self.ks)
+      if candidates_U is not None:
+        cand = np.maximum(candidates_U[has], 1).astype(np.float64)
+        values_by_name.update({f"chance_recall@{k}": np.minimum(k, cand) / cand for k in self.ks})
+      for name, values in values_by_name.items():
         self.sums[prefix][name] = self.sums[prefix].get(name, 0.0) + float(values.sum())
       self.users[prefix] += int(has.sum())
 

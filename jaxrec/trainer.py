@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec import losses, metrics, optim, sharding
 from jaxrec.checkpoint import Checkpointer
-from jaxrec.config import Config, to_json
+from jaxrec.config import Config, DataConfig, to_json
 from jaxrec.data import sources
 from jaxrec.data.dataset import Dataset, Split
 from jaxrec.data.pipeline import BatchBuilder, Sequences, item_log_q, train_batches
@@ -109,6 +109,7 @@ class Trainer:
     self.dataset, self.split = sources.load(cfg.data)
     ds, sp = self.dataset, self.split
     self.train_seqs = Sequences.from_interactions(ds, sp.train)
+    self.history_mode = history_mode(cfg.data, ds.has_time)
     self.log_q = item_log_q(ds.items[sp.train], ds.num_items)
     self.text = text_setup = _text_setup(cfg, ds)
     text, text_dim = text_setup.vectors, text_setup.dim
@@ -118,7 +119,8 @@ class Trainer:
     self.item_trained = trained
     catalog = Catalog(num_items=ds.num_items, num_id_rows=int(trained.sum()) + 1,
                       id_row=np.where(trained, np.cumsum(trained), 0).astype(np.int32),
-                      features=ds.item_features, feature_sizes=ds.item_feature_sizes, text_NxD=text)
+                      features=ds.item_features if cfg.model.use_item_features else {},
+                      feature_sizes=ds.item_feature_sizes, text_NxD=text)
     users = Users(num_users=ds.num_users, features=ds.user_features, feature_sizes=ds.user_feature_sizes)
     arrays = {"id_row": catalog.id_row, "features": dict(catalog.features), "text": text,
               "user_features": dict(users.features), "tokens": text_setup.tokens}
@@ -257,7 +259,7 @@ class Trainer:
   def batch_builder(self) -> BatchBuilder:
     return BatchBuilder(self.train_seqs, self.log_q, self.cfg.train.batch_size, self.cfg.data.history_len,
                         self.cfg.train.seed, jax.process_index(), jax.process_count(),
-                        unique_capacity=self.unique_capacity)
+                        unique_capacity=self.unique_capacity, history=self.history_mode)
 
   def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
     return self._train_step(state, batch)
@@ -292,7 +294,10 @@ class Trainer:
 
   def query_vectors(self, state: dict, users: np.ndarray, known: Sequences,
                     text_NxD: jax.Array | None = None) -> jax.Array:
-    history, mask = known.last_items(users, self.cfg.data.history_len)
+    if self.history_mode == "sampled":
+      history, mask = known.sampled_items(users, self.cfg.data.history_len, self.cfg.train.seed)
+    else:
+      history, mask = known.last_items(users, self.cfg.data.history_len)
     history_text = None if text_NxD is None else text_NxD[np.maximum(history, 0)]
     return self._query_vectors(state["params"], state["tables"], users.astype(np.int32), history, mask, history_text)
 
@@ -336,7 +341,8 @@ class Trainer:
       t_users, t_items = truth_users[lo:hi], truth_items[lo:hi]
       q_BxE = self.query_vectors(state, padded, known, text_NxD)
       _, ids = topk(q_BxE, corpus_NxE, kmax, exclude=seen)
-      model_acc.add(np.asarray(ids)[:n], users, t_users, t_items)
+      candidates = ds.num_items - (known.start[users + 1] - known.start[users])
+      model_acc.add(np.asarray(ids)[:n], users, t_users, t_items, candidates)
       _, pop_ids = topk(jnp.ones((bs, 1), jnp.float32), popularity_Nx1, kmax, exclude=seen)
       pop_acc.add(np.asarray(pop_ids)[:n], users, t_users, t_items)
     out = model_acc.result()
@@ -631,6 +637,14 @@ def parameter_checksum(params: Any) -> str:
 
 def optax_global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def history_mode(data: DataConfig, has_time: bool) -> str:
+  """Resolves ``data.history=auto``: the recent items only where the protocol is temporal."""
+  if data.history != "auto":
+    return data.history
+  temporal = data.split == "loo" or (data.split == "predefined" and has_time)
+  return "recent" if temporal else "sampled"
 
 
 def _padded_rows(seqs: Sequences, users: np.ndarray) -> np.ndarray:

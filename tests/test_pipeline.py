@@ -64,3 +64,61 @@ def test_grain_iterator_state_resumes_exactly():
   resumed.set_state(state)
   for want in expected:
     np.testing.assert_array_equal(next(resumed)["item"], want)
+
+
+def test_distinct_draws_are_distinct_in_range_and_uniform():
+  from jaxrec.data.pipeline import _distinct_draws
+  rng = np.random.default_rng(0)
+  counts = np.array([0, 2, 5, 6, 19, 21, 500] * 400)  # every regime: all, argsort, with replacement
+  draws = _distinct_draws(counts, 5, rng)
+  for row, n in zip(draws, counts):
+    got = row[row >= 0]
+    assert len(got) == min(n, 5) or n > 20  # large rows may lose a repeat to the mask
+    assert len(set(got)) == len(got) and np.all(got < n)
+  assert (draws[counts == 500] >= 0).sum(1).mean() > 4.9  # repeats are rare when count >> length
+  # 400 rows x 5 draws of 19 offsets: each offset drawn ~105 times when uniform.
+  freq = np.bincount(draws[counts == 19].ravel(), minlength=19)
+  assert freq.min() > 60 and freq.max() < 150, freq
+
+
+def test_sampled_history_draws_the_users_other_training_items():
+  ds, split, seqs, _ = _setup()
+  pos = np.arange(len(seqs))
+  hist, mask = seqs.sampled_history(pos, 4, np.random.default_rng(3))
+  for p in pos[:300]:
+    u = seqs.user[p]
+    others = list(np.delete(seqs.items[seqs.start[u]:seqs.start[u + 1]], p - seqs.start[u]))
+    got = list(hist[p][mask[p]])
+    assert len(got) == min(4, len(others))
+    for item in got:  # a multiset inclusion: the target's own slot is never drawn
+      others.remove(item)
+    assert np.all(hist[p][~mask[p]] == -1)
+  eval_hist, eval_mask = seqs.sampled_items(np.arange(ds.num_users), 4, seed=0)
+  again, _ = seqs.sampled_items(np.arange(ds.num_users), 4, seed=0)
+  np.testing.assert_array_equal(eval_hist, again)
+  for u in range(ds.num_users):
+    mine = list(seqs.items[seqs.start[u]:seqs.start[u + 1]])
+    assert eval_mask[u].sum() == min(4, len(mine))
+    for item in eval_hist[u][eval_mask[u]]:
+      mine.remove(item)
+
+
+def test_sampled_batches_are_reproducible_and_split_across_processes():
+  _, _, seqs, log_q = _setup()
+  whole = BatchBuilder(seqs, log_q, 16, 4, seed=7, history="sampled", unique_capacity=64)
+  assert not np.array_equal(whole.map(0)["history"], BatchBuilder(seqs, log_q, 16, 4, seed=7).map(0)["history"])
+  full = whole.map(5)
+  np.testing.assert_array_equal(full["history"], whole.map(5)["history"])
+  halves = [BatchBuilder(seqs, log_q, 16, 4, seed=7, process_index=i, process_count=2, history="sampled",
+                         unique_capacity=64).map(5) for i in range(2)]
+  for key in full:
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), full[key])
+
+
+def test_auto_history_is_recent_only_for_temporal_protocols():
+  from jaxrec.trainer import history_mode
+  assert history_mode(DataConfig(split="random"), True) == "sampled"
+  assert history_mode(DataConfig(split="loo"), True) == "recent"
+  assert history_mode(DataConfig(split="predefined"), True) == "recent"
+  assert history_mode(DataConfig(split="predefined"), False) == "sampled"
+  assert history_mode(DataConfig(split="random", history="recent"), False) == "recent"

@@ -1,7 +1,10 @@
 """Training batches on grain, built lazily from compact arrays.
 
-An example is one training interaction: (user, positive item, the user's L most recent training
-items before it). Batch ``b`` is a pure function of ``(seed, b)``: the example stream is the
+An example is one training interaction: (user, positive item, L of the user's other training
+items as history). The history is either the L items just before it in time ("recent", for
+temporal protocols) or L drawn at random from all of the user's other training items ("sampled",
+for random splits, whose held-out items are not the next in time: a "recent" history there trains
+the query tower on an order the evaluation never shows). Batch ``b`` is a pure function of ``(seed, b)``: the example stream is the
 concatenation of per-epoch permutations drawn from ``(seed, epoch)``, and batch ``b`` is
 positions ``[b*B, (b+1)*B)`` of it. Each process builds only its own rows of the global batch,
 so a restart (or a different process count) reproduces exactly the same global batches.
@@ -48,6 +51,30 @@ class Sequences:
     history = np.where(mask, self.items[np.clip(offsets, 0, max(len(self.items) - 1, 0))], -1)
     return history.astype(np.int32), mask
 
+  def sampled_history(self, positions: np.ndarray, length: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``length`` distinct items drawn from the rest of each position's user (-1 padded).
+
+    Users with at most ``length`` other items give all of them. Returns ``(history [P, L] int32,
+    mask [P, L] bool)``; the target position itself is never drawn.
+    """
+    user = self.user[positions]
+    first, others = self.start[user], self.start[user + 1] - self.start[user] - 1
+    draws = _distinct_draws(others, length, rng)
+    mask = draws >= 0
+    skip_target = draws >= (positions - first)[:, None]  # offsets past the target shift by one
+    offsets = np.where(mask, first[:, None] + draws + skip_target, 0)
+    return np.where(mask, self.items[offsets], -1).astype(np.int32), mask
+
+  def sampled_items(self, users: np.ndarray, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``length`` distinct known items per user, drawn once from ``seed`` (eval queries)."""
+    rng = np.random.default_rng([seed, 0x6869])
+    first, counts = self.start[users], self.start[users + 1] - self.start[users]
+    draws = _distinct_draws(counts, length, rng)
+    mask = draws >= 0
+    history = np.where(mask, self.items[np.where(mask, first[:, None] + draws, 0)], -1)
+    return history.astype(np.int32), mask
+
   def last_items(self, users: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     """Each user's ``length`` most recent items (-1 padded), for building eval queries."""
     ends = self.start[users + 1]
@@ -55,6 +82,31 @@ class Sequences:
     mask = offsets >= self.start[users][:, None]
     history = np.where(mask, self.items[np.clip(offsets, 0, max(len(self.items) - 1, 0))], -1)
     return history.astype(np.int32), mask
+
+
+def _distinct_draws(counts: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:
+  """Per row, ``min(count, length)`` distinct offsets in ``[0, count)``, -1 padded: ``[P, length]``.
+
+  Small rows are exact random subsets (argsort of random keys over at most ``4 * length``
+  columns); rows with more than ``4 * length`` items draw with replacement and mask repeats,
+  which keeps the cost at ``O(P * length)`` for users with thousands of items.
+  """
+  counts = np.asarray(counts, np.int64)
+  out = np.full((len(counts), length), -1, np.int64)
+  few = counts <= length
+  out[few] = np.where(np.arange(length)[None, :] < counts[few, None], np.arange(length)[None, :], -1)
+  width = 4 * length
+  mid = ~few & (counts <= width)
+  if mid.any():
+    keys = rng.random((int(mid.sum()), width))
+    keys[np.arange(width)[None, :] >= counts[mid, None]] = np.inf
+    out[mid] = np.argsort(keys, axis=1)[:, :length]
+  many = counts > width
+  if many.any():
+    draws = np.sort(rng.integers(0, counts[many, None], size=(int(many.sum()), length)), axis=1)
+    repeat = np.concatenate([np.zeros((len(draws), 1), bool), draws[:, 1:] == draws[:, :-1]], axis=1)
+    out[many] = np.where(repeat, -1, draws)
+  return out
 
 
 def item_log_q(train_items: np.ndarray, num_items: int) -> np.ndarray:
@@ -67,13 +119,16 @@ class BatchBuilder(grain.transforms.Map):
   """Maps a global batch index to this process's rows of that batch (numpy arrays)."""
 
   def __init__(self, seqs: Sequences, log_q: np.ndarray, batch_size: int, history_len: int, seed: int,
-               process_index: int = 0, process_count: int = 1, unique_capacity: int = 0):
+               process_index: int = 0, process_count: int = 1, unique_capacity: int = 0,
+               history: str = "recent"):
     if batch_size % process_count:
       raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
     if len(seqs) == 0:
       raise ValueError("no training interactions to build batches from")
     self.seqs, self.log_q = seqs, log_q
-    self.batch_size, self.history_len, self.seed = batch_size, history_len, seed
+    if history not in ("recent", "sampled"):
+      raise ValueError(f"unknown history mode {history!r}: use recent or sampled")
+    self.batch_size, self.history_len, self.seed, self.history = batch_size, history_len, seed, history
     per_process = batch_size // process_count
     self.rows = slice(process_index * per_process, (process_index + 1) * per_process)
     # With ``unique_capacity``, the batch also carries its distinct items (global, padded to the
@@ -103,12 +158,17 @@ class BatchBuilder(grain.transforms.Map):
   def map(self, batch_index: int) -> dict[str, np.ndarray]:
     all_pos = self.positions(int(batch_index))
     pos = all_pos[self.rows]
-    history, mask = self.seqs.history_before(pos, self.history_len)
+    if self.history == "sampled":
+      # Drawn for the whole global batch from (seed, batch), so every process agrees on it.
+      rng = np.random.default_rng([self.seed, int(batch_index), 0x6869])
+      all_history, all_mask = self.seqs.sampled_history(all_pos, self.history_len, rng)
+    else:
+      all_history, all_mask = self.seqs.history_before(all_pos, self.history_len)
+    history, mask = all_history[self.rows], all_mask[self.rows]
     items = self.seqs.items[pos]
     batch = {"user": self.seqs.user[pos], "item": items, "history": history, "history_mask": mask,
              "log_q": self.log_q[items]}
     if self.unique_capacity:
-      all_history, all_mask = self.seqs.history_before(all_pos, self.history_len)
       unique = np.unique(np.concatenate([self.seqs.items[all_pos], all_history[all_mask]]))
       if len(unique) > self.unique_capacity:
         raise ValueError(f"batch {batch_index} has {len(unique)} distinct items, over the capacity {self.unique_capacity}")
