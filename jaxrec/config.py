@@ -64,6 +64,11 @@ class EncoderConfig:
   lora_alpha: float = 16.0
   lora_ffn: bool = False
   lr_multiplier: float = 0.1  # full mode: encoder lr = train.learning_rate * this
+  # lora/full: the live encoder runs on each batch's distinct items, padded to the smallest of this
+  # many capacities (worst case * i / n) and cut to the length bucket of the batch's longest text,
+  # so a step encodes about what the batch holds; the step compiles once per (rows, tokens) pair a
+  # run meets. 1 = one fixed shape (worst-case capacity x the catalog's longest bucket).
+  shape_buckets: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +327,9 @@ def validate(config: Config) -> Config:
                      ("train.eval_every", config.train.eval_every)):
     if value % k:
       raise ConfigError(f"config key '{key}'={value} must be a multiple of train.steps_per_call={k}")
+  if config.encoder.shape_buckets < 1:
+    raise ConfigError("config key 'encoder.shape_buckets' must be >= 1 (1 = one fixed shape); "
+                      f"got {config.encoder.shape_buckets}")
   if config.checkpoint.best_metric and config.train.eval_every <= 0:
     raise ConfigError("config key 'checkpoint.best_metric' needs train.eval_every > 0 (validation runs then)")
   if any(k <= 0 for k in config.eval.ks):

@@ -37,6 +37,7 @@ log = logging.getLogger("jaxrec")
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; rerun to resume
 EXIT_NONFINITE = 3  # loss became NaN/Inf with train.nan_policy=stop
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")  # a live encoder's inputs, in its argument order
 
 
 class TrainingStopped(RuntimeError):
@@ -171,8 +172,20 @@ class Trainer:
     multiple = dp * jax.process_count()
     worst = min(ds.num_items, cfg.train.batch_size * (cfg.data.history_len + 1))
     self.unique_capacity = sharding.pad_to_multiple(worst, multiple)
+    # A live encoder is most of the step, so there a batch pads its distinct items only to the
+    # smallest of encoder.shape_buckets capacities and its tokens to its longest text's length
+    # bucket (one compile per pair met); other modes keep the one worst-case shape.
+    buckets = cfg.encoder.shape_buckets if self.live_text else 1
+    self.row_buckets = tuple(sorted({sharding.pad_to_multiple(-(-worst * i // buckets), multiple)
+                                     for i in range(1, buckets + 1)}))
+    self.token_width = text_setup.tokens["input_ids"].shape[1] if self.live_text else 0
+    self.length_buckets = (tuple(b for b in text_setup.encoder.length_buckets if b < self.token_width)
+                           if buckets > 1 else ()) + (self.token_width,)
     self.batch_shardings.update({"unique_items": batch_sh, "item_slot": batch_sh,
                                  "history_slot": sharding.batch_sharding(self.mesh, 2, self.rules)})
+    if self.live_text:
+      self.batch_shardings.update({"unique_" + name: sharding.batch_sharding(self.mesh, 2, self.rules)
+                                   for name in TOKEN_KEYS})
     self._train_step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, self.batch_shardings),
                                out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                                donate_argnums=0)
@@ -194,7 +207,7 @@ class Trainer:
   def loss_fn(self, params: dict, tables: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
     model = self.model(params, tables)
     unique_U = batch["unique_items"]
-    text_UxD = model.encode_text(unique_U) if self.live_text else None
+    text_UxD = model.encode_tokens(*(batch["unique_" + name] for name in TOKEN_KEYS)) if self.live_text else None
     items_UxE = model.items(unique_U, text_UxD, dropout_key=key)
     pos_BxE = items_UxE[batch["item_slot"]]
     q_BxE = model.query_tower(batch["user"], items_UxE[batch["history_slot"]], batch["history_mask"])
@@ -259,7 +272,18 @@ class Trainer:
   def batch_builder(self) -> BatchBuilder:
     return BatchBuilder(self.train_seqs, self.log_q, self.cfg.train.batch_size, self.cfg.data.history_len,
                         self.cfg.train.seed, jax.process_index(), jax.process_count(),
-                        unique_capacity=self.unique_capacity, history=self.history_mode)
+                        unique_capacity=self.unique_capacity, history=self.history_mode, row_buckets=self.row_buckets,
+                        tokens=self.text.tokens, length_buckets=self.length_buckets)
+
+  def batch_shape(self, batch: dict) -> tuple[int, int]:
+    """(distinct-item rows, tokens) of a global batch, single or stacked: its compiled shape."""
+    rows = batch["unique_items"].shape[-1] * (1 if isinstance(batch["unique_items"], jax.Array)
+                                              else jax.process_count())
+    return rows, batch["unique_input_ids"].shape[-1] if self.live_text else 0
+
+  @property
+  def worst_shape(self) -> tuple[int, int]:
+    return self.unique_capacity, self.token_width
 
   def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
     return self._train_step(state, batch)
@@ -386,10 +410,22 @@ class Trainer:
     state, start_step, data_iter, history = self._restore_or_init(ckpt, resume)
     log.info("model: %s parameters; mesh %s; %d training examples", f"{self.num_params:,}", dict(self.mesh.shape),
              len(self.train_seqs))
-    # Compile ahead of time so the per-device memory is known before the first step runs.
+    # Compile ahead of time so the per-device memory is known before the first step runs: the
+    # worst-case shape up front, any smaller bucket shape when a batch first needs it.
     k = cfg.train.steps_per_call
-    compiled = self._train_call.lower(self.abstract_like(state), self.abstract_batch(k)).compile()
-    memory = compiled.memory_analysis()
+    abstract_state, executables, shape_flops = self.abstract_like(state), {}, {}
+
+    def executable(shape):
+      if shape not in executables:
+        started = time.perf_counter()
+        executables[shape] = self._train_call.lower(abstract_state, self.abstract_batch(k, shape)).compile()
+        shape_flops[shape] = _step_flops(executables[shape]) / k
+        if len(executables) > 1:
+          log.info("train step compiled for %d distinct items x %d tokens in %.1f s", *shape,
+                   time.perf_counter() - started)
+      return executables[shape]
+
+    memory = executable(self.worst_shape).memory_analysis()
     if memory is not None:
       log.info("train step compiled: %.1f MiB temporaries, %.1f MiB arguments per device",
                memory.temp_size_in_bytes / 2**20, memory.argument_size_in_bytes / 2**20)
@@ -400,7 +436,7 @@ class Trainer:
         if cfg.checkpoint.best_metric else None
     stop_signal = _SignalFlag()
     pending = None  # (step, device metrics) of the step dispatched last, read one step late
-    flops_per_step = _step_flops(compiled) / k
+    flops_done = 0.0
     profiler = _Profiler(os.path.join(workdir, "profile"), start_step + 3 * k, 5 * k) if cfg.train.profile and is_main else None
     timer_start, examples, data_wait = time.perf_counter(), 0, 0.0
     every = cfg.checkpoint.every
@@ -414,7 +450,9 @@ class Trainer:
         waited = time.perf_counter()
         batches = next(data_iter)
         data_wait += time.perf_counter() - waited
-        state, call_metrics = compiled(state, batches)
+        shape = self.batch_shape(batches)
+        state, call_metrics = executable(shape)(state, batches)
+        flops_done += k * shape_flops[shape]
         examples += k * cfg.train.batch_size
         if pending is not None:
           self._record(*pending, history, writer, progress, ckpt)
@@ -450,6 +488,8 @@ class Trainer:
       if best is not None:
         best.close()
 
+    # Bucketed shapes differ in work: the mean over the steps run, not the worst case's.
+    flops_per_step = flops_done / max(cfg.train.steps - start_step, 1)
     if elapsed > 0 and cfg.train.steps > start_step:
       steps_done = cfg.train.steps - start_step
       log.info("%.2f ms/step: %.1f%% waiting for data, the rest dispatching/computing; %.3f TFLOP/s achieved",
@@ -549,13 +589,17 @@ class Trainer:
   def abstract_like(self, state: dict) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
-  def abstract_batch(self, steps_per_call: int | None = None) -> dict:
-    """Abstract global batch; with ``steps_per_call`` K, K of them stacked for one call."""
+  def abstract_batch(self, steps_per_call: int | None = None, shape: tuple[int, int] | None = None) -> dict:
+    """Abstract global batch of ``shape`` (distinct-item rows, tokens; default the worst case);
+    with ``steps_per_call`` K, K of them stacked for one call."""
     b, l = self.cfg.train.batch_size, self.cfg.data.history_len
+    rows, length = shape or self.worst_shape
     shapes = {"user": ((b,), jnp.int32), "item": ((b,), jnp.int32), "log_q": ((b,), jnp.float32),
               "history": ((b, l), jnp.int32), "history_mask": ((b, l), jnp.bool_)}
-    shapes.update({"unique_items": ((self.unique_capacity,), jnp.int32), "item_slot": ((b,), jnp.int32),
+    shapes.update({"unique_items": ((rows,), jnp.int32), "item_slot": ((b,), jnp.int32),
                    "history_slot": ((b, l), jnp.int32)})
+    if self.live_text:
+      shapes.update({"unique_" + name: ((rows, length), jnp.int32) for name in TOKEN_KEYS})
     if steps_per_call is None:
       return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k]) for k, (s, d) in shapes.items()}
     return {k: jax.ShapeDtypeStruct((steps_per_call, *s), d, sharding=self.call_shardings[k])

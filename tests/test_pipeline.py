@@ -122,3 +122,47 @@ def test_auto_history_is_recent_only_for_temporal_protocols():
   assert history_mode(DataConfig(split="predefined"), True) == "recent"
   assert history_mode(DataConfig(split="predefined"), False) == "sampled"
   assert history_mode(DataConfig(split="random", history="recent"), False) == "recent"
+
+
+def test_distinct_items_and_their_tokens_pad_to_the_smallest_buckets_that_hold_them():
+  from jaxrec.data.pipeline import StackedBatches
+  ds, _, seqs, log_q = _setup()
+  rng = np.random.default_rng(0)
+  count_N = np.where(rng.random(ds.num_items) < 0.8, rng.integers(2, 12, ds.num_items), rng.integers(12, 30, ds.num_items))
+  mask_NxT = (np.arange(32)[None, :] < count_N[:, None]).astype(np.int32)
+  tokens = {"input_ids": (np.arange(ds.num_items)[:, None] * 100 + np.arange(32)) * mask_NxT,
+            "attention_mask": mask_NxT, "token_type_ids": np.zeros_like(mask_NxT)}
+  kwargs = dict(unique_capacity=64, history="sampled", row_buckets=(16, 32, 48), tokens=tokens, length_buckets=(8, 16))
+  whole = BatchBuilder(seqs, log_q, 8, 2, seed=3, **kwargs)
+  shapes = set()
+  for b in range(12):
+    batch, unique = whole.parts(b)
+    padded = whole.map(b)
+    rows, length = padded["unique_input_ids"].shape
+    shapes.add((rows, length))
+    # the smallest buckets that hold the batch: rows from (16, 32, 48, 64), tokens from (8, 16, 32)
+    assert rows == min(r for r in (16, 32, 48, 64) if r >= len(unique))
+    assert length == min(t for t in (8, 16, 32) if t >= count_N[unique].max())
+    np.testing.assert_array_equal(padded["unique_items"][:len(unique)], unique)
+    for name, table_NxT in tokens.items():
+      np.testing.assert_array_equal(padded["unique_" + name], table_NxT[padded["unique_items"], :length])
+    np.testing.assert_array_equal(unique[padded["item_slot"]], batch["item"])
+    np.testing.assert_array_equal(unique[padded["history_slot"]][batch["history_mask"]],
+                                  batch["history"][batch["history_mask"]])
+    # processes hold shares of the same global shape
+    halves = [BatchBuilder(seqs, log_q, 8, 2, seed=3, process_index=i, process_count=2, **kwargs).map(b)
+              for i in range(2)]
+    for key in padded:
+      np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), padded[key])
+  assert len(shapes) > 1, shapes  # the batches really land in different buckets
+  # K batches of one call share the largest shape any of them needs; their contents are unchanged
+  stacked = StackedBatches(whole, 4).map(1)
+  singles = [whole.map(b) for b in range(4, 8)]
+  rows = max(s["unique_items"].shape[0] for s in singles)
+  length = max(s["unique_input_ids"].shape[1] for s in singles)
+  assert stacked["unique_input_ids"].shape == (4, rows, length)
+  for i, single in enumerate(singles):
+    np.testing.assert_array_equal(stacked["item_slot"][i], single["item_slot"])
+    n = single["unique_input_ids"].shape
+    np.testing.assert_array_equal(stacked["unique_input_ids"][i, :n[0], :n[1]], single["unique_input_ids"])
+    assert not stacked["unique_attention_mask"][i, :, n[1]:].any()  # the extra tokens are padding

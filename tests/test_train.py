@@ -150,3 +150,54 @@ def test_several_steps_per_call_train_exactly_like_one(tmp_path):
   from jaxrec.config import ConfigError
   with pytest.raises(ConfigError, match="'checkpoint.every'=6 must be a multiple of train.steps_per_call=4"):
     load_config(TINY, base + ["train.steps_per_call=4", "checkpoint.every=6"])
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+  from fixtures import tiny_bert
+  return tiny_bert.write(tmp_path_factory.mktemp("encoder") / "tiny_bert")
+
+
+def _live(encoder_dir, *overrides):
+  return ["model.use_text=true", "encoder.mode=full", f"encoder.path={encoder_dir}", *overrides]
+
+
+def test_live_encoder_shape_buckets_leave_the_losses_unchanged(tmp_path, tiny_bert_dir):
+  base = _live(tiny_bert_dir, "mesh.num_devices=1", "train.steps=8", "checkpoint.async_save=false",
+               "train.batch_size=16", "data.history=recent")  # batches of 29-41 distinct items of 90
+  fixed = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'fixed'}", "encoder.shape_buckets=1"]))
+  assert fixed.row_buckets == (fixed.unique_capacity,) and fixed.length_buckets == (32,)
+  reference = fixed.run()["train/losses"]
+  # Two steps per call: each call pads its two batches to the larger of their buckets.
+  bucketed = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'bucketed'}", "encoder.shape_buckets=8",
+                                               "train.steps_per_call=2"]))
+  # The tiny world's texts are 21-24 tokens, all in one of the encoder's length buckets; a
+  # 24-token bucket makes every batch cut its tokens (32 -> 24) as well as its rows.
+  bucketed.length_buckets = (24, 32)
+  builder = bucketed.batch_builder()
+  shapes = {bucketed.batch_shape(builder.map(b)) for b in range(8)}
+  assert len(shapes) > 1 and all(rows < bucketed.unique_capacity and length == 24 for rows, length in shapes), shapes
+  np.testing.assert_allclose(bucketed.run()["train/losses"], reference, rtol=0, atol=1e-5)
+
+
+def test_train_step_compiles_once_per_bucket_pair_met_and_once_without_a_live_encoder(tmp_path, tiny_bert_dir):
+  live = _trainer(*_live(tiny_bert_dir, "mesh.data=8", "encoder.shape_buckets=8", "data.history=sampled"))
+  state = live.init_state()
+  builder = live.batch_builder()
+  shapes = set()
+  for b in range(10):
+    batch = builder.map(b)
+    shapes.add(live.batch_shape(batch))
+    state, _ = live.train_step(state, live.put_batch(batch))
+  assert len(shapes) > 1, shapes  # varying inputs met several buckets...
+  assert shapes <= {(r, t) for r in live.row_buckets for t in live.length_buckets}
+  assert all(r % 8 == 0 for r, _ in shapes)  # ...each split evenly over the 8 data-parallel devices
+  assert live._train_step._cache_size() == len(shapes)  # ...and each compiled once
+  frozen = _trainer("mesh.data=8", "model.use_text=true", "encoder.mode=frozen", f"encoder.path={tiny_bert_dir}",
+                    f"encoder.cache_dir={tmp_path}", "encoder.shape_buckets=8")
+  assert frozen.row_buckets == (frozen.unique_capacity,)
+  state = frozen.init_state()
+  builder = frozen.batch_builder()
+  for b in range(6):
+    state, _ = frozen.train_step(state, frozen.put_batch(builder.map(b)))
+  assert frozen._train_step._cache_size() == 1

@@ -120,7 +120,8 @@ class BatchBuilder(grain.transforms.Map):
 
   def __init__(self, seqs: Sequences, log_q: np.ndarray, batch_size: int, history_len: int, seed: int,
                process_index: int = 0, process_count: int = 1, unique_capacity: int = 0,
-               history: str = "recent"):
+               history: str = "recent", row_buckets: tuple[int, ...] = (),
+               tokens: dict[str, np.ndarray] | None = None, length_buckets: tuple[int, ...] = ()):
     if batch_size % process_count:
       raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
     if len(seqs) == 0:
@@ -132,14 +133,25 @@ class BatchBuilder(grain.transforms.Map):
     per_process = batch_size // process_count
     self.rows = slice(process_index * per_process, (process_index + 1) * per_process)
     # With ``unique_capacity``, the batch also carries its distinct items (global, padded to the
-    # capacity; this process holds its share) and each row's slot in that list, so the item tower
-    # runs once per distinct item.
+    # smallest of ``row_buckets`` that holds them, at most the capacity; this process holds its
+    # share) and each row's slot in that list, so the item tower runs once per distinct item.
+    # With ``tokens`` (a live encoder's catalog table, [N, T] each) it also carries those items'
+    # tokens cut to the smallest of ``length_buckets`` that holds the longest: the step's shape
+    # is then a pure function of the batch, so resumed and multi-process runs agree on it.
     self.unique_capacity = unique_capacity
+    self.process_index, self.process_count = process_index, process_count
+    self.row_buckets = tuple(sorted({b for b in row_buckets if b < unique_capacity} | {unique_capacity}))
     if unique_capacity:
-      if unique_capacity % process_count:
-        raise ValueError(f"unique item capacity {unique_capacity} is not divisible by {process_count} processes")
-      share = unique_capacity // process_count
-      self.unique_rows = slice(process_index * share, (process_index + 1) * share)
+      for rows in self.row_buckets:
+        if rows % process_count:
+          raise ValueError(f"unique item capacity {rows} is not divisible by {process_count} processes")
+    self.tokens = tokens
+    if tokens is not None:
+      if not unique_capacity:
+        raise ValueError("tokens of the distinct items need a unique_capacity")
+      width = tokens["input_ids"].shape[1]
+      self.length_buckets = tuple(sorted({b for b in length_buckets if b < width} | {width}))
+      self.token_count_N = tokens["attention_mask"].sum(axis=1)
 
   @functools.lru_cache(maxsize=4)
   def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -155,7 +167,17 @@ class BatchBuilder(grain.transforms.Map):
       out[sel] = self._epoch_order(int(epoch))[offsets[sel]]
     return out
 
-  def map(self, batch_index: int) -> dict[str, np.ndarray]:
+  def map(self, batch_index: int, shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """This process's rows of batch ``batch_index``; ``shape`` (rows, tokens) pads its distinct
+    items past their own buckets (to share one shape with other batches of a call)."""
+    batch, unique = self.parts(int(batch_index))
+    if unique is None:
+      return batch
+    return self.pad(batch, unique, shape or self.shape_of(unique))
+
+  def parts(self, batch_index: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """This process's rows of the batch without the distinct-item arrays, and the global batch's
+    sorted distinct items (None without a unique capacity)."""
     all_pos = self.positions(int(batch_index))
     pos = all_pos[self.rows]
     if self.history == "sampled":
@@ -168,13 +190,36 @@ class BatchBuilder(grain.transforms.Map):
     items = self.seqs.items[pos]
     batch = {"user": self.seqs.user[pos], "item": items, "history": history, "history_mask": mask,
              "log_q": self.log_q[items]}
-    if self.unique_capacity:
-      unique = np.unique(np.concatenate([self.seqs.items[all_pos], all_history[all_mask]]))
-      if len(unique) > self.unique_capacity:
-        raise ValueError(f"batch {batch_index} has {len(unique)} distinct items, over the capacity {self.unique_capacity}")
-      batch["unique_items"] = np.pad(unique, (0, self.unique_capacity - len(unique))).astype(np.int32)[self.unique_rows]
-      batch["item_slot"] = np.searchsorted(unique, items).astype(np.int32)
-      batch["history_slot"] = np.where(mask, np.searchsorted(unique, np.maximum(history, 0)), 0).astype(np.int32)
+    if not self.unique_capacity:
+      return batch, None
+    unique = np.unique(np.concatenate([self.seqs.items[all_pos], all_history[all_mask]]))
+    if len(unique) > self.unique_capacity:
+      raise ValueError(f"batch {batch_index} has {len(unique)} distinct items, over the capacity {self.unique_capacity}")
+    return batch, unique
+
+  def shape_of(self, unique: np.ndarray) -> tuple[int, int]:
+    """(rows, tokens): the smallest buckets holding these distinct items and their longest text
+    (tokens 0 without a token table)."""
+    rows = next(b for b in self.row_buckets if b >= len(unique))
+    if self.tokens is None:
+      return rows, 0
+    longest = int(self.token_count_N[unique].max(initial=1))
+    return rows, next((b for b in self.length_buckets if b >= longest), self.length_buckets[-1])
+
+  def pad(self, batch: dict[str, np.ndarray], unique: np.ndarray, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """``parts``' batch with its distinct items padded to ``shape`` and each row's slot in them."""
+    rows, length = shape
+    share = rows // self.process_count
+    # Padding repeats item 0: rows no slot points at, so they reach neither the loss nor a gradient.
+    unique_R = np.pad(unique, (0, rows - len(unique))).astype(np.int32)
+    mine_R = unique_R[self.process_index * share:(self.process_index + 1) * share]
+    batch = dict(batch, unique_items=mine_R)
+    batch["item_slot"] = np.searchsorted(unique, batch["item"]).astype(np.int32)
+    history, mask = batch["history"], batch["history_mask"]
+    batch["history_slot"] = np.where(mask, np.searchsorted(unique, np.maximum(history, 0)), 0).astype(np.int32)
+    if self.tokens is not None:
+      for name, table_NxT in self.tokens.items():
+        batch["unique_" + name] = np.ascontiguousarray(table_NxT[mine_R, :length], np.int32)
     return batch
 
 
@@ -186,7 +231,14 @@ class StackedBatches(grain.transforms.Map):
 
   def map(self, call_index: int) -> dict[str, np.ndarray]:
     first = int(call_index) * self.steps_per_call
-    batches = [self.builder.map(first + i) for i in range(self.steps_per_call)]
+    parts = [self.builder.parts(first + i) for i in range(self.steps_per_call)]
+    if parts[0][1] is None:
+      batches = [batch for batch, _ in parts]
+    else:
+      # One call runs one compiled shape: the largest buckets any of its K batches needs.
+      shapes = [self.builder.shape_of(unique) for _, unique in parts]
+      shape = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+      batches = [self.builder.pad(batch, unique, shape) for batch, unique in parts]
     return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
 
 

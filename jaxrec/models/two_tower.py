@@ -43,8 +43,13 @@ class TwoTower(nnx.Module):
 
   def encode_text(self, items_U: jax.Array) -> jax.Array:
     """Pooled, L2-normalised text vectors [U, D] of these items through the live encoder."""
-    return encode_tokens(self.text_encoder, self.tokens["input_ids"][...][items_U],
-                         self.tokens["attention_mask"][...][items_U], self.tokens["token_type_ids"][...][items_U],
+    return self.encode_tokens(self.tokens["input_ids"][...][items_U], self.tokens["attention_mask"][...][items_U],
+                              self.tokens["token_type_ids"][...][items_U])
+
+  def encode_tokens(self, input_ids_UxT: jax.Array, attention_mask_UxT: jax.Array,
+                    token_type_ids_UxT: jax.Array) -> jax.Array:
+    """``encode_text`` of tokens already looked up (any T up to the table's: padding is masked)."""
+    return encode_tokens(self.text_encoder, input_ids_UxT, attention_mask_UxT, token_type_ids_UxT,
                          self.pooling, normalize=True)
 
   def items(self, items_N: jax.Array, text_NxD: jax.Array | None = None,
