@@ -8,7 +8,7 @@ holds none out; data.cold_item_fraction>0 measures exactly that failure mode.
 import dataclasses
 import os
 
-from jaxrec.config import Config, DataConfig, EncoderConfig, TrainConfig
+from jaxrec.config import Config, DataConfig, EncoderConfig, ModelConfig, TrainConfig
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,5 +23,10 @@ def get_config() -> Config:
                       item_text="summaries+reviews", split="random", split_ratios=(0.8, 0.1, 0.1),
                       cold_item_fraction=0.0, history_len=10),
       encoder=dataclasses.replace(EncoderConfig(), mode="frozen", max_length=128),
-      train=dataclasses.replace(TrainConfig(), steps=600, batch_size=256),
+      # Users have about five training items each: a user-id row per user memorises them (training
+      # loss 0.2, Recall@10 below popularity's), so the query tower is the pooled history and the
+      # user's features only. 100 steps (about three epochs) scored best on the validation split
+      # of 100/200/300 (hybrid and ID-only alike).
+      model=dataclasses.replace(ModelConfig(), use_user_ids=False),
+      train=dataclasses.replace(TrainConfig(), steps=100, batch_size=256, warmup_steps=10),
   )

@@ -7,7 +7,7 @@ The text models use the packaged MiniLM unless overridden; the test passes a tin
 
 from jaxrec.study import DatasetSpec, Grid, Model, SplitSpec, Study
 
-ID = Model("id", ("model.use_text=false", "encoder.mode=none"), "ID-only two-tower")
+ID = Model("id", ("model.use_text=false", "encoder.mode=none", "model.use_item_features=false"), "ID-only two-tower")
 TEXT = Model("text", ("model.use_text=true", "encoder.mode=frozen", "model.use_item_ids=false"), "text-only item tower")
 HYBRID = Model("hybrid", ("model.use_text=true", "encoder.mode=frozen"), "hybrid text + ids")
 
