@@ -91,6 +91,10 @@ def acceptance_section(out: str, results) -> list[str]:
                  f"(aim {HEADLINE_AIM}): {verdict}. NDCG@10 {_pm(hybrid, 'ndcg@10')}."
                  + (f" ID-only beside it: Recall@10 {_pm(ids, 'recall@10')} (seeds {ids['seeds']})." if ids else "")
                  + (f" Popularity: {_f(pop['recall@10_mean'])}." if pop else ""))
+    longer = _row(results, "ml1m", "random", "hybrid_10ep")
+    if longer is not None:
+      lines.append(f"- The same hybrid trained twice as long (10 epochs, seed {longer['seeds']}): Recall@10 "
+                   f"{_pm(longer, 'recall@10')}, NDCG@10 {_pm(longer, 'ndcg@10')}.")
   for dataset, split in dict.fromkeys((r["dataset"], r["split"]) for r in results):
     part = {r["model"]: r for r in results if r["dataset"] == dataset and r["split"] == split
             and r["train_fraction"] == 1.0}
@@ -107,13 +111,13 @@ def acceptance_section(out: str, results) -> list[str]:
                    f"{100 * COLD_RATIO_TARGET:.0f}%): {verdict}.")
     if "id" in part:
       r = part["id"]
-      items = _cell_files(out, dataset, split, "id")[0]["data/items"]
+      chance = _cell_files(out, dataset, split, "id")[0].get("cold/chance_recall@10", float("nan"))
       lines.append(f"- id on {dataset}/{split}: cold Recall@10 {_pm(r, 'cold/recall@10')} (warm "
-                   f"{_pm(r, 'warm/recall@10')}); a uniformly random ranking scores about 10/{items} = "
-                   f"{10 / items:.4f}, popularity "
+                   f"{_pm(r, 'warm/recall@10')}); a uniformly random ranking scores {_f(chance)} in expectation "
+                   f"(10 / the user's candidate count, averaged), popularity "
                    f"{_f(part[study.POPULARITY]['cold/recall@10_mean']) if study.POPULARITY in part else '–'}. "
-                   "Every cold item maps to the one shared id row, so the ID-only tower tells cold items apart "
-                   "only by their genre and decade embeddings: what it gets above chance comes from those.")
+                   "Every cold item maps to the one shared id row and the item tower has nothing else, so all "
+                   "cold items get the same vector and the same score: the ID-only model cannot rank them.")
   return lines
 
 
@@ -177,11 +181,26 @@ def readme_section(results) -> str:
   return "\n".join(lines) + "\n"
 
 
+def recbole_rows(paths) -> list[str]:
+  """Rows for RecBole runs on exactly this study's split (benchmarks/peers/recbole_bpr.py JSON)."""
+  lines = []
+  for path in paths:
+    with open(path) as f:
+      run = json.load(f)
+    test = run["test_result"]
+    lines.append(f"| {run['model']} (RecBole {run['versions']['recbole']} on this study's split, "
+                 f"{run['epochs_trained']} epochs, best valid epoch {run['best_valid_epoch']}) | "
+                 f"{_f(test['recall@10'])} | {_f(test['ndcg@10'])} |")
+  return lines
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--study", default="runs/study/paradigm", help="output directory of the study run")
   parser.add_argument("--docs", default=DOCS)
   parser.add_argument("--readme", action="store_true", help="also print the README section")
+  parser.add_argument("--recbole", action="append", default=[],
+                      help="recbole_<model>.json from benchmarks/peers/recbole_bpr.py run (repeatable)")
   args = parser.parse_args(argv)
   out = os.path.abspath(args.study)
   results = study.read_csv(os.path.join(out, "results.csv"))
@@ -210,9 +229,12 @@ def main(argv=None) -> int:
       plots="\n\n".join(f"![{p[:-4]}](study/{p})" for p in plots),
       acceptance="\n".join(acceptance_section(out, results)),
       efficiency="\n".join(efficiency_section(out, results)).strip(),
+      recbole="\n".join(recbole_rows(args.recbole)),
       published="\n".join(f"| {name} (RecBole-GNN, published) | {r:.4f} | {n:.4f} |" for name, r, n in PUBLISHED),
       ours="\n".join(f"| {label} (jaxrec, this study) | {_pm(r, 'recall@10')} | {_pm(r, 'ndcg@10')} |"
-                     for label, r in (("hybrid text + ids", _row(results, "ml1m", "random", "hybrid")),
+                     for label, r in (("hybrid text + ids, 5 epochs", _row(results, "ml1m", "random", "hybrid")),
+                                      ("hybrid text + ids, 10 epochs", _row(results, "ml1m", "random", "hybrid_10ep")),
+                                      ("text-only item tower", _row(results, "ml1m", "random", "text")),
                                       ("ID-only two-tower", _row(results, "ml1m", "random", "id")),
                                       ("popularity", _row(results, "ml1m", "random", study.POPULARITY)))
                      if r is not None),

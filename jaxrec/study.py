@@ -88,7 +88,7 @@ class Grid:
 class Study:
   name: str
   grids: tuple[Grid, ...]
-  overrides: tuple[str, ...] = ()  # every cell, before the grid's, dataset's, split's and model's
+  overrides: tuple[str, ...] = ()  # every cell, before the dataset's, split's, grid's and model's
   out: str = ""  # default output directory; "" = runs/study/<name>
   # Per-dataset model overrides, {(dataset, model): (...)}, applied after the model's own: a
   # model's best learning rate or temperature differs between a 1,000- and a 1,000,000-row dataset.
@@ -141,7 +141,9 @@ def plan(study: Study, out: str, extra: Sequence[str] = ()) -> list[Cell]:
             for seed in grid.seeds:
               cell = Cell(dataset, split, model, float(fraction), int(seed), ())
               workdir = os.path.join(out, *cell.id.split("/"))
-              overrides = (*study.overrides, *grid.overrides, *dataset.overrides, *split.overrides, *model.overrides,
+              # A grid's overrides are its cells' own (e.g. the steps of a training fraction), so
+              # they win over the dataset's and split's defaults; the model's come last.
+              overrides = (*study.overrides, *dataset.overrides, *split.overrides, *grid.overrides, *model.overrides,
                            *tuned.get((dataset.name, model.name), ()), f"data.train_fraction={fraction:g}",
                            f"train.seed={seed}", *extra, f"workdir={workdir}")
               cell = dataclasses.replace(cell, overrides=overrides)
