@@ -68,7 +68,10 @@ class Setting:
 
 
 def settings(args) -> dict[str, Setting]:
-  common = ("mesh.num_devices=1", "train.progress=false", f"train.batch_size={args.batch_size}")
+  # One step per call unless --jaxrec-override says otherwise (configs/default.py runs ten, which
+  # would require step counts that are multiples of ten).
+  common = ("mesh.num_devices=1", "train.progress=false", f"train.batch_size={args.batch_size}",
+            "train.steps_per_call=1")
   data = {"synthetic": (), "ml100k": ("data.source=ml100k", f"data.path={args.ml100k_path}", "data.item_text=title+genres",
                                       "encoder.max_length=64")}[args.data]
   smoke = ("data.synthetic.num_users=120", "data.synthetic.num_items=90", "data.synthetic.num_topics=6",
@@ -84,7 +87,7 @@ def settings(args) -> dict[str, Setting]:
           "model.use_text=false", "encoder.mode=none", "model.use_user_ids=true", "model.mlp_dims=",
           "data.history_len=1"), steps, warmup, drop_features=True),
       "frozen": Setting("frozen", "torch", common + data + smoke + ("encoder.mode=frozen",), steps, warmup),
-      "full": Setting("full", "torch", common[:2] + data + smoke + (
+      "full": Setting("full", "torch", common[:2] + common[3:] + data + smoke + (
           "encoder.mode=full", f"train.batch_size={full_batch}", f"data.history_len={args.full_history_len}"),
           full_steps, full_warmup),
   }

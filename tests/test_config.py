@@ -43,7 +43,8 @@ def test_bad_overrides_name_the_key(override, message):
 def test_config_files(tmp_path):
   cfg = load_config(CONFIGS / "tiny.py", ["train.steps=3"])
   assert cfg.train.steps == 3 and cfg.model.use_text is False
-  assert load_config(CONFIGS / "default.py") == Config(workdir="runs/default")
+  default = load_config(CONFIGS / "default.py")
+  assert default == Config(workdir="runs/default", train=dataclasses.replace(Config().train, steps_per_call=10))
   bad = tmp_path / "bad.py"
   bad.write_text("x = 1\n")
   with pytest.raises(ConfigError, match="defines no get_config"):
