@@ -25,10 +25,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec import losses, metrics, optim, sharding
 from jaxrec.checkpoint import Checkpointer
-from jaxrec.config import Config, DataConfig, to_json
+from jaxrec.config import Config, to_json
 from jaxrec.data import sources
 from jaxrec.data.dataset import Dataset, Split
-from jaxrec.data.pipeline import BatchBuilder, Sequences, item_log_q, train_batches
+from jaxrec.data.pipeline import BatchBuilder, Sequences, history_mode, item_log_q, train_batches
 from jaxrec.mesh import MeshError, make_mesh, maybe_initialize_distributed
 from jaxrec.models.towers import Catalog, Users
 from jaxrec.models.two_tower import TwoTower
@@ -681,14 +681,6 @@ def parameter_checksum(params: Any) -> str:
 
 def optax_global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def history_mode(data: DataConfig, has_time: bool) -> str:
-  """Resolves ``data.history=auto``: the recent items only where the protocol is temporal."""
-  if data.history != "auto":
-    return data.history
-  temporal = data.split == "loo" or (data.split == "predefined" and has_time)
-  return "recent" if temporal else "sampled"
 
 
 def _padded_rows(seqs: Sequences, users: np.ndarray) -> np.ndarray:

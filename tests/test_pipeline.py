@@ -116,7 +116,7 @@ def test_sampled_batches_are_reproducible_and_split_across_processes():
 
 
 def test_auto_history_is_recent_only_for_temporal_protocols():
-  from jaxrec.trainer import history_mode
+  from jaxrec.data.pipeline import history_mode
   assert history_mode(DataConfig(split="random"), True) == "sampled"
   assert history_mode(DataConfig(split="loo"), True) == "recent"
   assert history_mode(DataConfig(split="predefined"), True) == "recent"

@@ -18,8 +18,6 @@ with jaxrec's schedule (linear warmup from 0, cosine decay) and global-norm clip
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 
@@ -29,6 +27,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_recommenders as tfrs  # noqa: E402
+
+import peer_io  # noqa: E402  (this directory: the peers' shared command line and outputs)
 
 
 class RetrievalModel(tfrs.Model):
@@ -55,18 +55,8 @@ class RetrievalModel(tfrs.Model):
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", required=True, help="input .npz from train_throughput.py")
-  parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.npz and PREFIX.json")
-  parser.add_argument("--threads", type=int, help="intra-op threads (default: the input's config)")
-  parser.add_argument("--steps", type=int, help="train only this many of the batches (a probe run)")
-  parser.add_argument("--jit-compile", action="store_true", help="compile the train step with XLA (not the tutorial's default)")
-  args = parser.parse_args()
-  started = time.perf_counter()
-  with np.load(args.data, allow_pickle=False) as f:
-    data = {k: f[k] for k in f.files}
-  cfg = json.loads(str(data.pop("config")))
-  cfg.update({k: v for k, v in (("threads", args.threads), ("steps", args.steps)) if v})
+  args, data, cfg, started = peer_io.parse(__doc__.splitlines()[0], lambda parser: parser.add_argument(
+      "--jit-compile", action="store_true", help="compile the train step with XLA (not the tutorial's default)"))
   tf.config.threading.set_intra_op_parallelism_threads(cfg["threads"])
   tf.config.threading.set_inter_op_parallelism_threads(cfg["threads"])
   tf.keras.utils.set_random_seed(cfg["seed"])
@@ -96,16 +86,10 @@ def main() -> None:
 
   items_NxE = model.items(tf.range(int(data["num_items"]))).numpy()
   queries_UxE = model.queries(tf.convert_to_tensor(data["eval_users"])).numpy()
-  np.savez(args.out + ".npz", item_vectors=items_NxE, query_vectors=queries_UxE)
-  timed = cfg["steps"] - cfg["timing_warmup"]
-  summary = {"peer": "tfrs" + ("+xla" if args.jit_compile else ""), "version": f"tf {tf.__version__}, tfrs {tfrs.__version__}",
-             "threads": cfg["threads"], "timed_steps": timed, "elapsed_s": elapsed,
-             "examples_per_sec": timed * cfg["batch_size"] / elapsed, "ms_per_step": 1000 * elapsed / timed,
-             "losses": losses, "wall_s": time.perf_counter() - started,
-             "params": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
-  with open(args.out + ".json", "w") as f:
-    json.dump(summary, f)
-
+  peer_io.write(args.out, items_NxE, queries_UxE, peer="tfrs" + ("+xla" if args.jit_compile else ""),
+                version=f"tf {tf.__version__}, tfrs {tfrs.__version__}", threads=cfg["threads"],
+                timed_steps=cfg["steps"] - cfg["timing_warmup"], elapsed=elapsed, batch_size=cfg["batch_size"],
+                losses=losses, started=started, params=int(sum(np.prod(v.shape) for v in model.trainable_variables)))
 
 if __name__ == "__main__":
   main()

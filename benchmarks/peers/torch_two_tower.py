@@ -21,8 +21,6 @@ E tower output, T tokens.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import time
@@ -31,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import peer_io  # this directory: the peers' shared command line and outputs
 
 MASKED_LOGIT = -1e9
 
@@ -210,17 +210,7 @@ def make_optimizer(model: TwoTower, cfg: dict) -> tuple[torch.optim.Optimizer, t
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", required=True, help="input .npz from train_throughput.py")
-  parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.npz and PREFIX.json")
-  parser.add_argument("--threads", type=int, help="intra-op threads (default: the input's config)")
-  parser.add_argument("--steps", type=int, help="train only this many of the batches (a probe run)")
-  args = parser.parse_args()
-  started = time.perf_counter()
-  with np.load(args.data, allow_pickle=False) as f:
-    data = {k: f[k] for k in f.files}
-  cfg = json.loads(str(data.pop("config")))
-  cfg.update({k: v for k, v in (("threads", args.threads), ("steps", args.steps)) if v})
+  args, data, cfg, started = peer_io.parse(__doc__.splitlines()[0])
   torch.manual_seed(cfg["seed"])
   torch.set_num_threads(cfg["threads"])
   model = TwoTower(data, cfg)
@@ -268,15 +258,10 @@ def main() -> None:
         text = model.item_text(h.clamp_min(0).reshape(-1))
       queries.append(model.queries(users[start:start + 512], h, mask[start:start + 512], text))
     queries_UxE = torch.cat(queries).numpy()
-  np.savez(args.out + ".npz", item_vectors=items_NxE, query_vectors=queries_UxE)
-  timed = steps - warmup
-  summary = {"peer": "pytorch", "version": torch.__version__, "threads": torch.get_num_threads(),
-             "timed_steps": timed, "elapsed_s": elapsed, "examples_per_sec": timed * cfg["batch_size"] / elapsed,
-             "ms_per_step": 1000 * elapsed / timed, "losses": losses, "wall_s": time.perf_counter() - started,
-             "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-  with open(args.out + ".json", "w") as f:
-    json.dump(summary, f)
-
+  peer_io.write(args.out, items_NxE, queries_UxE, peer="pytorch", version=torch.__version__,
+                threads=torch.get_num_threads(), timed_steps=steps - warmup, elapsed=elapsed,
+                batch_size=cfg["batch_size"], losses=losses, started=started,
+                params=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 if __name__ == "__main__":
   main()

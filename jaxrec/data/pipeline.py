@@ -18,6 +18,7 @@ import functools
 import grain
 import numpy as np
 
+from jaxrec.config import DataConfig
 from jaxrec.data.dataset import Dataset
 
 
@@ -107,6 +108,14 @@ def _distinct_draws(counts: np.ndarray, length: int, rng: np.random.Generator) -
     repeat = np.concatenate([np.zeros((len(draws), 1), bool), draws[:, 1:] == draws[:, :-1]], axis=1)
     out[many] = np.where(repeat, -1, draws)
   return out
+
+
+def history_mode(data: DataConfig, has_time: bool) -> str:
+  """Resolves ``data.history=auto``: the recent items only where the protocol is temporal."""
+  if data.history != "auto":
+    return data.history
+  temporal = data.split == "loo" or (data.split == "predefined" and has_time)
+  return "recent" if temporal else "sampled"
 
 
 def item_log_q(train_items: np.ndarray, num_items: int) -> np.ndarray:
