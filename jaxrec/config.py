@@ -100,8 +100,13 @@ class TrainConfig:
   warmup_steps: int = 50
   end_lr_fraction: float = 0.05
   weight_decay: float = 1e-4
-  clip_norm: float = 1.0
-  logq_correction: bool = True
+  clip_norm: float = 1.0  # global-norm clipping; 0 = off
+  # in_batch: the other positives of the global batch are the negatives (sampled softmax, logQ
+  # corrected); catalog: a full softmax over every item with training interactions, exact and
+  # unbiased but [batch, items] logits and the item tower over the whole catalog each step, so for
+  # catalogs up to about 1e5 items and the cached-text/ID modes only
+  negatives: str = "in_batch"
+  logq_correction: bool = True  # in_batch only
   remove_accidental_hits: bool = True
   steps_per_call: int = 1  # K: train steps run inside one jitted call (lax.scan over K batches); K > 1
   # removes per-step dispatch and transfer overhead for small models
@@ -301,13 +306,16 @@ def validate(config: Config) -> Config:
       "model.dtype": (config.model.dtype, ("float32", "bfloat16")),
       "model.param_dtype": (config.model.param_dtype, ("float32", "bfloat16")),
       "train.nan_policy": (config.train.nan_policy, ("stop", "skip")),
+      "train.negatives": (config.train.negatives, ("in_batch", "catalog")),
       "eval.split": (config.eval.split, ("test", "valid")),
   }
   for key, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+  if config.data.history_len < 0:
+    raise ConfigError(f"config key 'data.history_len' must be >= 0 (0 = no history in the query tower); "
+                      f"got {config.data.history_len}")
   positive = {"train.steps": config.train.steps, "train.batch_size": config.train.batch_size,
-              "data.history_len": config.data.history_len,
               "model.embed_dim": config.model.embed_dim, "eval.batch_size": config.eval.batch_size}
   for key, value in positive.items():
     if value <= 0:
@@ -327,6 +335,9 @@ def validate(config: Config) -> Config:
                      ("train.eval_every", config.train.eval_every)):
     if value % k:
       raise ConfigError(f"config key '{key}'={value} must be a multiple of train.steps_per_call={k}")
+  if config.train.negatives == "catalog" and config.model.use_text and config.encoder.mode in ("lora", "full"):
+    raise ConfigError(f"config key 'train.negatives'=catalog needs the cached text of encoder.mode=frozen (or no "
+                      f"text): a {config.encoder.mode} encoder would re-encode the whole catalog every step")
   if config.encoder.shape_buckets < 1:
     raise ConfigError("config key 'encoder.shape_buckets' must be >= 1 (1 = one fixed shape); "
                       f"got {config.encoder.shape_buckets}")

@@ -37,7 +37,8 @@ def make_optimizer(cfg: TrainConfig, encoder_cfg: EncoderConfig,
     labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda path, _: "encoder" if is_encoder_param(path) else "towers", params)
     tx = optax.multi_transform({"towers": _adamw(lr, cfg), "encoder": _adamw(encoder_lr, cfg)}, labels)
-  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+  # clip_norm=0 turns clipping off (clipping to a norm of zero would freeze training).
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx) if cfg.clip_norm > 0 else tx
 
 
 def count_params(params: Any) -> int:

@@ -206,6 +206,8 @@ class Trainer:
 
   def loss_fn(self, params: dict, tables: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
     model = self.model(params, tables)
+    if self.cfg.train.negatives == "catalog":
+      return self._catalog_loss(model, batch, key)
     unique_U = batch["unique_items"]
     text_UxD = model.encode_tokens(*(batch["unique_" + name] for name in TOKEN_KEYS)) if self.live_text else None
     items_UxE = model.items(unique_U, text_UxD, dropout_key=key)
@@ -219,6 +221,16 @@ class Trainer:
         q_BxE, pos_BxE, batch["item"], model.temperature,
         log_q_B=batch["log_q"] if self.cfg.train.logq_correction else None,
         remove_accidental_hits=self.cfg.train.remove_accidental_hits)
+    return loss, {"logits_shape": jnp.asarray(aux["logits"].shape)}
+
+  def _catalog_loss(self, model: TwoTower, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+    """Full softmax over the catalog: the item tower runs once on every item, positives and history
+    are rows of it, and only items with training interactions compete as negatives."""
+    items_NxE = model.items(jnp.arange(self.dataset.num_items, dtype=jnp.int32), None, dropout_key=key)
+    q_BxE = model.query_tower(batch["user"], items_NxE[jnp.maximum(batch["history"], 0)], batch["history_mask"])
+    q_BxE = sharding.constrain(q_BxE, self.mesh, ("batch", "tower_out"), self.rules)
+    loss, aux = losses.catalog_softmax(q_BxE, items_NxE, batch["item"], model.temperature,
+                                       candidate_mask_N=jnp.asarray(self.item_trained))
     return loss, {"logits_shape": jnp.asarray(aux["logits"].shape)}
 
   def _step_fn(self, state: dict, batch: dict) -> tuple[dict, dict]:

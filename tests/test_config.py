@@ -32,7 +32,7 @@ def test_defaults_and_typed_overrides():
     ("train.steps", "is not of the form key=value"),
     ("encoder.mode=partial", "config key 'encoder.mode' must be one of frozen, lora, full, none"),
     ("train.steps=0", "config key 'train.steps' must be positive"),
-    ("data.history_len=0", "config key 'data.history_len' must be positive"),
+    ("data.history_len=-1", "config key 'data.history_len' must be >= 0"),
 ])
 def test_bad_overrides_name_the_key(override, message):
   with pytest.raises(ConfigError) as e:

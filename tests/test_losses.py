@@ -1,7 +1,7 @@
 import numpy as np
 import jax.numpy as jnp
 
-from jaxrec.losses import MASKED_LOGIT, in_batch_softmax
+from jaxrec.losses import MASKED_LOGIT, catalog_softmax, in_batch_softmax
 
 
 def _reference(q, c, pos_ids, cand_ids, temperature, log_q, remove_hits):
@@ -67,3 +67,32 @@ def test_extra_negatives_extend_the_softmax():
                     np.concatenate([log_q, extra_lq]), True)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
   assert aux["logits"].shape == (6, 9)
+
+
+def test_catalog_softmax_matches_numpy_and_masks_only_non_candidates():
+  rng = np.random.default_rng(3)
+  q = rng.normal(size=(5, 4)).astype(np.float32)
+  items = rng.normal(size=(9, 4)).astype(np.float32)
+  pos = np.array([0, 4, 4, 8, 2], np.int32)
+  mask = np.ones(9, bool)
+  mask[[2, 6, 7]] = False  # item 2 is also a label: its own row keeps it
+  loss, aux = catalog_softmax(jnp.asarray(q), jnp.asarray(items), jnp.asarray(pos), 0.1,
+                              candidate_mask_N=jnp.asarray(mask))
+  expected = []
+  for b in range(5):
+    logits = (items @ q[b]).astype(np.float64) / 0.1
+    keep = mask.copy()
+    keep[pos[b]] = True
+    logits = logits[keep]
+    label = int(np.flatnonzero(keep).tolist().index(pos[b]))
+    m = logits.max()
+    expected.append(m + np.log(np.exp(logits - m).sum()) - logits[label])
+  np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
+  assert aux["logits"].shape == (5, 9)
+  # With every item a candidate it is the in-batch softmax whose candidates are the whole catalog.
+  distinct = np.array([0, 4, 8, 2], np.int32)
+  full, _ = catalog_softmax(jnp.asarray(q[:4]), jnp.asarray(items), jnp.asarray(distinct), 0.1)
+  rest = np.setdiff1d(np.arange(9), distinct).astype(np.int32)
+  ref, _ = in_batch_softmax(jnp.asarray(q[:4]), jnp.asarray(items[distinct]), jnp.asarray(distinct), 0.1,
+                            extra_NxE=jnp.asarray(items[rest]), extra_ids_N=jnp.asarray(rest))
+  np.testing.assert_allclose(float(full), float(ref), rtol=1e-5)

@@ -101,6 +101,26 @@ def test_sampled_history_draws_the_users_other_training_items():
     assert eval_mask[u].sum() == min(4, len(mine))
     for item in eval_hist[u][eval_mask[u]]:
       mine.remove(item)
+  # A user's eval draw is the same whatever other users share the call (evaluate and build_index
+  # batch users differently).
+  users = np.random.default_rng(1).permutation(ds.num_users)
+  for chunk in np.array_split(users, 7):
+    part, part_mask = seqs.sampled_items(chunk, 4, seed=0)
+    np.testing.assert_array_equal(part, eval_hist[chunk])
+    np.testing.assert_array_equal(part_mask, eval_mask[chunk])
+  assert not np.array_equal(seqs.sampled_items(np.arange(ds.num_users), 4, seed=1)[0], eval_hist)
+
+
+def test_eval_draws_are_uniform_subsets():
+  from jaxrec.data.pipeline import Sequences
+  # One user with 10 items: over many seeds each item is drawn about 3/10 of the time.
+  seqs = Sequences(items=np.arange(10, dtype=np.int32), start=np.array([0, 10]), user=np.zeros(10, np.int32))
+  counts = np.zeros(10)
+  for seed in range(3000):
+    hist, mask = seqs.sampled_items(np.array([0]), 3, seed)
+    assert mask.sum() == 3 and len(set(hist[0].tolist())) == 3
+    counts[hist[0]] += 1
+  np.testing.assert_allclose(counts / 3000, 0.3, atol=0.03)
 
 
 def test_sampled_batches_are_reproducible_and_split_across_processes():

@@ -68,12 +68,29 @@ class Sequences:
     return np.where(mask, self.items[offsets], -1).astype(np.int32), mask
 
   def sampled_items(self, users: np.ndarray, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``length`` distinct known items per user, drawn once from ``seed`` (eval queries)."""
-    rng = np.random.default_rng([seed, 0x6869])
+    """``length`` distinct known items per user (eval queries), -1 padded: ``([P, L], [P, L])``.
+
+    A user's draw depends only on ``seed``, the user and their items, never on which users share
+    the call, so ``evaluate`` and ``build_index`` (different batchings) give a user the same query.
+    Users with more than ``length`` items keep the ``length`` with the smallest keyed hash of
+    (seed, user, item): a uniform random subset.
+    """
+    users = np.asarray(users, np.int64)
     first, counts = self.start[users], self.start[users + 1] - self.start[users]
-    draws = _distinct_draws(counts, length, rng)
-    mask = draws >= 0
-    history = np.where(mask, self.items[np.where(mask, first[:, None] + draws, 0)], -1)
+    slots = np.arange(length)[None, :]
+    offsets = np.where(slots < counts[:, None], slots, -1)  # users with at most L items: all of them
+    many = np.flatnonzero(counts > length)
+    if many.size:
+      c = counts[many]
+      row = np.repeat(np.arange(many.size), c)
+      offset = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
+      keys = _keyed_hash(seed, users[many][row], self.items[first[many][row] + offset])
+      order = np.lexsort((keys, row))  # rows stay grouped in order; within a row, by key
+      rank = offset  # after the sort, position within the row is the key's rank
+      keep = rank < length
+      offsets[many[row[order][keep]], rank[keep]] = offset[order][keep]
+    mask = offsets >= 0
+    history = np.where(mask, self.items[np.where(mask, first[:, None] + offsets, 0)], -1)
     return history.astype(np.int32), mask
 
   def last_items(self, users: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +100,16 @@ class Sequences:
     mask = offsets >= self.start[users][:, None]
     history = np.where(mask, self.items[np.clip(offsets, 0, max(len(self.items) - 1, 0))], -1)
     return history.astype(np.int32), mask
+
+
+def _keyed_hash(seed: int, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+  """A splitmix64 finaliser of (seed, user, item): uint64 keys, uniform and independent per pair."""
+  with np.errstate(over="ignore"):
+    x = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + users.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+         + items.astype(np.uint64) * np.uint64(0x94D049BB133111EB))
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _distinct_draws(counts: np.ndarray, length: int, rng: np.random.Generator) -> np.ndarray:

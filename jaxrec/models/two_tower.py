@@ -62,5 +62,6 @@ class TwoTower(nnx.Module):
     """Query vectors [B, E] from user ids and the item indices of their recent history (-1 = padding)."""
     b, l = history_BxL.shape
     flat_text = None if history_text_BxLxD is None else history_text_BxLxD.reshape(b * l, -1)
-    hist_BxLxE = self.item_tower(jnp.maximum(history_BxL, 0).reshape(-1), flat_text, dropout_key).reshape(b, l, -1)
+    hist_BxLxE = self.item_tower(jnp.maximum(history_BxL, 0).reshape(-1), flat_text, dropout_key)
+    hist_BxLxE = hist_BxLxE.reshape(b, l, hist_BxLxE.shape[-1])  # explicit E: L may be 0
     return self.query_tower(users_B, hist_BxLxE, history_mask_BxL)
