@@ -221,8 +221,14 @@ def main(argv=None) -> int:
   if os.path.isfile(diagnosis_path):
     with open(diagnosis_path) as f:
       diagnosis = f.read().split("\n", 2)[2].strip()
+  ablation_path = os.path.join(os.path.dirname(out), "ml1m_ablation", "results.md")
+  ablation = "(not run)"
+  if os.path.isfile(ablation_path):
+    with open(ablation_path) as f:
+      ablation = f.read().split("\n", 2)[2].strip()
   page = template.format(
       diagnosis=diagnosis,
+      ablation=ablation,
       protocol="\n".join(protocol_section(out, results)),
       settings="\n".join(settings_section(out, results)),
       table=table.strip(),

@@ -87,3 +87,11 @@ def test_missing_workdir(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
   proc = jaxrec("--debug", "train", "--config", TINY, "train.stpes=3")
   assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_study_command_forwards_the_runners_flags(tmp_path):
+  proc = jaxrec("study", "--config", str(ROOT / "configs" / "study" / "paradigm.py"), "--out", str(tmp_path / "s"),
+                "--list", "--only", "ml1m/random/id/f1/*", check=True)
+  listed = [line for line in proc.stdout.splitlines() if not line.startswith(" ")]
+  assert listed == ["ml1m/random/id/f1/s0", "ml1m/random/id/f1/s1", "ml1m/random/id/f1/s2"]
+  assert not list((tmp_path / "s").rglob("metrics.json"))  # --list trains nothing
