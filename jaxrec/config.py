@@ -44,7 +44,8 @@ class DataConfig:
   min_rating: float = 0.0
   kcore: int = 0
   train_fraction: float = 1.0  # keep this share of training interactions (data-efficiency study)
-  history_len: int = 10  # L: items of the user's training history fed to the query tower
+  history_len: int = 10  # L: items of the user's training history fed to the query tower; 0 = none (user id
+  # and features only, the TFRS tutorial's query tower)
   # Which L items: recent (the L before the target in time; eval: the last L) | sampled (L drawn
   # from the user's other training items; eval: L drawn from the known ones) | auto (recent for
   # temporal splits, sampled for random splits and for data without time).

@@ -330,10 +330,7 @@ class Trainer:
 
   def query_vectors(self, state: dict, users: np.ndarray, known: Sequences,
                     text_NxD: jax.Array | None = None) -> jax.Array:
-    if self.history_mode == "sampled":
-      history, mask = known.sampled_items(users, self.cfg.data.history_len, self.cfg.train.seed)
-    else:
-      history, mask = known.last_items(users, self.cfg.data.history_len)
+    history, mask = known.query_history(users, self.cfg.data.history_len, self.history_mode, self.cfg.train.seed)
     history_text = None if text_NxD is None else text_NxD[np.maximum(history, 0)]
     return self._query_vectors(state["params"], state["tables"], users.astype(np.int32), history, mask, history_text)
 

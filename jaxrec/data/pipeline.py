@@ -93,6 +93,14 @@ class Sequences:
     history = np.where(mask, self.items[np.where(mask, first[:, None] + offsets, 0)], -1)
     return history.astype(np.int32), mask
 
+  def query_history(self, users: np.ndarray, length: int, mode: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The history an eval/serving query pools, by resolved ``data.history`` mode: ``sampled``
+    draws ``length`` known items per user, ``recent`` takes the last ``length``. The training-time
+    counterpart (per target position) is ``BatchBuilder.parts``."""
+    if mode == "sampled":
+      return self.sampled_items(users, length, seed)
+    return self.last_items(users, length)
+
   def last_items(self, users: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     """Each user's ``length`` most recent items (-1 padded), for building eval queries."""
     ends = self.start[users + 1]
