@@ -266,3 +266,11 @@ def test_query_tower_without_history_trains_on_user_ids_alone():
   assert losses[-1] < losses[0] - 0.05, losses
   result = trainer.evaluate(state)
   assert 0.0 <= result["recall@10"] <= 1.0
+
+
+def test_no_history_also_runs_with_a_live_encoder(tmp_path, tiny_bert_dir):
+  trainer = Trainer(load_config(TINY, _live(tiny_bert_dir, "mesh.num_devices=1", "data.history_len=0", "train.steps=2",
+                                            "train.batch_size=8", "checkpoint.async_save=false",
+                                            f"workdir={tmp_path / 'live'}")))
+  result = trainer.run()
+  assert np.all(np.isfinite(result["train/losses"])) and 0.0 <= result["recall@10"] <= 1.0

@@ -61,7 +61,9 @@ class TwoTower(nnx.Module):
               history_text_BxLxD: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
     """Query vectors [B, E] from user ids and the item indices of their recent history (-1 = padding)."""
     b, l = history_BxL.shape
-    flat_text = None if history_text_BxLxD is None else history_text_BxLxD.reshape(b * l, -1)
+    flat_text = None
+    if history_text_BxLxD is not None:
+      flat_text = history_text_BxLxD.reshape(b * l, history_text_BxLxD.shape[-1])  # explicit D: L may be 0
     hist_BxLxE = self.item_tower(jnp.maximum(history_BxL, 0).reshape(-1), flat_text, dropout_key)
     hist_BxLxE = hist_BxLxE.reshape(b, l, hist_BxLxE.shape[-1])  # explicit E: L may be 0
     return self.query_tower(users_B, hist_BxLxE, history_mask_BxL)
