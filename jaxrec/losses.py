@@ -21,6 +21,15 @@ def logit_precision() -> jax.lax.Precision:
 MASKED_LOGIT = -1e9
 
 
+def _cross_entropy(logits_BxC: jax.Array, label_BxC: jax.Array, weights_B: jax.Array | None) -> jax.Array:
+  """Softmax cross-entropy of each row against its one-hot label column; the (weighted) mean."""
+  loss_B = jax.nn.logsumexp(logits_BxC, axis=1) - jnp.sum(jnp.where(label_BxC, logits_BxC, 0.0), axis=1)
+  if weights_B is None:
+    return jnp.mean(loss_B)
+  w = weights_B.astype(jnp.float32)
+  return jnp.sum(loss_B * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 def in_batch_softmax(
     q_BxE: jax.Array,
     pos_BxE: jax.Array,
@@ -59,13 +68,7 @@ def in_batch_softmax(
   if remove_accidental_hits:
     hit_BxC = (cand_ids_C[None, :] == pos_ids_B[:, None]) & ~label_BxC
     logits_BxC = jnp.where(hit_BxC, MASKED_LOGIT, logits_BxC)
-  loss_B = jax.nn.logsumexp(logits_BxC, axis=1) - jnp.sum(jnp.where(label_BxC, logits_BxC, 0.0), axis=1)
-  if weights_B is None:
-    loss = jnp.mean(loss_B)
-  else:
-    w = weights_B.astype(jnp.float32)
-    loss = jnp.sum(loss_B * w) / jnp.maximum(jnp.sum(w), 1.0)
-  return loss, {"logits": logits_BxC}
+  return _cross_entropy(logits_BxC, label_BxC, weights_B), {"logits": logits_BxC}
 
 
 def catalog_softmax(
@@ -89,10 +92,4 @@ def catalog_softmax(
   label_BxN = jnp.arange(logits_BxN.shape[1])[None, :] == pos_ids_B[:, None]
   if candidate_mask_N is not None:
     logits_BxN = jnp.where(candidate_mask_N[None, :] | label_BxN, logits_BxN, MASKED_LOGIT)
-  loss_B = jax.nn.logsumexp(logits_BxN, axis=1) - jnp.sum(jnp.where(label_BxN, logits_BxN, 0.0), axis=1)
-  if weights_B is None:
-    loss = jnp.mean(loss_B)
-  else:
-    w = weights_B.astype(jnp.float32)
-    loss = jnp.sum(loss_B * w) / jnp.maximum(jnp.sum(w), 1.0)
-  return loss, {"logits": logits_BxN}
+  return _cross_entropy(logits_BxN, label_BxN, weights_B), {"logits": logits_BxN}

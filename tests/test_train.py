@@ -30,11 +30,13 @@ def test_train_step_decreases_the_loss_on_a_fixed_batch():
 def _losses(trainer, steps):
   state = trainer.init_state()
   builder = trainer.batch_builder()
+  b = trainer.cfg.train.batch_size
+  candidates = trainer.dataset.num_items if trainer.cfg.train.negatives == "catalog" else b
   out = []
-  for b in range(steps):
-    state, metrics = trainer.train_step(state, trainer.put_batch(builder.map(b)))
+  for i in range(steps):
+    state, metrics = trainer.train_step(state, trainer.put_batch(builder.map(i)))
     out.append(float(metrics["loss"]))
-    assert tuple(np.asarray(metrics["logits_shape"])) == (trainer.cfg.train.batch_size,) * 2
+    assert tuple(np.asarray(metrics["logits_shape"])) == (b, candidates)
   return np.array(out), state
 
 
@@ -218,20 +220,11 @@ def test_catalog_softmax_step_scores_every_trained_item_and_agrees_across_meshes
   ref, _ = catalog_softmax(queries, items, batch["item"], trainer.cfg.model.temperature,
                            candidate_mask_N=trainer.item_trained)
   np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
-  reference, _ = _catalog_losses(trainer, 8)
-  losses, _ = _catalog_losses(_trainer("mesh.data=4", "mesh.fsdp=2", "train.negatives=catalog", "model.id_dropout=0"), 8)
+  reference, _ = _losses(trainer, 8)
+  losses, _ = _losses(_trainer("mesh.data=4", "mesh.fsdp=2", "train.negatives=catalog", "model.id_dropout=0"), 8)
   np.testing.assert_allclose(losses, reference, rtol=1e-5)
   assert losses[-1] < losses[0]
 
-
-def _catalog_losses(trainer, steps):
-  state = trainer.init_state()
-  builder = trainer.batch_builder()
-  out = []
-  for b in range(steps):
-    state, metrics = trainer.train_step(state, trainer.put_batch(builder.map(b)))
-    out.append(float(metrics["loss"]))
-  return np.array(out), state
 
 
 def test_clip_norm_zero_turns_clipping_off():
