@@ -78,6 +78,11 @@ class ModelConfig:
   id_dim: int = 64
   feature_dim: int = 16
   mlp_dims: tuple[int, ...] = (256,)
+  # How a tower joins its inputs (text vector, id and feature embeddings, pooled history):
+  # mlp concatenates them into the fusion MLP (hidden layers of mlp_dims, then a Linear to
+  # embed_dim); sum adds them, no weights (every input used must be embed_dim wide: id_dim,
+  # feature_dim, the text width), the matrix-factorisation towers of TFRS's tutorial
+  fusion: str = "mlp"
   use_item_ids: bool = True
   use_text: bool = True
   use_user_ids: bool = True
@@ -305,6 +310,7 @@ def validate(config: Config) -> Config:
       "encoder.mode": (config.encoder.mode, ("frozen", "lora", "full", "none")),
       "encoder.pooling": (config.encoder.pooling, ("mean", "cls")),
       "model.dtype": (config.model.dtype, ("float32", "bfloat16")),
+      "model.fusion": (config.model.fusion, ("mlp", "sum")),
       "model.param_dtype": (config.model.param_dtype, ("float32", "bfloat16")),
       "train.nan_policy": (config.train.nan_policy, ("stop", "skip")),
       "train.negatives": (config.train.negatives, ("in_batch", "catalog")),

@@ -33,11 +33,14 @@ import peer_io  # noqa: E402  (this directory: the peers' shared command line an
 
 class RetrievalModel(tfrs.Model):
 
-  def __init__(self, num_users: int, num_items: int, dim: int, temperature: float):
+  def __init__(self, num_users: int, num_items: int, dim: int, temperature: float, seed: int):
     super().__init__()
-    init = tf.keras.initializers.RandomNormal(stddev=0.05)
-    self.user_model = tf.keras.Sequential([tf.keras.layers.Embedding(num_users, dim, embeddings_initializer=init)])
-    self.item_model = tf.keras.Sequential([tf.keras.layers.Embedding(num_items, dim, embeddings_initializer=init)])
+    # One initializer per table: a Keras initializer instance returns the same values on every
+    # call, which would start user i and item i on the same vector.
+    user_init = tf.keras.initializers.RandomNormal(stddev=0.05, seed=2 * seed)
+    item_init = tf.keras.initializers.RandomNormal(stddev=0.05, seed=2 * seed + 1)
+    self.user_model = tf.keras.Sequential([tf.keras.layers.Embedding(num_users, dim, embeddings_initializer=user_init)])
+    self.item_model = tf.keras.Sequential([tf.keras.layers.Embedding(num_items, dim, embeddings_initializer=item_init)])
     loss = tf.keras.losses.CategoricalCrossentropy(from_logits=True,
                                                    reduction=tf.keras.losses.Reduction.SUM_OVER_BATCH_SIZE)
     self.task = tfrs.tasks.Retrieval(loss=loss, temperature=temperature, remove_accidental_hits=True)
@@ -61,7 +64,8 @@ def main() -> None:
   tf.config.threading.set_inter_op_parallelism_threads(cfg["threads"])
   tf.keras.utils.set_random_seed(cfg["seed"])
 
-  model = RetrievalModel(int(data["num_users"]), int(data["num_items"]), cfg["embed_dim"], cfg["temperature"])
+  model = RetrievalModel(int(data["num_users"]), int(data["num_items"]), cfg["embed_dim"], cfg["temperature"],
+                         cfg["seed"])
   steps = cfg["total_steps"]
   warmup = min(cfg["warmup_steps"], max(steps - 1, 0))
   schedule = tf.keras.optimizers.schedules.CosineDecay(

@@ -50,6 +50,19 @@ class FusionMLP(nnx.Module):
     return l2_normalize(self.out(x))
 
 
+def check_sum_widths(widths: dict[str, int], embed_dim: int, tower: str) -> None:
+  """``model.fusion=sum`` adds a tower's inputs, so each must be ``embed_dim`` wide."""
+  for key, width in widths.items():
+    if width != embed_dim:
+      raise ValueError(f"model.fusion=sum adds the {tower}'s inputs, which must be model.embed_dim={embed_dim} "
+                       f"wide; {key} is {width}")
+
+
+def fuse_sum(parts: list[jax.Array]) -> jax.Array:
+  """``model.fusion=sum``: the inputs ``[*, E]`` added, then L2-normalised in float32."""
+  return l2_normalize(sum(p.astype(jnp.float32) for p in parts))
+
+
 class CategoricalBag(nnx.Module):
   """Sum of embeddings of a ``[rows, M]`` id table (0 = padding); rows are looked up by index."""
 
@@ -87,7 +100,8 @@ def id_table(rows: int, cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Embed:
 
 
 class ItemTower(nnx.Module):
-  """Item index -> text vector ++ id embedding ++ categorical embeddings -> fusion MLP -> [N, E]."""
+  """Item index -> text vector ++ id embedding ++ categorical embeddings -> fusion MLP (or their
+  sum, ``model.fusion=sum``) -> [N, E]."""
 
   def __init__(self, catalog: Catalog, cfg: ModelConfig, text_dim: int, *, row_multiple: int = 1, rngs: nnx.Rngs):
     self.use_ids, self.use_text, self.id_dropout = cfg.use_item_ids, cfg.use_text, cfg.id_dropout
@@ -103,7 +117,12 @@ class ItemTower(nnx.Module):
     self.features = nnx.Dict({name: CategoricalBag(values, catalog.feature_sizes[name], cfg.feature_dim, cfg, rngs=rngs)
                               for name, values in sorted(catalog.features.items())})
     in_dim += cfg.feature_dim * len(catalog.features)
-    self.mlp = FusionMLP(in_dim, cfg, rngs=rngs)
+    if cfg.fusion == "sum":
+      check_sum_widths({**({"the text vector": text_dim} if self.use_text else {}),
+                        **({"model.id_dim": cfg.id_dim} if self.use_ids else {}),
+                        **({"model.feature_dim": cfg.feature_dim} if catalog.features else {})},
+                       cfg.embed_dim, "item tower")
+    self.mlp = FusionMLP(in_dim, cfg, rngs=rngs) if cfg.fusion == "mlp" else None
 
   def __call__(self, items_N: jax.Array, text_NxD: jax.Array | None = None,
                dropout_key: jax.Array | None = None) -> jax.Array:
@@ -117,6 +136,8 @@ class ItemTower(nnx.Module):
         rows_N = jnp.where(jax.random.bernoulli(dropout_key, self.id_dropout, rows_N.shape), 0, rows_N)
       parts.append(self.ids(rows_N))
     parts.extend(bag(items_N) for bag in self.features.values())
+    if self.mlp is None:
+      return fuse_sum(parts)
     x = jnp.concatenate([p.astype(self.mlp.out.kernel[...].dtype) for p in parts], axis=-1)
     return self.mlp(x)
 
@@ -129,7 +150,8 @@ class Users:
 
 
 class QueryTower(nnx.Module):
-  """User id ++ user features ++ mean of the item-tower vectors of the last L items -> [B, E]."""
+  """User id ++ user features ++ mean of the item-tower vectors of L history items -> fusion MLP
+  (or their sum, ``model.fusion=sum``) -> [B, E]."""
 
   def __init__(self, users: Users, cfg: ModelConfig, *, row_multiple: int = 1, rngs: nnx.Rngs):
     self.use_ids = cfg.use_user_ids
@@ -141,7 +163,11 @@ class QueryTower(nnx.Module):
     self.features = nnx.Dict({name: CategoricalBag(values, users.feature_sizes[name], cfg.feature_dim, cfg, rngs=rngs)
                               for name, values in sorted(users.features.items())})
     in_dim += cfg.feature_dim * len(users.features)
-    self.mlp = FusionMLP(in_dim, cfg, rngs=rngs)
+    if cfg.fusion == "sum":
+      check_sum_widths({**({"model.id_dim": cfg.id_dim} if self.use_ids else {}),
+                        **({"model.feature_dim": cfg.feature_dim} if users.features else {})},
+                       cfg.embed_dim, "query tower")
+    self.mlp = FusionMLP(in_dim, cfg, rngs=rngs) if cfg.fusion == "mlp" else None
 
   def __call__(self, users_B: jax.Array, history_BxLxE: jax.Array, history_mask_BxL: jax.Array) -> jax.Array:
     mask_BxL = history_mask_BxL.astype(jnp.float32)
@@ -150,5 +176,7 @@ class QueryTower(nnx.Module):
     if self.use_ids:
       parts.append(self.ids(users_B + 1))
     parts.extend(bag(users_B) for bag in self.features.values())
+    if self.mlp is None:
+      return fuse_sum(parts)
     x = jnp.concatenate([p.astype(self.mlp.out.kernel[...].dtype) for p in parts], axis=-1)
     return self.mlp(x)
