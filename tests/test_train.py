@@ -267,3 +267,16 @@ def test_no_history_also_runs_with_a_live_encoder(tmp_path, tiny_bert_dir):
                                             f"workdir={tmp_path / 'live'}")))
   result = trainer.run()
   assert np.all(np.isfinite(result["train/losses"])) and 0.0 <= result["recall@10"] <= 1.0
+
+
+def test_sum_fusion_is_the_normalised_sum_of_the_towers_inputs_and_checks_widths():
+  trainer = _trainer("mesh.num_devices=1", "model.fusion=sum", "model.use_item_features=false",
+                     "model.feature_dim=16")  # the tiny world's user features need embed_dim wide rows too
+  state = trainer.init_state()
+  items = np.asarray(trainer.item_vectors(state))
+  table = np.asarray(state["params"]["item_tower"]["ids"]["embedding"])
+  rows = table[trainer.model(state["params"], state["tables"]).item_tower.id_row[...]]
+  np.testing.assert_allclose(items, rows / np.linalg.norm(rows, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+  assert "mlp" not in state["params"]["item_tower"]
+  with pytest.raises(ValueError, match="model.fusion=sum adds the item tower's inputs.*model.feature_dim is 8"):
+    _trainer("mesh.num_devices=1", "model.fusion=sum")
