@@ -11,6 +11,9 @@ split, so the test split stays untouched by the search:
   no_logq           in-batch negatives without the logQ correction
   history100        the query pools 100 sampled profile items instead of 10
   history100_no_uid the same without the user-id embedding: the query is the profile alone
+  temperature003    softmax temperature 0.03 instead of 0.05 (sharper)
+  learned_temp      the temperature learnt with the towers
+  wide128           128-d towers and id embeddings, 512-wide fusion MLPs (about 3x the parameters)
 
   jaxrec study --config configs/study/ml1m_ablation.py --out runs/study/ml1m_ablation
 """
@@ -25,6 +28,10 @@ MODELS = (
     Model("history100", (*_HYBRID, "data.history_len=100"), "query pools 100 profile items"),
     Model("history100_no_uid", (*_HYBRID, "data.history_len=100", "model.use_user_ids=false"),
           "100 profile items, no user id"),
+    Model("temperature003", (*_HYBRID, "model.temperature=0.03"), "temperature 0.03"),
+    Model("learned_temp", (*_HYBRID, "model.learn_temperature=true"), "learnt temperature"),
+    Model("wide128", (*_HYBRID, "model.embed_dim=128", "model.id_dim=128", "model.mlp_dims=512"),
+          "128-d towers, 512-wide MLPs"),
 )
 ML1M = DatasetSpec("ml1m", "configs/ml1m_text.py", ("train.steps=4000", "train.steps_per_call=10"))
 RANDOM = SplitSpec("random", ("data.split=random", "data.split_ratios=0.8,0.1,0.1", "data.cold_item_fraction=0"))
