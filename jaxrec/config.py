@@ -338,8 +338,9 @@ def validate(config: Config) -> Config:
   k = config.train.steps_per_call
   if k < 1:
     raise ConfigError(f"config key 'train.steps_per_call' must be >= 1; got {k}")
-  for key, value in (("train.steps", config.train.steps), ("checkpoint.every", config.checkpoint.every),
-                     ("train.eval_every", config.train.eval_every)):
+  # train.steps need not be a multiple of K (the last call runs the remainder); saves and
+  # validations happen between calls, so their periods must be.
+  for key, value in (("checkpoint.every", config.checkpoint.every), ("train.eval_every", config.train.eval_every)):
     if value % k:
       raise ConfigError(f"config key '{key}'={value} must be a multiple of train.steps_per_call={k}")
   if config.train.negatives == "catalog" and config.model.use_text and config.encoder.mode in ("lora", "full"):

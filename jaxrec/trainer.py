@@ -424,20 +424,22 @@ class Trainer:
     k = cfg.train.steps_per_call
     abstract_state, executables, shape_flops = self.abstract_like(state), {}, {}
 
-    def executable(shape):
-      if shape not in executables:
+    def executable(shape, steps=k):  # steps < K only for the last call of a run whose length K does not divide
+      if (steps, shape) not in executables:
         started = time.perf_counter()
-        executables[shape] = self._train_call.lower(abstract_state, self.abstract_batch(k, shape)).compile()
-        shape_flops[shape] = _step_flops(executables[shape]) / k
+        executables[steps, shape] = self._train_call.lower(abstract_state, self.abstract_batch(steps, shape)).compile()
+        shape_flops[steps, shape] = _step_flops(executables[steps, shape]) / steps
         if len(executables) > 1:
-          log.info("train step compiled for %d distinct items x %d tokens in %.1f s", *shape,
+          log.info("train step compiled for %d steps of %d distinct items x %d tokens in %.1f s", steps, *shape,
                    time.perf_counter() - started)
-      return executables[shape]
+      return executables[steps, shape]
 
     memory = executable(self.worst_shape).memory_analysis()
     if memory is not None:
       log.info("train step compiled: %.1f MiB temporaries, %.1f MiB arguments per device",
                memory.temp_size_in_bytes / 2**20, memory.argument_size_in_bytes / 2**20)
+    if (cfg.train.steps - start_step) % k:  # the shorter last call, compiled before the clock starts too
+      executable(self.worst_shape, (cfg.train.steps - start_step) % k)
 
     writer = _summary_writer(os.path.join(workdir, "tb")) if is_main else None
     progress = _progress(cfg, start_step) if is_main else None
@@ -459,14 +461,14 @@ class Trainer:
         waited = time.perf_counter()
         batches = next(data_iter)
         data_wait += time.perf_counter() - waited
-        shape = self.batch_shape(batches)
-        state, call_metrics = executable(shape)(state, batches)
-        flops_done += k * shape_flops[shape]
-        examples += k * cfg.train.batch_size
+        shape, steps = self.batch_shape(batches), min(k, cfg.train.steps - step)
+        state, call_metrics = executable(shape, steps)(state, batches)
+        flops_done += steps * shape_flops[steps, shape]
+        examples += steps * cfg.train.batch_size
         if pending is not None:
           self._record(*pending, history, writer, progress, ckpt)
         pending = (step, call_metrics)
-        done = step + k
+        done = step + steps
         interrupted = stop_signal.raised is not None
         validate = bool(cfg.train.eval_every) and done % cfg.train.eval_every == 0 and done < cfg.train.steps
         save = interrupted or (every and done % every == 0 and done < cfg.train.steps)

@@ -176,6 +176,8 @@ def test_distinct_items_and_their_tokens_pad_to_the_smallest_buckets_that_hold_t
       np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), padded[key])
   assert len(shapes) > 1, shapes  # the batches really land in different buckets
   # K batches of one call share the largest shape any of them needs; their contents are unchanged
+  short = StackedBatches(whole, 4, stop=7).map(1)  # a run of 7 steps: its last call holds batches 4-6
+  assert short["item_slot"].shape[0] == 3
   stacked = StackedBatches(whole, 4).map(1)
   singles = [whole.map(b) for b in range(4, 8)]
   rows = max(s["unique_items"].shape[0] for s in singles)

@@ -268,14 +268,16 @@ class BatchBuilder(grain.transforms.Map):
 
 
 class StackedBatches(grain.transforms.Map):
-  """Call index c -> batches ``c*K .. c*K+K-1`` stacked on a leading axis (for K steps per call)."""
+  """Call index c -> batches ``c*K .. c*K+K-1`` stacked on a leading axis (for K steps per call);
+  with ``stop``, the last call stacks only the batches before ``stop``."""
 
-  def __init__(self, builder: BatchBuilder, steps_per_call: int):
-    self.builder, self.steps_per_call = builder, steps_per_call
+  def __init__(self, builder: BatchBuilder, steps_per_call: int, stop: int | None = None):
+    self.builder, self.steps_per_call, self.stop = builder, steps_per_call, stop
 
   def map(self, call_index: int) -> dict[str, np.ndarray]:
     first = int(call_index) * self.steps_per_call
-    parts = [self.builder.parts(first + i) for i in range(self.steps_per_call)]
+    count = self.steps_per_call if self.stop is None else min(self.steps_per_call, self.stop - first)
+    parts = [self.builder.parts(first + i) for i in range(count)]
     if parts[0][1] is None:
       batches = [batch for batch, _ in parts]
     else:
@@ -289,13 +291,14 @@ class StackedBatches(grain.transforms.Map):
 def train_batches(builder: BatchBuilder, start: int, stop: int, prefetch: int = 4,
                   to_device=None, steps_per_call: int | None = None) -> grain.IterDataset:
   """Batches ``start..stop-1`` built on a background thread. With ``steps_per_call=K`` each
-  element stacks K consecutive batches (one jitted call's worth; ``start``/``stop`` count steps
-  and must be multiples of K). With ``to_device`` (host arrays -> device arrays) the transfer runs
-  on a second thread, so the train loop finds batches already on the device. The iterator's
-  checkpointed position counts only elements the loop has taken."""
+  element stacks K consecutive batches (one jitted call's worth; ``start`` counts steps and must
+  be a multiple of K; the last element stacks the ``stop % K`` left over, if any). With
+  ``to_device`` (host arrays -> device arrays) the transfer runs on a second thread, so the train
+  loop finds batches already on the device. The iterator's checkpointed position counts only
+  elements the loop has taken."""
   k = steps_per_call or 1
-  transform = builder if steps_per_call is None else StackedBatches(builder, k)
-  ds = (grain.MapDataset.range(start // k, stop // k).map(transform)
+  transform = builder if steps_per_call is None else StackedBatches(builder, k, stop)
+  ds = (grain.MapDataset.range(start // k, -(-stop // k)).map(transform)
         .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
   if to_device is not None:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds.map(to_device), prefetch_buffer_size=2)
