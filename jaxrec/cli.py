@@ -45,16 +45,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
   common(sub.add_parser("data-stats", help="dataset statistics and an item-popularity plot"))
   p = sub.add_parser("study", help="train and evaluate a grid of experiments; write tables and plots")
-  p.add_argument("--config", required=True, help="study file under configs/study/")
-  p.add_argument("--out", help="output directory (default: the study's own)")
-  p.add_argument("--only", action="append", default=[],
-                 help="only cells whose id (dataset/split/model/fFRAC/sSEED) matches this glob; repeatable")
-  p.add_argument("--list", action="store_true", help="print the cells and their commands, train nothing")
-  p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from finished cells")
-  p.add_argument("--reevaluate", action="store_true",
-                 help="evaluate finished cells' final checkpoints again with the current evaluation code")
+  from jaxrec import study
+  study.add_arguments(p)
   p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
-  p.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
   return parser
 
 
@@ -173,11 +166,7 @@ def cmd_data_stats(args) -> int:
 
 def cmd_study(args) -> int:
   from jaxrec import study
-  flags = [f"--only={pattern}" for pattern in args.only]
-  flags += [flag for flag, on in (("--list", args.list), ("--report-only", args.report_only),
-                                  ("--reevaluate", args.reevaluate)) if on]
-  return study.main(["--config", args.config] + (["--out", args.out] if args.out else []) + flags
-                    + list(args.overrides)) or 0
+  return study.run(args) or 0
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "recommend": cmd_recommend, "export": cmd_export,

@@ -193,20 +193,24 @@ def _config_changes(saved: dict, cfg: Config) -> list[str]:
                 if k not in _NOT_COMPARED and then.get(k, default.get(k)) != v)
 
 
+def _check_saved_config(cell: Cell, cfg: Config, workdir: str) -> None:
+  """Refuses a workdir whose finished run was trained with a different config than the cell's."""
+  saved_path = os.path.join(workdir, "config.json")
+  if os.path.isfile(saved_path):
+    with open(saved_path) as f:
+      changed = _config_changes(json.load(f), cfg)
+    if changed:
+      raise StudyError(f"cell {cell.id}: {workdir} holds a run of a different config ({', '.join(changed[:3])}); "
+                       "use another --out or delete that directory")
+
+
 def run_cell(cell: Cell) -> tuple[dict[str, Any], bool]:
   """Trains and evaluates one cell, or reads its finished run. Returns (metrics, trained_now)."""
   cfg = cell_config(cell)
   workdir = os.path.abspath(cfg.workdir)
   metrics_path = os.path.join(workdir, "metrics.json")
   if os.path.isfile(metrics_path):
-    saved_path = os.path.join(workdir, "config.json")
-    if os.path.isfile(saved_path):
-      with open(saved_path) as f:
-        saved = json.load(f)
-      changed = _config_changes(saved, cfg)
-      if changed:
-        raise StudyError(f"cell {cell.id}: {workdir} holds a run of a different config ({', '.join(changed[:3])}); "
-                         "use another --out or delete that directory")
+    _check_saved_config(cell, cfg, workdir)
     with open(metrics_path) as f:
       return json.load(f), False
   from jaxrec.trainer import train
@@ -230,22 +234,15 @@ def reevaluate_cell(cell: Cell) -> dict[str, Any]:
     raise StudyError(f"cell {cell.id}: nothing to re-evaluate, {metrics_path} does not exist")
   with open(metrics_path) as f:
     saved = json.load(f)
-  saved_config = os.path.join(workdir, "config.json")
-  if os.path.isfile(saved_config):
-    with open(saved_config) as f:
-      changed = _config_changes(json.load(f), cfg)
-    if changed:
-      raise StudyError(f"cell {cell.id}: {workdir} holds a run of a different config ({', '.join(changed[:3])})")
+  _check_saved_config(cell, cfg, workdir)
   trainer = Trainer(cfg)
   step, state = trainer.restore(cfg.train.steps)
   fresh = trainer.evaluate(state)
   result = dict(saved, **fresh)
   result["reevaluated_utc"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
   trainer.build_index(state, step).save(os.path.join(workdir, "index"))
-  tmp = metrics_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=1, sort_keys=True, default=float)
-  os.replace(tmp, metrics_path)  # the old metrics survive a failure mid-write
+  # Atomic: the old metrics survive a failure mid-write.
+  write_atomic(metrics_path, json.dumps(result, indent=1, sort_keys=True, default=float).encode())
   return result
 
 
@@ -546,8 +543,8 @@ def write_commands(cells: Sequence[Cell], out: str) -> None:
   write_atomic(os.path.join(out, "commands.sh"), ("\n".join(lines) + "\n").encode())
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="jaxrec study", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The runner's flags, shared by ``python -m jaxrec.study`` and ``jaxrec study``."""
   parser.add_argument("--config", required=True, help="study file defining get_study()")
   parser.add_argument("--out", help="output directory (default: the study's own)")
   parser.add_argument("--only", action="append", default=[],
@@ -558,11 +555,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="evaluate the selected finished cells' final checkpoints again with the current "
                            "evaluation code (training kept), then rebuild the tables")
   parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
-  return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+  parser = argparse.ArgumentParser(prog="jaxrec study", description=__doc__.split("\n\n")[0])
+  add_arguments(parser)
+  return run(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+
+
+def run(args: argparse.Namespace) -> int:
+  """The study of ``args`` (parsed with ``add_arguments``'s flags): trains, re-evaluates or reports."""
   study = load_study(args.config)
   out = os.path.abspath(args.out or study.out or os.path.join("runs", "study", study.name))
   cells = plan(study, out, args.overrides)

@@ -171,7 +171,9 @@ class Trainer:
     # with 10 history items names at most 2,816 items, often far fewer distinct ones.
     multiple = dp * jax.process_count()
     worst = min(ds.num_items, cfg.train.batch_size * (cfg.data.history_len + 1))
-    self.unique_capacity = sharding.pad_to_multiple(worst, multiple)
+    # The catalog softmax runs the item tower on every item, so its batches carry no distinct
+    # items (capacity 0: the builder skips np.unique and the slot arrays).
+    self.unique_capacity = sharding.pad_to_multiple(worst, multiple) if cfg.train.negatives == "in_batch" else 0
     # A live encoder is most of the step, so there a batch pads its distinct items only to the
     # smallest of encoder.shape_buckets capacities and its tokens to its longest text's length
     # bucket (one compile per pair met); other modes keep the one worst-case shape.
@@ -181,8 +183,9 @@ class Trainer:
     self.token_width = text_setup.tokens["input_ids"].shape[1] if self.live_text else 0
     self.length_buckets = (tuple(b for b in text_setup.encoder.length_buckets if b < self.token_width)
                            if buckets > 1 else ()) + (self.token_width,)
-    self.batch_shardings.update({"unique_items": batch_sh, "item_slot": batch_sh,
-                                 "history_slot": sharding.batch_sharding(self.mesh, 2, self.rules)})
+    if self.unique_capacity:
+      self.batch_shardings.update({"unique_items": batch_sh, "item_slot": batch_sh,
+                                   "history_slot": sharding.batch_sharding(self.mesh, 2, self.rules)})
     if self.live_text:
       self.batch_shardings.update({"unique_" + name: sharding.batch_sharding(self.mesh, 2, self.rules)
                                    for name in TOKEN_KEYS})
@@ -289,6 +292,8 @@ class Trainer:
 
   def batch_shape(self, batch: dict) -> tuple[int, int]:
     """(distinct-item rows, tokens) of a global batch, single or stacked: its compiled shape."""
+    if "unique_items" not in batch:
+      return 0, 0
     rows = batch["unique_items"].shape[-1] * (1 if isinstance(batch["unique_items"], jax.Array)
                                               else jax.process_count())
     return rows, batch["unique_input_ids"].shape[-1] if self.live_text else 0
@@ -607,8 +612,9 @@ class Trainer:
     rows, length = shape or self.worst_shape
     shapes = {"user": ((b,), jnp.int32), "item": ((b,), jnp.int32), "log_q": ((b,), jnp.float32),
               "history": ((b, l), jnp.int32), "history_mask": ((b, l), jnp.bool_)}
-    shapes.update({"unique_items": ((rows,), jnp.int32), "item_slot": ((b,), jnp.int32),
-                   "history_slot": ((b, l), jnp.int32)})
+    if self.unique_capacity:
+      shapes.update({"unique_items": ((rows,), jnp.int32), "item_slot": ((b,), jnp.int32),
+                     "history_slot": ((b, l), jnp.int32)})
     if self.live_text:
       shapes.update({"unique_" + name: ((rows, length), jnp.int32) for name in TOKEN_KEYS})
     if steps_per_call is None:
