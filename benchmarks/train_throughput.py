@@ -68,8 +68,8 @@ class Setting:
 
 
 def settings(args) -> dict[str, Setting]:
-  # One step per call unless --jaxrec-override says otherwise (configs/default.py runs ten, which
-  # would require step counts that are multiples of ten).
+  # One step per call, as the peers' loops run, unless --jaxrec-override says otherwise
+  # (configs/default.py runs ten).
   common = ("mesh.num_devices=1", "train.progress=false", f"train.batch_size={args.batch_size}",
             "train.steps_per_call=1")
   data = {"synthetic": (), "ml100k": ("data.source=ml100k", f"data.path={args.ml100k_path}", "data.item_text=title+genres",
@@ -292,7 +292,7 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
     return result
   builder = trainer.batch_builder()
   batches = [builder.map(b) for b in range(setting.steps)]
-  calls = jaxrec_calls(trainer, setting.steps)
+  calls = batches if trainer.cfg.train.steps_per_call == 1 else jaxrec_calls(trainer, setting.steps)
   evaluation = Evaluation(trainer)
   result["data"] = {"name": trainer.dataset.name, "users": trainer.dataset.num_users, "items": trainer.dataset.num_items,
                     "train_examples": len(trainer.split.train), "eval_users": len(evaluation.users)}
