@@ -86,6 +86,10 @@ class ModelConfig:
   use_item_ids: bool = True
   use_text: bool = True
   use_user_ids: bool = True
+  # The query tower also pools a history-item id table of its own (YouTube's watch-history
+  # embeddings): the items a user came from are embedded apart from the items it is matched to,
+  # so "who watched A goes on to B" need not equal "who watched B goes on to A".
+  history_ids: bool = False
   use_item_features: bool = True  # categorical item features (genres, decade, ...) in the item tower;
   # false gives the classic pure-id model, which cannot tell cold items apart
   id_row_multiple: int = 128  # id tables are padded to a multiple of this so they shard evenly (and
@@ -114,6 +118,11 @@ class TrainConfig:
   negatives: str = "in_batch"
   logq_correction: bool = True  # in_batch only
   remove_accidental_hits: bool = True
+  # Each example's loss is weighted by n_u ** -user_weight_power (n_u: its user's training
+  # interactions). 0 weighs every interaction alike; 1 every user alike, as YouTube's candidate
+  # generator does with a fixed number of examples per user, which matches the per-user averaged
+  # Recall/NDCG the evaluation reports (heavy users otherwise dominate the gradient).
+  user_weight_power: float = 0.0
   steps_per_call: int = 1  # K: train steps run inside one jitted call (lax.scan over K batches); K > 1
   # removes per-step dispatch and transfer overhead for small models
   log_every: int = 50

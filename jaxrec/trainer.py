@@ -166,6 +166,8 @@ class Trainer:
     self.batch_shardings = {"user": batch_sh, "item": batch_sh, "log_q": batch_sh,
                             "history": sharding.batch_sharding(self.mesh, 2, self.rules),
                             "history_mask": sharding.batch_sharding(self.mesh, 2, self.rules)}
+    if cfg.train.user_weight_power:
+      self.batch_shardings["weight"] = batch_sh
     # The item tower (and a live text encoder) runs once per distinct item of the batch, positives
     # and history together, padded to a fixed capacity so the step compiles once; a batch of 256
     # with 10 history items names at most 2,816 items, often far fewer distinct ones.
@@ -215,7 +217,7 @@ class Trainer:
     text_UxD = model.encode_tokens(*(batch["unique_" + name] for name in TOKEN_KEYS)) if self.live_text else None
     items_UxE = model.items(unique_U, text_UxD, dropout_key=key)
     pos_BxE = items_UxE[batch["item_slot"]]
-    q_BxE = model.query_tower(batch["user"], items_UxE[batch["history_slot"]], batch["history_mask"])
+    q_BxE = model.query_tower(batch["user"], items_UxE[batch["history_slot"]], batch["history_mask"], batch["history"])
     # Rows of both towers' outputs stay with their batch shard; the loss then gathers the
     # positives once so every query meets the global batch's candidates.
     q_BxE = sharding.constrain(q_BxE, self.mesh, ("batch", "tower_out"), self.rules)
@@ -223,17 +225,18 @@ class Trainer:
     loss, aux = losses.in_batch_softmax(
         q_BxE, pos_BxE, batch["item"], model.temperature,
         log_q_B=batch["log_q"] if self.cfg.train.logq_correction else None,
-        remove_accidental_hits=self.cfg.train.remove_accidental_hits)
+        remove_accidental_hits=self.cfg.train.remove_accidental_hits, weights_B=batch.get("weight"))
     return loss, {"logits_shape": jnp.asarray(aux["logits"].shape)}
 
   def _catalog_loss(self, model: TwoTower, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
     """Full softmax over the catalog: the item tower runs once on every item, positives and history
     are rows of it, and only items with training interactions compete as negatives."""
     items_NxE = model.items(jnp.arange(self.dataset.num_items, dtype=jnp.int32), None, dropout_key=key)
-    q_BxE = model.query_tower(batch["user"], items_NxE[jnp.maximum(batch["history"], 0)], batch["history_mask"])
+    q_BxE = model.query_tower(batch["user"], items_NxE[jnp.maximum(batch["history"], 0)], batch["history_mask"],
+                              batch["history"])
     q_BxE = sharding.constrain(q_BxE, self.mesh, ("batch", "tower_out"), self.rules)
     loss, aux = losses.catalog_softmax(q_BxE, items_NxE, batch["item"], model.temperature,
-                                       candidate_mask_N=jnp.asarray(self.item_trained))
+                                       candidate_mask_N=jnp.asarray(self.item_trained), weights_B=batch.get("weight"))
     return loss, {"logits_shape": jnp.asarray(aux["logits"].shape)}
 
   def _step_fn(self, state: dict, batch: dict) -> tuple[dict, dict]:
@@ -288,7 +291,8 @@ class Trainer:
     return BatchBuilder(self.train_seqs, self.log_q, self.cfg.train.batch_size, self.cfg.data.history_len,
                         self.cfg.train.seed, jax.process_index(), jax.process_count(),
                         unique_capacity=self.unique_capacity, history=self.history_mode, row_buckets=self.row_buckets,
-                        tokens=self.text.tokens, length_buckets=self.length_buckets)
+                        tokens=self.text.tokens, length_buckets=self.length_buckets,
+                        user_weight_power=self.cfg.train.user_weight_power)
 
   def batch_shape(self, batch: dict) -> tuple[int, int]:
     """(distinct-item rows, tokens) of a global batch, single or stacked: its compiled shape."""
@@ -612,6 +616,8 @@ class Trainer:
     rows, length = shape or self.worst_shape
     shapes = {"user": ((b,), jnp.int32), "item": ((b,), jnp.int32), "log_q": ((b,), jnp.float32),
               "history": ((b, l), jnp.int32), "history_mask": ((b, l), jnp.bool_)}
+    if self.cfg.train.user_weight_power:
+      shapes["weight"] = ((b,), jnp.float32)
     if self.unique_capacity:
       shapes.update({"unique_items": ((rows,), jnp.int32), "item_slot": ((b,), jnp.int32),
                      "history_slot": ((b, l), jnp.int32)})

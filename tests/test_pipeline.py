@@ -188,3 +188,20 @@ def test_distinct_items_and_their_tokens_pad_to_the_smallest_buckets_that_hold_t
     n = single["unique_input_ids"].shape
     np.testing.assert_array_equal(stacked["unique_input_ids"][i, :n[0], :n[1]], single["unique_input_ids"])
     assert not stacked["unique_attention_mask"][i, :, n[1]:].any()  # the extra tokens are padding
+
+
+def test_user_weights_are_inverse_profile_sizes_with_mean_one():
+  _, _, seqs, log_q = _setup()
+  assert "weight" not in BatchBuilder(seqs, log_q, 16, 4, seed=7).map(0)
+  counts_U = np.diff(seqs.start)
+  for power in (0.5, 1.0):
+    builder = BatchBuilder(seqs, log_q, 16, 4, seed=7, user_weight_power=power)
+    all_w = np.concatenate([builder.map(b)["weight"] for b in range(len(seqs) // 16)])
+    all_u = np.concatenate([builder.map(b)["user"] for b in range(len(seqs) // 16)])
+    ratio = all_w * counts_U[all_u] ** power  # the same constant for every example
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
+    np.testing.assert_allclose(builder.weight_T.mean(), 1.0, rtol=1e-5)
+  # Power 1: every user's examples carry the same total weight.
+  builder = BatchBuilder(seqs, log_q, 16, 4, seed=7, user_weight_power=1.0)
+  per_user = np.bincount(seqs.user, weights=builder.weight_T)
+  np.testing.assert_allclose(per_user[counts_U > 0], per_user[counts_U > 0][0], rtol=1e-5)

@@ -282,3 +282,59 @@ def test_sum_fusion_is_the_normalised_sum_of_the_towers_inputs_and_checks_widths
   assert "mlp" not in state["params"]["item_tower"]
   with pytest.raises(ValueError, match="model.fusion=sum adds the item tower's inputs.*model.feature_dim is 8"):
     _trainer("mesh.num_devices=1", "model.fusion=sum")
+
+
+def test_user_weighted_loss_is_the_weighted_mean_of_the_unweighted_rows():
+  import jax.numpy as jnp
+  from jaxrec import losses
+  plain = _trainer("mesh.num_devices=1", "model.id_dropout=0")
+  weighted = _trainer("mesh.num_devices=1", "model.id_dropout=0", "train.user_weight_power=1")
+  state = plain.init_state()
+  batch = weighted.batch_builder().map(0)
+  assert "weight" in batch and not np.allclose(batch["weight"], batch["weight"][0])
+  key = jax.random.key(0)
+  got, _ = weighted.loss_fn(state["params"], state["tables"], weighted.put_batch(batch), key)
+  # Row losses from the unweighted trainer's towers, then the weighted mean by hand.
+  items = plain.item_vectors(state)
+  queries = plain._query_vectors(state["params"], state["tables"], batch["user"], batch["history"],
+                                 batch["history_mask"], None)
+  unweighted, _ = losses.in_batch_softmax(queries, items[batch["item"]], jnp.asarray(batch["item"]),
+                                          plain.cfg.model.temperature, log_q_B=jnp.asarray(batch["log_q"]))
+  rows = [float(losses.in_batch_softmax(queries, items[batch["item"]], jnp.asarray(batch["item"]),
+                                        plain.cfg.model.temperature, log_q_B=jnp.asarray(batch["log_q"]),
+                                        weights_B=jnp.asarray(np.eye(len(batch["item"]))[i]))[0])
+          for i in range(len(batch["item"]))]
+  want = np.sum(np.array(rows) * batch["weight"]) / np.sum(batch["weight"])
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  assert abs(float(got) - float(unweighted)) > 1e-4  # the weights change the loss
+
+
+def test_history_id_table_feeds_the_query_and_trains():
+  trainer = _trainer("mesh.num_devices=1", "model.history_ids=true", "train.warmup_steps=0", "train.learning_rate=0.01")
+  state = trainer.init_state()
+  table = state["params"]["query_tower"]["history_ids"]["embedding"]
+  table_before = np.asarray(table)  # the train step donates the state
+  assert table.shape[1] == trainer.cfg.model.id_dim
+  batch = trainer.batch_builder().map(0)
+  args = (batch["user"], batch["history"], batch["history_mask"], None)
+  before = np.asarray(trainer._query_vectors(state["params"], state["tables"], *args))
+  # Zeroing the table row of one item moves exactly the queries whose history holds it.
+  model = trainer.model(state["params"], state["tables"])
+  item = int(batch["history"][0][batch["history_mask"][0]][0])
+  row = int(model.query_tower.history_row[...][item])
+  assert row > 0  # a trained item has a row of its own
+  params = jax.tree.map(lambda x: x, state["params"])
+  params["query_tower"]["history_ids"]["embedding"] = table.at[row].set(0.0)
+  after = np.asarray(trainer._query_vectors(params, state["tables"], *args))
+  holds = np.any((batch["history"] == item) & batch["history_mask"], axis=1)
+  moved = np.any(np.abs(after - before) > 1e-6, axis=1)
+  np.testing.assert_array_equal(moved, holds)
+  losses = []
+  for _ in range(5):
+    state, metrics = trainer.train_step(state, trainer.put_batch(batch))
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0] - 0.05, losses
+  assert not np.allclose(np.asarray(state["params"]["query_tower"]["history_ids"]["embedding"]), table_before)
+  losses, _ = _losses(_trainer("mesh.data=4", "mesh.fsdp=2", "model.history_ids=true"), 6)
+  reference, _ = _losses(_trainer("mesh.num_devices=1", "model.history_ids=true"), 6)
+  np.testing.assert_allclose(losses, reference, rtol=1e-5)

@@ -165,7 +165,8 @@ class BatchBuilder(grain.transforms.Map):
   def __init__(self, seqs: Sequences, log_q: np.ndarray, batch_size: int, history_len: int, seed: int,
                process_index: int = 0, process_count: int = 1, unique_capacity: int = 0,
                history: str = "recent", row_buckets: tuple[int, ...] = (),
-               tokens: dict[str, np.ndarray] | None = None, length_buckets: tuple[int, ...] = ()):
+               tokens: dict[str, np.ndarray] | None = None, length_buckets: tuple[int, ...] = (),
+               user_weight_power: float = 0.0):
     if batch_size % process_count:
       raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
     if len(seqs) == 0:
@@ -183,6 +184,13 @@ class BatchBuilder(grain.transforms.Map):
     # tokens cut to the smallest of ``length_buckets`` that holds the longest: the step's shape
     # is then a pure function of the batch, so resumed and multi-process runs agree on it.
     self.unique_capacity = unique_capacity
+    # Per-example loss weights n_u ** -power, scaled to mean 1 over the training examples so the
+    # loss stays on the unweighted scale; None (no weight array in the batch) at power 0.
+    self.weight_T = None
+    if user_weight_power:
+      counts_U = np.diff(seqs.start).astype(np.float64)
+      weight_T = np.maximum(counts_U[seqs.user], 1.0) ** -user_weight_power
+      self.weight_T = (weight_T / weight_T.mean()).astype(np.float32)
     self.process_index, self.process_count = process_index, process_count
     self.row_buckets = tuple(sorted({b for b in row_buckets if b < unique_capacity} | {unique_capacity}))
     if unique_capacity:
@@ -234,6 +242,8 @@ class BatchBuilder(grain.transforms.Map):
     items = self.seqs.items[pos]
     batch = {"user": self.seqs.user[pos], "item": items, "history": history, "history_mask": mask,
              "log_q": self.log_q[items]}
+    if self.weight_T is not None:
+      batch["weight"] = self.weight_T[pos]
     if not self.unique_capacity:
       return batch, None
     unique = np.unique(np.concatenate([self.seqs.items[all_pos], all_history[all_mask]]))

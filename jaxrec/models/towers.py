@@ -153,9 +153,15 @@ class QueryTower(nnx.Module):
   """User id ++ user features ++ mean of the item-tower vectors of L history items -> fusion MLP
   (or their sum, ``model.fusion=sum``) -> [B, E]."""
 
-  def __init__(self, users: Users, cfg: ModelConfig, *, row_multiple: int = 1, rngs: nnx.Rngs):
+  def __init__(self, users: Users, cfg: ModelConfig, *, catalog: Catalog | None = None, row_multiple: int = 1,
+               rngs: nnx.Rngs):
     self.use_ids = cfg.use_user_ids
     in_dim = cfg.embed_dim  # pooled history
+    self.use_history_ids = cfg.history_ids
+    if self.use_history_ids:
+      self.history_row = Table(jnp.asarray(catalog.id_row, jnp.int32))
+      self.history_ids = id_table(padded_rows(catalog.num_id_rows, row_multiple), cfg, rngs=rngs)
+      in_dim += cfg.id_dim
     if self.use_ids:
       # Row 0 is the shared row for users unknown at training time.
       self.ids = id_table(padded_rows(users.num_users + 1, row_multiple), cfg, rngs=rngs)
@@ -164,15 +170,20 @@ class QueryTower(nnx.Module):
                               for name, values in sorted(users.features.items())})
     in_dim += cfg.feature_dim * len(users.features)
     if cfg.fusion == "sum":
-      check_sum_widths({**({"model.id_dim": cfg.id_dim} if self.use_ids else {}),
+      check_sum_widths({**({"model.id_dim": cfg.id_dim} if self.use_ids or self.use_history_ids else {}),
                         **({"model.feature_dim": cfg.feature_dim} if users.features else {})},
                        cfg.embed_dim, "query tower")
     self.mlp = FusionMLP(in_dim, cfg, rngs=rngs) if cfg.fusion == "mlp" else None
 
-  def __call__(self, users_B: jax.Array, history_BxLxE: jax.Array, history_mask_BxL: jax.Array) -> jax.Array:
+  def __call__(self, users_B: jax.Array, history_BxLxE: jax.Array, history_mask_BxL: jax.Array,
+               history_BxL: jax.Array | None = None) -> jax.Array:
     mask_BxL = history_mask_BxL.astype(jnp.float32)
-    pooled_BxE = (history_BxLxE * mask_BxL[..., None]).sum(1) / jnp.maximum(mask_BxL.sum(1, keepdims=True), 1.0)
+    count_Bx1 = jnp.maximum(mask_BxL.sum(1, keepdims=True), 1.0)
+    pooled_BxE = (history_BxLxE * mask_BxL[..., None]).sum(1) / count_Bx1
     parts = [pooled_BxE]
+    if self.use_history_ids:
+      rows_BxL = self.history_row[...][jnp.maximum(history_BxL, 0)]
+      parts.append((self.history_ids(rows_BxL) * mask_BxL[..., None]).sum(1) / count_Bx1)
     if self.use_ids:
       parts.append(self.ids(users_B + 1))
     parts.extend(bag(users_B) for bag in self.features.values())

@@ -32,7 +32,7 @@ class TwoTower(nnx.Module):
     else:
       self.text_encoder = None
     self.item_tower = ItemTower(catalog, cfg, text_dim, row_multiple=row_multiple, rngs=rngs)
-    self.query_tower = QueryTower(users, cfg, row_multiple=row_multiple, rngs=rngs)
+    self.query_tower = QueryTower(users, cfg, catalog=catalog, row_multiple=row_multiple, rngs=rngs)
     log_t = jnp.asarray(math.log(cfg.temperature), jnp.float32)
     # A learnt temperature is a Param; a fixed one a Table, so the optimizer never sees it.
     self.log_temperature = nnx.Param(log_t) if cfg.learn_temperature else Table(log_t)
@@ -66,4 +66,4 @@ class TwoTower(nnx.Module):
       flat_text = history_text_BxLxD.reshape(b * l, history_text_BxLxD.shape[-1])  # explicit D: L may be 0
     hist_BxLxE = self.item_tower(jnp.maximum(history_BxL, 0).reshape(-1), flat_text, dropout_key)
     hist_BxLxE = hist_BxLxE.reshape(b, l, hist_BxLxE.shape[-1])  # explicit E: L may be 0
-    return self.query_tower(users_B, hist_BxLxE, history_mask_BxL)
+    return self.query_tower(users_B, hist_BxLxE, history_mask_BxL, history_BxL)
