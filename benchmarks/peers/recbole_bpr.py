@@ -228,8 +228,11 @@ def main() -> None:
   p.add_argument("--out", required=True, help="logs, checkpoint and recbole_<model>.json")
   # Pop is the protocol check: jaxrec's popularity baseline on the same split must score the same
   # under RecBole's evaluator (up to tie order), which BPR alone cannot show.
-  p.add_argument("--model", default="BPR", choices=["BPR", "Pop"],
-                 help="RecBole model (Pop, with --epochs 1: protocol check, exact training counts)")
+  # EASE (closed form, one pass: --epochs 1) is the reference for what the split allows a full-rank
+  # item-item model, beside the low-rank two-tower and BPR.
+  p.add_argument("--model", default="BPR", choices=["BPR", "Pop", "EASE"],
+                 help="RecBole model (Pop, with --epochs 1: protocol check, exact training counts; "
+                      "EASE with --epochs 1: its closed form at RecBole's reg_weight 250)")
   p.add_argument("--epochs", type=int, default=300, help="RecBole's default (stopping_step 10 may end it sooner)")
   p.add_argument("--seed", type=int, default=2020, help="RecBole's default seed")
   p.add_argument("--max-minutes", type=float, default=0, help="stop training after this much wall time (0: none)")

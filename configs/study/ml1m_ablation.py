@@ -14,6 +14,11 @@ split, so the test split stays untouched by the search:
   temperature003    softmax temperature 0.03 instead of 0.05 (sharper)
   learned_temp      the temperature learnt with the towers
   wide128           128-d towers and id embeddings, 512-wide fusion MLPs (about 3x the parameters)
+  user_weighted     train.user_weight_power=1: every user's examples weigh the same in the loss, as
+                    the per-user averaged metrics do (heavy users otherwise dominate the gradient)
+  history_ids50     the query also pools a history-item id table of its own (model.history_ids),
+                    over 50 sampled profile items
+  epochs20          twenty epochs instead of five (is the hybrid under-trained?)
 
   jaxrec study --config configs/study/ml1m_ablation.py --out runs/study/ml1m_ablation
 """
@@ -32,6 +37,10 @@ MODELS = (
     Model("learned_temp", (*_HYBRID, "model.learn_temperature=true"), "learnt temperature"),
     Model("wide128", (*_HYBRID, "model.embed_dim=128", "model.id_dim=128", "model.mlp_dims=512"),
           "128-d towers, 512-wide MLPs"),
+    Model("user_weighted", (*_HYBRID, "train.user_weight_power=1"), "each user weighs the same"),
+    Model("history_ids50", (*_HYBRID, "model.history_ids=true", "data.history_len=50"),
+          "history-item id table, 50 profile items"),
+    Model("epochs20", (*_HYBRID, "train.steps=16000"), "20 epochs"),
 )
 ML1M = DatasetSpec("ml1m", "configs/ml1m_text.py", ("train.steps=4000", "train.steps_per_call=10"))
 RANDOM = SplitSpec("random", ("data.split=random", "data.split_ratios=0.8,0.1,0.1", "data.cold_item_fraction=0"))
