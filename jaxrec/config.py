@@ -95,6 +95,11 @@ class ModelConfig:
   id_row_multiple: int = 128  # id tables are padded to a multiple of this so they shard evenly (and
   # checkpoints restore across meshes); use a multiple of the fsdp*tensor size on big meshes
   id_dropout: float = 0.1  # chance an item id row is replaced by the shared cold row in training
+  # true: every item also gets an additive score bias b_i (a scalar head on the item tower's fusion
+  # MLP, so cold items get one from their text and features), score = cos(q, v) / temperature + b_i:
+  # the softmax output bias of YouTube's and Mult-VAE's models. It travels as one extra vector
+  # column (items [v, temperature * b], queries [q, 1]) so retrieval stays one dot-product kernel.
+  item_bias: bool = False
   temperature: float = 0.05
   learn_temperature: bool = False
   dtype: str = "float32"  # compute dtype in towers: float32 | bfloat16
@@ -355,6 +360,11 @@ def validate(config: Config) -> Config:
   if config.train.negatives == "catalog" and config.model.use_text and config.encoder.mode in ("lora", "full"):
     raise ConfigError(f"config key 'train.negatives'=catalog needs the cached text of encoder.mode=frozen (or no "
                       f"text): a {config.encoder.mode} encoder would re-encode the whole catalog every step")
+  if config.model.item_bias and config.model.fusion != "mlp":
+    raise ConfigError("config key 'model.item_bias'=true needs model.fusion=mlp: the bias is a head on the item "
+                      "tower's fusion MLP")
+  if config.train.user_weight_power < 0:
+    raise ConfigError(f"config key 'train.user_weight_power' must be >= 0; got {config.train.user_weight_power}")
   if config.encoder.shape_buckets < 1:
     raise ConfigError("config key 'encoder.shape_buckets' must be >= 1 (1 = one fixed shape); "
                       f"got {config.encoder.shape_buckets}")

@@ -338,3 +338,47 @@ def test_history_id_table_feeds_the_query_and_trains():
   losses, _ = _losses(_trainer("mesh.data=4", "mesh.fsdp=2", "model.history_ids=true"), 6)
   reference, _ = _losses(_trainer("mesh.num_devices=1", "model.history_ids=true"), 6)
   np.testing.assert_allclose(losses, reference, rtol=1e-5)
+
+
+def test_item_bias_adds_a_learnt_per_item_term_to_the_cosine_score():
+  import jax.numpy as jnp
+  from jaxrec import losses
+  from jaxrec.config import ConfigError
+  from jaxrec.retrieval import topk
+  trainer = _trainer("mesh.num_devices=1", "model.item_bias=true", "model.id_dropout=0", "train.warmup_steps=0",
+                     "train.learning_rate=0.01")
+  e, temperature = trainer.cfg.model.embed_dim, trainer.cfg.model.temperature
+  state = trainer.init_state()
+  items = np.asarray(trainer.item_vectors(state))
+  assert items.shape[1] == e + 1 and np.all(items[:, e] == 0.0)  # the bias head starts at zero
+  batch = trainer.batch_builder().map(0)
+  put = trainer.put_batch(batch)
+  losses_seen = []
+  for _ in range(5):
+    state, metrics = trainer.train_step(state, put)
+    losses_seen.append(float(metrics["loss"]))
+  assert losses_seen[-1] < losses_seen[0] - 0.05, losses_seen
+  items = np.asarray(trainer.item_vectors(state))
+  queries = np.asarray(trainer._query_vectors(state["params"], state["tables"], batch["user"], batch["history"],
+                                              batch["history_mask"], None))
+  np.testing.assert_allclose(np.linalg.norm(items[:, :e], axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(queries[:, :e], axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(queries[:, e], 1.0)
+  bias = items[:, e] / temperature
+  assert np.abs(bias).max() > 1e-4  # learnt
+  # Logits are cos(q, v) / temperature + b, in the loss as in retrieval.
+  scores = queries @ items.T / temperature
+  np.testing.assert_allclose(scores, queries[:, :e] @ items[:, :e].T / temperature + bias[None, :], rtol=1e-4, atol=1e-4)
+  loss, _ = trainer.loss_fn(state["params"], state["tables"], put, jax.random.key(0))
+  cands = items[batch["item"]]
+  want, _ = losses.in_batch_softmax(jnp.asarray(queries), jnp.asarray(cands), jnp.asarray(batch["item"]), temperature,
+                                    log_q_B=jnp.asarray(batch["log_q"]))
+  np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+  _, ids = topk(queries, items, 5)
+  np.testing.assert_array_equal(np.asarray(ids), np.argsort(-scores, axis=1, kind="stable")[:, :5])
+  with pytest.raises(ConfigError, match="model.item_bias"):
+    _trainer("model.item_bias=true", "model.fusion=sum")
+  # The extra column is one more than the tower width the rules table shards: same losses on a mesh.
+  reference, _ = _losses(_trainer("mesh.num_devices=1", "model.item_bias=true"), 4)
+  losses_mesh, _ = _losses(_trainer("mesh.data=2", "mesh.tensor=4", "model.item_bias=true"), 4)
+  np.testing.assert_allclose(losses_mesh, reference, rtol=1e-5)

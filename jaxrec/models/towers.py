@@ -30,9 +30,10 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 class FusionMLP(nnx.Module):
-  """[*, in] -> hidden layers (GELU) -> [*, E], L2-normalised in float32."""
+  """[*, in] -> hidden layers (GELU) -> [*, E], L2-normalised in float32; with ``scalar_head``
+  also an unnormalised scalar from the last hidden layer, appended: [*, E + 1]."""
 
-  def __init__(self, in_dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, in_dim: int, cfg: ModelConfig, *, scalar_head: bool = False, rngs: nnx.Rngs):
     dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     dims = (in_dim, *cfg.mlp_dims)
     self.hidden = nnx.List([
@@ -43,11 +44,18 @@ class FusionMLP(nnx.Module):
     self.out = nnx.Linear(dims[-1], cfg.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                           kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("mlp", "tower_out")),
                           bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("tower_out",)))
+    # Zero-initialised: training starts from the model without the scalar.
+    self.scalar = nnx.Linear(dims[-1], 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                             kernel_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("mlp", None)),
+                             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,))) if scalar_head else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for layer in self.hidden:
       x = jax.nn.gelu(layer(x))
-    return l2_normalize(self.out(x))
+    out = l2_normalize(self.out(x))
+    if self.scalar is None:
+      return out
+    return jnp.concatenate([out, self.scalar(x).astype(jnp.float32)], axis=-1)
 
 
 def check_sum_widths(widths: dict[str, int], embed_dim: int, tower: str) -> None:
@@ -122,10 +130,14 @@ class ItemTower(nnx.Module):
                         **({"model.id_dim": cfg.id_dim} if self.use_ids else {}),
                         **({"model.feature_dim": cfg.feature_dim} if catalog.features else {})},
                        cfg.embed_dim, "item tower")
-    self.mlp = FusionMLP(in_dim, cfg, rngs=rngs) if cfg.fusion == "mlp" else None
+    self.mlp = FusionMLP(in_dim, cfg, scalar_head=cfg.item_bias, rngs=rngs) if cfg.fusion == "mlp" else None
+    # The bias column is stored times the configured temperature, so that q . v / temperature adds
+    # exactly b to the cosine term at that temperature.
+    self.bias_scale = cfg.temperature if cfg.item_bias else None
 
   def __call__(self, items_N: jax.Array, text_NxD: jax.Array | None = None,
                dropout_key: jax.Array | None = None) -> jax.Array:
+    """[N, E] unit vectors, or [N, E + 1] with ``model.item_bias`` (last column temperature * b)."""
     parts = []
     if self.use_text:
       parts.append(self.text[...][items_N] if text_NxD is None else text_NxD.astype(jnp.float32))
@@ -139,7 +151,10 @@ class ItemTower(nnx.Module):
     if self.mlp is None:
       return fuse_sum(parts)
     x = jnp.concatenate([p.astype(self.mlp.out.kernel[...].dtype) for p in parts], axis=-1)
-    return self.mlp(x)
+    out = self.mlp(x)
+    if self.bias_scale is None:
+      return out
+    return out.at[..., -1].multiply(self.bias_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +171,7 @@ class QueryTower(nnx.Module):
   def __init__(self, users: Users, cfg: ModelConfig, *, catalog: Catalog | None = None, row_multiple: int = 1,
                rngs: nnx.Rngs):
     self.use_ids = cfg.use_user_ids
+    self.embed_dim, self.item_bias = cfg.embed_dim, cfg.item_bias
     in_dim = cfg.embed_dim  # pooled history
     self.use_history_ids = cfg.history_ids
     if self.use_history_ids:
@@ -177,6 +193,9 @@ class QueryTower(nnx.Module):
 
   def __call__(self, users_B: jax.Array, history_BxLxE: jax.Array, history_mask_BxL: jax.Array,
                history_BxL: jax.Array | None = None) -> jax.Array:
+    """[B, E] unit vectors, or [B, E + 1] with ``model.item_bias`` (last column 1, which picks up
+    the items' bias column). History rows may carry that column; only their first E are pooled."""
+    history_BxLxE = history_BxLxE[..., :self.embed_dim]
     mask_BxL = history_mask_BxL.astype(jnp.float32)
     count_Bx1 = jnp.maximum(mask_BxL.sum(1, keepdims=True), 1.0)
     pooled_BxE = (history_BxLxE * mask_BxL[..., None]).sum(1) / count_Bx1
@@ -190,4 +209,7 @@ class QueryTower(nnx.Module):
     if self.mlp is None:
       return fuse_sum(parts)
     x = jnp.concatenate([p.astype(self.mlp.out.kernel[...].dtype) for p in parts], axis=-1)
-    return self.mlp(x)
+    q_BxE = self.mlp(x)
+    if not self.item_bias:
+      return q_BxE
+    return jnp.concatenate([q_BxE, jnp.ones_like(q_BxE[..., :1])], axis=-1)
