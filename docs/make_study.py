@@ -95,6 +95,11 @@ def acceptance_section(out: str, results) -> list[str]:
     if longer is not None:
       lines.append(f"- The same hybrid trained twice as long (10 epochs, seed {longer['seeds']}): Recall@10 "
                    f"{_pm(longer, 'recall@10')}, NDCG@10 {_pm(longer, 'ndcg@10')}.")
+    profile = _row(results, "ml1m", "random", "hybrid_profile_10ep")
+    if profile is not None:
+      lines.append(f"- The hybrid with the ablation's best query tower (100 profile items through a history-item "
+                   f"id table, no user id; 10 epochs, seed {profile['seeds']}): Recall@10 "
+                   f"{_pm(profile, 'recall@10')}, NDCG@10 {_pm(profile, 'ndcg@10')}.")
   for dataset, split in dict.fromkeys((r["dataset"], r["split"]) for r in results):
     part = {r["model"]: r for r in results if r["dataset"] == dataset and r["split"] == split
             and r["train_fraction"] == 1.0}
@@ -196,6 +201,29 @@ def recbole_rows(paths) -> list[str]:
   return lines
 
 
+def ease_section(path: str | None) -> str:
+  """The EASE reference and its two-tower-shaped variants (benchmarks/peers/ease_reference.py JSON)."""
+  if not path:
+    return "(not run)"
+  with open(path) as f:
+    run = json.load(f)
+  lam = f"{run['lam']:g}"
+  best_valid = run["ease_valid"][lam]
+  lines = ["| model (numpy, jaxrec's evaluator, this split) | split | Recall@10 | NDCG@10 |", "|---|---|---:|---:|",
+           f"| EASE, full rank (lambda {lam}, picked on valid) | test | {_f(run['ease_test']['recall@10'])} | "
+           f"{_f(run['ease_test']['ndcg@10'])} |",
+           f"| EASE, full rank | valid | {_f(best_valid['recall@10'])} | {_f(best_valid['ndcg@10'])} |"]
+  for rank, m in run["rank_valid"].items():
+    lines.append(f"| EASE cut to rank {rank} (a {rank}-wide dot-product two-tower) | valid | "
+                 f"{_f(m['recall@10'])} | {_f(m['ndcg@10'])} |")
+  m = run["rank64_cosine_valid"]
+  lines.append(f"| rank 64, unit item vectors (cosine scores) | valid | {_f(m['recall@10'])} | {_f(m['ndcg@10'])} |")
+  for length, m in run["rank64_history_valid"].items():
+    lines.append(f"| rank 64, query from {length} sampled known items | valid | {_f(m['recall@10'])} | "
+                 f"{_f(m['ndcg@10'])} |")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--study", default="runs/study/paradigm", help="output directory of the study run")
@@ -203,6 +231,7 @@ def main(argv=None) -> int:
   parser.add_argument("--readme", action="store_true", help="also print the README section")
   parser.add_argument("--recbole", action="append", default=[],
                       help="recbole_<model>.json from benchmarks/peers/recbole_bpr.py run (repeatable)")
+  parser.add_argument("--ease", help="JSON from benchmarks/peers/ease_reference.py")
   args = parser.parse_args(argv)
   out = os.path.abspath(args.study)
   results = study.read_csv(os.path.join(out, "results.csv"))
@@ -231,6 +260,7 @@ def main(argv=None) -> int:
   page = template.format(
       diagnosis=diagnosis,
       ablation=ablation,
+      ease=ease_section(args.ease),
       protocol="\n".join(protocol_section(out, results)),
       settings="\n".join(settings_section(out, results)),
       table=table.strip(),
@@ -242,6 +272,8 @@ def main(argv=None) -> int:
       ours="\n".join(f"| {label} (jaxrec, this study) | {_pm(r, 'recall@10')} | {_pm(r, 'ndcg@10')} |"
                      for label, r in (("hybrid text + ids, 5 epochs", _row(results, "ml1m", "random", "hybrid")),
                                       ("hybrid text + ids, 10 epochs", _row(results, "ml1m", "random", "hybrid_10ep")),
+                                      ("hybrid, profile query, 10 epochs",
+                                       _row(results, "ml1m", "random", "hybrid_profile_10ep")),
                                       ("text-only item tower", _row(results, "ml1m", "random", "text")),
                                       ("ID-only two-tower", _row(results, "ml1m", "random", "id")),
                                       ("popularity", _row(results, "ml1m", "random", study.POPULARITY)))

@@ -19,6 +19,11 @@ split, so the test split stays untouched by the search:
   history_ids50     the query also pools a history-item id table of its own (model.history_ids),
                     over 50 sampled profile items
   epochs20          twenty epochs instead of five (is the hybrid under-trained?)
+  item_bias         an additive, learnt score bias per item (model.item_bias): the softmax output
+                    bias of YouTube's and Mult-VAE's models (popularity no longer has to live in
+                    the unit vectors' directions)
+  history_ids100_no_uid  the history-item id table over 100 sampled profile items, no user-id
+                    embedding: the query is built from the profile alone, as EASE's is
 
   jaxrec study --config configs/study/ml1m_ablation.py --out runs/study/ml1m_ablation
 """
@@ -41,6 +46,9 @@ MODELS = (
     Model("history_ids50", (*_HYBRID, "model.history_ids=true", "data.history_len=50"),
           "history-item id table, 50 profile items"),
     Model("epochs20", (*_HYBRID, "train.steps=16000"), "20 epochs"),
+    Model("item_bias", (*_HYBRID, "model.item_bias=true"), "additive item bias"),
+    Model("history_ids100_no_uid", (*_HYBRID, "model.history_ids=true", "data.history_len=100",
+                                    "model.use_user_ids=false"), "history-item id table, 100 profile items, no user id"),
 )
 ML1M = DatasetSpec("ml1m", "configs/ml1m_text.py", ("train.steps=4000", "train.steps_per_call=10"))
 RANDOM = SplitSpec("random", ("data.split=random", "data.split_ratios=0.8,0.1,0.1", "data.cold_item_fraction=0"))
