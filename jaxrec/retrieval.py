@@ -16,6 +16,9 @@ kernel's candidate filter uses a fused matmul and the final scores are recompute
 candidates; both are float32 dot products (HIGHEST precision) of the same rows, which can differ
 in the last bit (summation order), as any two BLAS libraries do. Inputs whose products are
 exactly representable (the tests) therefore give bit-identical results to a brute force.
+HIGHEST matters on accelerators (bf16 passes otherwise); on XLA:CPU it is the same float32 kernel
+as DEFAULT (a 512 x 65,536 x 64 scoring measured identical scores and time), unlike the training
+logits, whose backward pass it steers to a slower kernel (see losses.logit_precision).
 """
 
 from __future__ import annotations
