@@ -36,6 +36,8 @@ HYBRID_LONG = Model("hybrid_10ep", (*HYBRID.overrides, "train.steps=8000"), "hyb
 HYBRID_PROFILE = Model("hybrid_profile_10ep", (*HYBRID.overrides, "model.history_ids=true", "data.history_len=100",
                                                "model.use_user_ids=false", "train.steps=8000"),
                        "hybrid, profile query (history ids, 100 items, no user id), 10 epochs")
+HYBRID_PROFILE_LONG = Model("hybrid_profile_20ep", (*HYBRID_PROFILE.overrides, "train.steps=16000"),
+                            "hybrid, profile query (history ids, 100 items, no user id), 20 epochs")
 
 # 805K training pairs / 1,024 per step: 4,000 steps are five epochs.
 ML1M = DatasetSpec("ml1m", "configs/ml1m_text.py", ("train.steps=4000", "train.steps_per_call=10"))
@@ -70,6 +72,6 @@ def get_study() -> Study:
           *_fractions(ML100K, COLD20, 1500),
           *_fractions(ML1M, RANDOM, 4000, models=(ID, HYBRID)),  # text-only cut for CPU time
           Grid(models=(HYBRID_LONG,), datasets=(ML1M,), splits=(RANDOM,), seeds=(0,)),
-          Grid(models=(HYBRID_PROFILE,), datasets=(ML1M,), splits=(RANDOM,), seeds=(0,)),
+          Grid(models=(HYBRID_PROFILE, HYBRID_PROFILE_LONG), datasets=(ML1M,), splits=(RANDOM,), seeds=(0,)),
       ),
   )
