@@ -198,11 +198,10 @@ class QueryTower(nnx.Module):
     history_BxLxE = history_BxLxE[..., :self.embed_dim]
     mask_BxL = history_mask_BxL.astype(jnp.float32)
     count_Bx1 = jnp.maximum(mask_BxL.sum(1, keepdims=True), 1.0)
-    pooled_BxE = (history_BxLxE * mask_BxL[..., None]).sum(1) / count_Bx1
-    parts = [pooled_BxE]
+    masked_mean = lambda x_BxLxF: (x_BxLxF * mask_BxL[..., None]).sum(1) / count_Bx1  # noqa: E731
+    parts = [masked_mean(history_BxLxE)]
     if self.use_history_ids:
-      rows_BxL = self.history_row[...][jnp.maximum(history_BxL, 0)]
-      parts.append((self.history_ids(rows_BxL) * mask_BxL[..., None]).sum(1) / count_Bx1)
+      parts.append(masked_mean(self.history_ids(self.history_row[...][jnp.maximum(history_BxL, 0)])))
     if self.use_ids:
       parts.append(self.ids(users_B + 1))
     parts.extend(bag(users_B) for bag in self.features.values())
