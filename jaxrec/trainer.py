@@ -29,6 +29,7 @@ from jaxrec.config import Config, to_json
 from jaxrec.data import sources
 from jaxrec.data.dataset import Dataset, Split
 from jaxrec.data.pipeline import BatchBuilder, Sequences, history_mode, item_log_q, train_batches
+from jaxrec.flops import jaxpr_matmul_flops
 from jaxrec.mesh import MeshError, make_mesh, maybe_initialize_distributed
 from jaxrec.models.towers import Catalog, Users
 from jaxrec.models.two_tower import TwoTower
@@ -68,7 +69,7 @@ def _text_setup(cfg: Config, dataset: Dataset) -> TextSetup:
   adapters = {"lora_rank": cfg.encoder.lora_rank, "lora_alpha": cfg.encoder.lora_alpha,
               "lora_ffn": cfg.encoder.lora_ffn} if cfg.encoder.mode == "lora" else {}
   encoder = TextEncoder.from_pretrained(cfg.encoder.path or None, max_length=cfg.encoder.max_length or None,
-                                        pooling=cfg.encoder.pooling, **adapters)
+                                        pooling=cfg.encoder.pooling, dtype=cfg.encoder.dtype, **adapters)
   if live:
     return TextSetup(dim=encoder.hidden_size, encoder=encoder, tokens=encoder.tokenize(list(dataset.item_text)))
   vectors = encode_cached(encoder, list(dataset.item_text), cache_dir(cfg), batch_size=cfg.encoder.batch_size)
@@ -436,8 +437,9 @@ class Trainer:
     def executable(shape, steps=k):  # steps < K only for the last call of a run whose length K does not divide
       if (steps, shape) not in executables:
         started = time.perf_counter()
-        executables[steps, shape] = self._train_call.lower(abstract_state, self.abstract_batch(steps, shape)).compile()
-        shape_flops[steps, shape] = _step_flops(executables[steps, shape]) / steps
+        traced = self._train_call.trace(abstract_state, self.abstract_batch(steps, shape))
+        executables[steps, shape] = traced.lower().compile()
+        shape_flops[steps, shape] = jaxpr_matmul_flops(traced.jaxpr) / steps
         if len(executables) > 1:
           log.info("train step compiled for %d steps of %d distinct items x %d tokens in %.1f s", steps, *shape,
                    time.perf_counter() - started)
@@ -589,7 +591,7 @@ class Trainer:
     """Restore order: this workdir's latest checkpoint, then checkpoint.resume_from, then scratch
     (with the pretrained text encoder's vectors when the model uses text)."""
     data_iter = iter(train_batches(self.batch_builder(), 0, self.cfg.train.steps, to_device=self.put_batch,
-                                   steps_per_call=self.cfg.train.steps_per_call))
+                                   steps_per_call=self.cfg.train.steps_per_call, num_threads=self.cfg.data.num_threads))
     if resume and ckpt.latest_step() is not None:
       step, state, history = ckpt.restore(self.abstract_state(), data_iter)
       log.info("resuming from checkpoint step %d in %s", step, ckpt.directory)
@@ -647,17 +649,6 @@ def config_hash(cfg: Config) -> str:
 # peak, so on CPU only the achieved FLOP/s is reported.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
               "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12}
-
-
-def _step_flops(compiled) -> float:
-  """FLOPs of one train step from XLA's cost analysis of the compiled program (all devices)."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # some backends have no cost model
-    return 0.0
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get("flops", 0.0))
 
 
 def _utilisation(flops_per_step: float, steps_per_sec: float, mesh) -> dict[str, float]:

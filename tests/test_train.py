@@ -151,6 +151,9 @@ def test_several_steps_per_call_train_exactly_like_one(tmp_path):
   assert len(four["train/losses"]) == 10
   np.testing.assert_allclose(four["train/losses"], one["train/losses"], rtol=1e-6)
   assert four["recall@10"] == pytest.approx(one["recall@10"], abs=1e-6)
+  # FLOPs per step are a property of the step, not of how many steps one call scans.
+  assert one["train/step_tflops"] > 0
+  assert four["train/step_tflops"] == pytest.approx(one["train/step_tflops"], rel=1e-12)
   from jaxrec.config import ConfigError
   with pytest.raises(ConfigError, match="'checkpoint.every'=6 must be a multiple of train.steps_per_call=4"):
     load_config(TINY, base + ["train.steps_per_call=4", "checkpoint.every=6"])
@@ -182,6 +185,23 @@ def test_live_encoder_shape_buckets_leave_the_losses_unchanged(tmp_path, tiny_be
   shapes = {bucketed.batch_shape(builder.map(b)) for b in range(8)}
   assert len(shapes) > 1 and all(rows < bucketed.unique_capacity and length == 24 for rows, length in shapes), shapes
   np.testing.assert_allclose(bucketed.run()["train/losses"], reference, rtol=0, atol=1e-5)
+
+
+def test_encoder_dtype_reaches_the_live_encoder_and_bf16_tracks_float32(tmp_path, tiny_bert_dir):
+  base = _live(tiny_bert_dir, "mesh.num_devices=1", "train.steps=6", "checkpoint.async_save=false",
+               "train.batch_size=16", "encoder.shape_buckets=1")
+  exact = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'f32'}"]))
+  fast = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'bf16'}", "encoder.dtype=bfloat16",
+                                           "data.num_threads=2"]))
+  assert exact.text.encoder.config.dtype == "float32" and fast.text.encoder.config.dtype == "bfloat16"
+  reference, losses = exact.run()["train/losses"], fast.run()["train/losses"]
+  assert not np.array_equal(losses, reference)  # the encoder did compute in bf16...
+  np.testing.assert_allclose(losses, reference, rtol=0.02)  # ...and trains the same model
+  from jaxrec.config import ConfigError
+  with pytest.raises(ConfigError, match="encoder.dtype"):
+    load_config(TINY, ["encoder.dtype=float16"])
+  with pytest.raises(ConfigError, match="data.num_threads"):
+    load_config(TINY, ["data.num_threads=0"])
 
 
 def test_train_step_compiles_once_per_bucket_pair_met_and_once_without_a_live_encoder(tmp_path, tiny_bert_dir):
