@@ -50,6 +50,10 @@ class DataConfig:
   # from the user's other training items; eval: L drawn from the known ones) | auto (recent for
   # temporal splits, sampled for random splits and for data without time).
   history: str = "auto"
+  # Threads building training batches (grain's read threads; batch i is a pure function of i, so the
+  # order and a resumed run are the same for any count). One keeps up on CPU hosts; an accelerator
+  # whose step is faster than one thread's batch wants more.
+  num_threads: int = 1
   synthetic: SyntheticConfig = SyntheticConfig()
 
 
@@ -60,6 +64,9 @@ class EncoderConfig:
   max_length: int = 0  # 0 = the model's own max_seq_length (256 for MiniLM)
   pooling: str = "mean"  # mean | cls
   batch_size: int = 64  # catalog encoding batch
+  # Encoder compute dtype (weights stay float32): float32 (exact; HIGHEST precision on
+  # accelerators) | bfloat16 (the accelerators' fast path; frozen vectors cached per dtype).
+  dtype: str = "float32"
   cache_dir: str = ""  # "" = $JAXREC_CACHE or ~/.cache/jaxrec
   lora_rank: int = 8
   lora_alpha: float = 16.0
@@ -324,6 +331,7 @@ def validate(config: Config) -> Config:
       "encoder.mode": (config.encoder.mode, ("frozen", "lora", "full", "none")),
       "encoder.pooling": (config.encoder.pooling, ("mean", "cls")),
       "model.dtype": (config.model.dtype, ("float32", "bfloat16")),
+      "encoder.dtype": (config.encoder.dtype, ("float32", "bfloat16")),
       "model.fusion": (config.model.fusion, ("mlp", "sum")),
       "model.param_dtype": (config.model.param_dtype, ("float32", "bfloat16")),
       "train.nan_policy": (config.train.nan_policy, ("stop", "skip")),
@@ -365,6 +373,8 @@ def validate(config: Config) -> Config:
                       "tower's fusion MLP")
   if config.train.user_weight_power < 0:
     raise ConfigError(f"config key 'train.user_weight_power' must be >= 0; got {config.train.user_weight_power}")
+  if config.data.num_threads < 1:
+    raise ConfigError(f"config key 'data.num_threads' must be >= 1; got {config.data.num_threads}")
   if config.encoder.shape_buckets < 1:
     raise ConfigError("config key 'encoder.shape_buckets' must be >= 1 (1 = one fixed shape); "
                       f"got {config.encoder.shape_buckets}")

@@ -66,6 +66,19 @@ def test_grain_iterator_state_resumes_exactly():
     np.testing.assert_array_equal(next(resumed)["item"], want)
 
 
+def test_several_batch_threads_give_the_same_batches_in_order_and_resume_alike():
+  _, _, seqs, log_q = _setup()
+  builder = BatchBuilder(seqs, log_q, 8, 3, seed=2)
+  one = [b["item"] for b in train_batches(builder, 0, 12)]
+  threaded = iter(train_batches(builder, 0, 12, num_threads=4))
+  for want in one[:5]:
+    np.testing.assert_array_equal(next(threaded)["item"], want)
+  resumed = iter(train_batches(builder, 0, 12, num_threads=3))
+  resumed.set_state(threaded.get_state())
+  for want in one[5:]:
+    np.testing.assert_array_equal(next(resumed)["item"], want)
+
+
 def test_distinct_draws_are_distinct_in_range_and_uniform():
   from jaxrec.data.pipeline import _distinct_draws
   rng = np.random.default_rng(0)

@@ -299,17 +299,17 @@ class StackedBatches(grain.transforms.Map):
 
 
 def train_batches(builder: BatchBuilder, start: int, stop: int, prefetch: int = 4,
-                  to_device=None, steps_per_call: int | None = None) -> grain.IterDataset:
+                  to_device=None, steps_per_call: int | None = None, num_threads: int = 1) -> grain.IterDataset:
   """Batches ``start..stop-1`` built on a background thread. With ``steps_per_call=K`` each
   element stacks K consecutive batches (one jitted call's worth; ``start`` counts steps and must
   be a multiple of K; the last element stacks the ``stop % K`` left over, if any). With
   ``to_device`` (host arrays -> device arrays) the transfer runs on a second thread, so the train
-  loop finds batches already on the device. The iterator's checkpointed position counts only
-  elements the loop has taken."""
+  loop finds batches already on the device. ``num_threads`` threads build elements ahead, in order.
+  The iterator's checkpointed position counts only elements the loop has taken."""
   k = steps_per_call or 1
   transform = builder if steps_per_call is None else StackedBatches(builder, k, stop)
   ds = (grain.MapDataset.range(start // k, -(-stop // k)).map(transform)
-        .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
+        .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(prefetch, num_threads))))
   if to_device is not None:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds.map(to_device), prefetch_buffer_size=2)
   return ds

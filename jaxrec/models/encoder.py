@@ -182,7 +182,12 @@ class BertEmbeddings(nnx.Module):
 
   def __call__(self, input_ids_BxL: jax.Array, token_type_ids_BxL: jax.Array) -> jax.Array:
     length = input_ids_BxL.shape[1]
-    x_BxLxD = self.word(input_ids_BxL) + self.token_type(token_type_ids_BxL)
+    # Token types through a one-hot matmul, not a gather: the gather's gradient is a scatter-add of
+    # every token into two rows, which serialises on atomics on GPUs; the matmul's is a matmul.
+    # HIGHEST keeps the selected row exact on accelerators (TF32 would round it).
+    table_TxD = self.token_type.embedding[...].astype(self.token_type.dtype)
+    types_BxLxT = jax.nn.one_hot(token_type_ids_BxL, table_TxD.shape[0], dtype=table_TxD.dtype)
+    x_BxLxD = self.word(input_ids_BxL) + jnp.matmul(types_BxLxT, table_TxD, precision=jax.lax.Precision.HIGHEST)
     x_BxLxD = x_BxLxD + self.position(jnp.arange(length))[None]
     return self.norm(x_BxLxD)
 
