@@ -51,3 +51,22 @@ def test_peer_side_reports_finite_throughput_and_quality(smoke, config, peer):
   assert math.isfinite(side["final_loss"])
   assert 0.0 <= side["quality"]["recall@10"] <= 1.0
   assert math.isfinite(result["ratio"]) and result["ratio"] > 0
+
+
+def test_gpu_suite_runs_every_cell_at_toy_size_on_any_backend(tmp_path):
+  # The accelerator suite's own logic (cells, overrides, summary) at toy size on CPU with a tiny
+  # BERT; its sizes and timings are for one GPU and are recorded in benchmarks/README.md.
+  from fixtures import tiny_bert
+  encoder = tiny_bert.write(tmp_path / "tiny_bert")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAXREC_SUITE_SIZE="tiny", JAXREC=f"{sys.executable} -m jaxrec.cli", PYTHON=sys.executable,
+             JAXREC_ENCODER_PATH=str(encoder), JAXREC_CACHE=str(tmp_path / "cache"))
+  proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), str(tmp_path / "out")], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "failed" not in proc.stdout, proc.stdout
+  summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+  for cell in ("frozen", "lora", "full"):
+    assert summary[cell]["train/examples_per_sec"] > 0 and summary[cell]["train/step_tflops"] > 0, summary[cell]
+    assert math.isfinite(summary[cell]["train/final_loss"])
+  assert [r["recall_strict"] for r in summary["retrieval"]["results"]] == [1.0, 1.0]
