@@ -50,6 +50,9 @@ class DataConfig:
   # from the user's other training items; eval: L drawn from the known ones) | auto (recent for
   # temporal splits, sampled for random splits and for data without time).
   history: str = "auto"
+  # Training only: each history slot is masked with this chance (at least one item kept), so the
+  # query learns from partial profiles (Mult-DAE's input dropout); evaluation sees whole histories.
+  history_dropout: float = 0.0
   # Threads building training batches (grain's read threads; batch i is a pure function of i, so the
   # order and a resumed run are the same for any count). One keeps up on CPU hosts; an accelerator
   # whose step is faster than one thread's batch wants more.
@@ -373,6 +376,8 @@ def validate(config: Config) -> Config:
                       "tower's fusion MLP")
   if config.train.user_weight_power < 0:
     raise ConfigError(f"config key 'train.user_weight_power' must be >= 0; got {config.train.user_weight_power}")
+  if not 0.0 <= config.data.history_dropout < 1.0:
+    raise ConfigError(f"config key 'data.history_dropout' must be in [0, 1); got {config.data.history_dropout}")
   if config.data.num_threads < 1:
     raise ConfigError(f"config key 'data.num_threads' must be >= 1; got {config.data.num_threads}")
   if config.encoder.shape_buckets < 1:

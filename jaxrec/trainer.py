@@ -293,7 +293,8 @@ class Trainer:
                         self.cfg.train.seed, jax.process_index(), jax.process_count(),
                         unique_capacity=self.unique_capacity, history=self.history_mode, row_buckets=self.row_buckets,
                         tokens=self.text.tokens, length_buckets=self.length_buckets,
-                        user_weight_power=self.cfg.train.user_weight_power)
+                        user_weight_power=self.cfg.train.user_weight_power,
+                        history_dropout=self.cfg.data.history_dropout)
 
   def batch_shape(self, batch: dict) -> tuple[int, int]:
     """(distinct-item rows, tokens) of a global batch, single or stacked: its compiled shape."""

@@ -79,6 +79,26 @@ def test_several_batch_threads_give_the_same_batches_in_order_and_resume_alike()
     np.testing.assert_array_equal(next(resumed)["item"], want)
 
 
+def test_history_dropout_masks_about_that_share_keeps_one_item_and_is_a_function_of_the_batch():
+  _, _, seqs, log_q = _setup()
+  whole = BatchBuilder(seqs, log_q, 256, 8, seed=3, history="sampled")
+  dropped = BatchBuilder(seqs, log_q, 256, 8, seed=3, history="sampled", history_dropout=0.5)
+  slots = kept = 0
+  for b in range(6):
+    full, part = whole.map(b), dropped.map(b)
+    np.testing.assert_array_equal(part["history"], full["history"])  # same draws, fewer of them unmasked
+    assert not (part["history_mask"] & ~full["history_mask"]).any()
+    had = full["history_mask"].any(axis=1)
+    assert part["history_mask"][had].any(axis=1).all()  # nobody loses the whole profile
+    slots, kept = slots + full["history_mask"].sum(), kept + part["history_mask"].sum()
+    np.testing.assert_array_equal(dropped.map(b)["history_mask"], part["history_mask"])
+  # Half of the slots masked, a little less since every row keeps one: binomial sd ~ 0.5/sqrt(slots).
+  assert slots > 5000 and 0.47 < kept / slots < 0.56, kept / slots
+  import pytest
+  with pytest.raises(ValueError, match="history_dropout"):
+    BatchBuilder(seqs, log_q, 256, 8, seed=3, history_dropout=1.0)
+
+
 def test_distinct_draws_are_distinct_in_range_and_uniform():
   from jaxrec.data.pipeline import _distinct_draws
   rng = np.random.default_rng(0)

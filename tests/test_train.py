@@ -202,6 +202,8 @@ def test_encoder_dtype_reaches_the_live_encoder_and_bf16_tracks_float32(tmp_path
     load_config(TINY, ["encoder.dtype=float16"])
   with pytest.raises(ConfigError, match="data.num_threads"):
     load_config(TINY, ["data.num_threads=0"])
+  with pytest.raises(ConfigError, match="data.history_dropout"):
+    load_config(TINY, ["data.history_dropout=1.0"])
 
 
 def test_train_step_compiles_once_per_bucket_pair_met_and_once_without_a_live_encoder(tmp_path, tiny_bert_dir):

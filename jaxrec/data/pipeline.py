@@ -166,7 +166,7 @@ class BatchBuilder(grain.transforms.Map):
                process_index: int = 0, process_count: int = 1, unique_capacity: int = 0,
                history: str = "recent", row_buckets: tuple[int, ...] = (),
                tokens: dict[str, np.ndarray] | None = None, length_buckets: tuple[int, ...] = (),
-               user_weight_power: float = 0.0):
+               user_weight_power: float = 0.0, history_dropout: float = 0.0):
     if batch_size % process_count:
       raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
     if len(seqs) == 0:
@@ -175,6 +175,9 @@ class BatchBuilder(grain.transforms.Map):
     if history not in ("recent", "sampled"):
       raise ValueError(f"unknown history mode {history!r}: use recent or sampled")
     self.batch_size, self.history_len, self.seed, self.history = batch_size, history_len, seed, history
+    if not 0.0 <= history_dropout < 1.0:
+      raise ValueError(f"history_dropout must be in [0, 1); got {history_dropout}")
+    self.history_dropout = history_dropout
     per_process = batch_size // process_count
     self.rows = slice(process_index * per_process, (process_index + 1) * per_process)
     # With ``unique_capacity``, the batch also carries its distinct items (global, padded to the
@@ -238,6 +241,8 @@ class BatchBuilder(grain.transforms.Map):
       all_history, all_mask = self.seqs.sampled_history(all_pos, self.history_len, rng)
     else:
       all_history, all_mask = self.seqs.history_before(all_pos, self.history_len)
+    if self.history_dropout:
+      all_mask = self._drop_history(all_mask, batch_index)
     history, mask = all_history[self.rows], all_mask[self.rows]
     items = self.seqs.items[pos]
     batch = {"user": self.seqs.user[pos], "item": items, "history": history, "history_mask": mask,
@@ -250,6 +255,16 @@ class BatchBuilder(grain.transforms.Map):
     if len(unique) > self.unique_capacity:
       raise ValueError(f"batch {batch_index} has {len(unique)} distinct items, over the capacity {self.unique_capacity}")
     return batch, unique
+
+  def _drop_history(self, mask_BxL: np.ndarray, batch_index: int) -> np.ndarray:
+    """Each history slot masked with chance ``history_dropout`` (a denoising profile, as in
+    Mult-DAE); a row keeps at least its first item, so no query loses its whole history."""
+    rng = np.random.default_rng([self.seed, int(batch_index), 0x6470])
+    kept_BxL = mask_BxL & (rng.random(mask_BxL.shape) >= self.history_dropout)
+    emptied_B = mask_BxL.any(axis=1) & ~kept_BxL.any(axis=1)
+    first_B = np.argmax(mask_BxL, axis=1)
+    kept_BxL[emptied_B, first_B[emptied_B]] = True
+    return kept_BxL
 
   def shape_of(self, unique: np.ndarray) -> tuple[int, int]:
     """(rows, tokens): the smallest buckets holding these distinct items and their longest text
