@@ -25,6 +25,15 @@ split, so the test split stays untouched by the search:
   history_ids100_no_uid  the history-item id table over 100 sampled profile items, no user-id
                     embedding: the query is built from the profile alone, as EASE's is
 
+Then the profile query (history_ids100_no_uid) trained longer, choosing its training on the
+validation split before the paradigm study's test cells:
+
+  profile_10ep          ten epochs
+  profile_40ep          forty epochs, validated every ten (the curve is in the cell's history)
+  profile_dropout05_10ep, profile_dropout075_10ep
+                        ten epochs with data.history_dropout=0.5 / 0.75: each training history
+                        slot masked with that chance (Mult-DAE's input dropout)
+
   jaxrec study --config configs/study/ml1m_ablation.py --out runs/study/ml1m_ablation
 """
 
@@ -50,6 +59,15 @@ MODELS = (
     Model("history_ids100_no_uid", (*_HYBRID, "model.history_ids=true", "data.history_len=100",
                                     "model.use_user_ids=false"), "history-item id table, 100 profile items, no user id"),
 )
+_PROFILE = (*_HYBRID, "model.history_ids=true", "data.history_len=100", "model.use_user_ids=false")
+PROFILE_MODELS = (
+    Model("profile_10ep", (*_PROFILE, "train.steps=8000"), "profile query, 10 epochs"),
+    Model("profile_40ep", (*_PROFILE, "train.steps=32000", "train.eval_every=8000"), "profile query, 40 epochs"),
+    Model("profile_dropout05_10ep", (*_PROFILE, "train.steps=8000", "data.history_dropout=0.5"),
+          "profile query, history dropout 0.5, 10 epochs"),
+    Model("profile_dropout075_10ep", (*_PROFILE, "train.steps=8000", "data.history_dropout=0.75"),
+          "profile query, history dropout 0.75, 10 epochs"),
+)
 ML1M = DatasetSpec("ml1m", "configs/ml1m_text.py", ("train.steps=4000", "train.steps_per_call=10"))
 RANDOM = SplitSpec("random", ("data.split=random", "data.split_ratios=0.8,0.1,0.1", "data.cold_item_fraction=0"))
 
@@ -58,5 +76,6 @@ def get_study() -> Study:
   return Study(
       name="ml1m_ablation",
       overrides=("train.progress=false", "mesh.num_devices=1", "eval.split=valid"),
-      grids=(Grid(models=MODELS, datasets=(ML1M,), splits=(RANDOM,), seeds=(0,)),),
+      grids=(Grid(models=MODELS, datasets=(ML1M,), splits=(RANDOM,), seeds=(0,)),
+             Grid(models=PROFILE_MODELS, datasets=(ML1M,), splits=(RANDOM,), seeds=(0,))),
   )
