@@ -29,7 +29,7 @@ Then the profile query (history_ids100_no_uid) trained longer, choosing its trai
 validation split before the paradigm study's test cells:
 
   profile_10ep          ten epochs
-  profile_40ep          forty epochs, validated every ten (the curve is in the cell's history)
+  profile_40ep          forty epochs, validated every ten (logged, and in the cell's tb/)
   profile_dropout05_10ep, profile_dropout075_10ep
                         ten epochs with data.history_dropout=0.5 / 0.75: each training history
                         slot masked with that chance (Mult-DAE's input dropout)
