@@ -83,9 +83,12 @@ def acceptance_section(out: str, results) -> list[str]:
   hybrid = _row(results, "ml1m", "random", "hybrid")
   ids = _row(results, "ml1m", "random", "id")
   pop = _row(results, "ml1m", "random", study.POPULARITY)
+  dropout = _row(results, "ml1m", "random", "hybrid_profile_dropout_20ep")
   if hybrid is not None:
     r10 = hybrid["recall@10_mean"]
     verdict = "**met**" if r10 >= HEADLINE_TARGET else "**not met**"
+    if r10 < HEADLINE_TARGET and dropout is not None and dropout["recall@10_mean"] >= HEADLINE_TARGET:
+      verdict += " at five epochs (met by the profile-query cell, last ML-1M line below)"
     lines.append(f"- Hybrid on ML-1M (random 8:1:1, full ranking, training items masked, no cold items): Recall@10 "
                  f"{_pm(hybrid, 'recall@10')} over seeds {hybrid['seeds']} against the target {HEADLINE_TARGET} "
                  f"(aim {HEADLINE_AIM}): {verdict}. NDCG@10 {_pm(hybrid, 'ndcg@10')}."
@@ -101,7 +104,6 @@ def acceptance_section(out: str, results) -> list[str]:
         lines.append(f"- The hybrid with the ablation's best query tower (100 profile items through a history-item "
                      f"id table, no user id; {epochs} epochs, seed {profile['seeds']}): Recall@10 "
                      f"{_pm(profile, 'recall@10')}, NDCG@10 {_pm(profile, 'ndcg@10')}.")
-    dropout = _row(results, "ml1m", "random", "hybrid_profile_dropout_20ep")
     if dropout is not None:
       r10 = dropout["recall@10_mean"]
       verdict = ("**met**" + (" and past the aim" if r10 >= HEADLINE_AIM else ", the aim not reached")
