@@ -81,7 +81,7 @@ if [[ "$only" == *" retrieval "* ]]; then
 fi
 
 "$python" - "$out" <<'PY'
-import glob, json, os, sys
+import json, os, sys
 out = sys.argv[1]
 summary = json.load(open(os.path.join(out, "device.json")))
 for name in ("frozen", "lora", "full"):
