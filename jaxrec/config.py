@@ -80,6 +80,10 @@ class EncoderConfig:
   # so a step encodes about what the batch holds; the step compiles once per (rows, tokens) pair a
   # run meets. 1 = one fixed shape (worst-case capacity x the catalog's longest bucket).
   shape_buckets: int = 8
+  # lora/full: the encoder takes the batch's texts as one stream of their tokens, end to end, padded
+  # only to a bucket of the total: everything but attention (which runs per text) computes on the
+  # texts' tokens, not on each text's padding to the batch's longest. false = one padded row per text.
+  token_stream: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,7 @@ log = logging.getLogger("jaxrec")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; rerun to resume
 EXIT_NONFINITE = 3  # loss became NaN/Inf with train.nan_policy=stop
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")  # a live encoder's inputs, in its argument order
+STREAM_KEYS = ("input_ids", "token_type_ids", "position_ids", "segment_ids")  # ... as one token stream [N]
 
 
 class TrainingStopped(RuntimeError):
@@ -186,10 +187,21 @@ class Trainer:
     self.token_width = text_setup.tokens["input_ids"].shape[1] if self.live_text else 0
     self.length_buckets = (tuple(b for b in text_setup.encoder.length_buckets if b < self.token_width)
                            if buckets > 1 else ()) + (self.token_width,)
+    # A token stream: the batch's texts end to end, padded only to a bucket of the total (about
+    # 1/(8 * shape_buckets) of the worst case, every distinct item at the catalog's longest text;
+    # that worst case alone at shape_buckets=1).
+    self.stream_buckets = ()
+    if self.live_text and cfg.encoder.token_stream:
+      worst_tokens = self.unique_capacity * self.token_width
+      step = sharding.pad_to_multiple(-(-worst_tokens // (8 * buckets)), multiple) if buckets > 1 else worst_tokens
+      self.stream_buckets = tuple(sorted({min(step * i, worst_tokens) for i in range(1, -(-worst_tokens // step) + 1)}))
     if self.unique_capacity:
       self.batch_shardings.update({"unique_items": batch_sh, "item_slot": batch_sh,
                                    "history_slot": sharding.batch_sharding(self.mesh, 2, self.rules)})
-    if self.live_text:
+    if self.stream_buckets:
+      self.batch_shardings.update({"unique_" + name: batch_sh for name in STREAM_KEYS})
+      self.batch_shardings["unique_stream_index"] = sharding.batch_sharding(self.mesh, 2, self.rules)
+    elif self.live_text:
       self.batch_shardings.update({"unique_" + name: sharding.batch_sharding(self.mesh, 2, self.rules)
                                    for name in TOKEN_KEYS})
     self._train_step = jax.jit(self._step_fn, in_shardings=(self.state_shardings, self.batch_shardings),
@@ -215,7 +227,11 @@ class Trainer:
     if self.cfg.train.negatives == "catalog":
       return self._catalog_loss(model, batch, key)
     unique_U = batch["unique_items"]
-    text_UxD = model.encode_tokens(*(batch["unique_" + name] for name in TOKEN_KEYS)) if self.live_text else None
+    text_UxD = None
+    if self.stream_buckets:
+      text_UxD = model.encode_stream(*(batch["unique_" + name] for name in STREAM_KEYS), batch["unique_stream_index"])
+    elif self.live_text:
+      text_UxD = model.encode_tokens(*(batch["unique_" + name] for name in TOKEN_KEYS))
     items_UxE = model.items(unique_U, text_UxD, dropout_key=key)
     pos_BxE = items_UxE[batch["item_slot"]]
     q_BxE = model.query_tower(batch["user"], items_UxE[batch["history_slot"]], batch["history_mask"], batch["history"])
@@ -294,19 +310,22 @@ class Trainer:
                         unique_capacity=self.unique_capacity, history=self.history_mode, row_buckets=self.row_buckets,
                         tokens=self.text.tokens, length_buckets=self.length_buckets,
                         user_weight_power=self.cfg.train.user_weight_power,
-                        history_dropout=self.cfg.data.history_dropout)
+                        history_dropout=self.cfg.data.history_dropout, stream_buckets=self.stream_buckets)
 
   def batch_shape(self, batch: dict) -> tuple[int, int]:
-    """(distinct-item rows, tokens) of a global batch, single or stacked: its compiled shape."""
+    """(distinct-item rows, tokens) of a global batch, single or stacked: its compiled shape; the
+    tokens are the text length, or with a token stream the stream's length."""
     if "unique_items" not in batch:
       return 0, 0
-    rows = batch["unique_items"].shape[-1] * (1 if isinstance(batch["unique_items"], jax.Array)
-                                              else jax.process_count())
+    processes = 1 if isinstance(batch["unique_items"], jax.Array) else jax.process_count()
+    rows = batch["unique_items"].shape[-1] * processes
+    if self.stream_buckets:
+      return rows, batch["unique_input_ids"].shape[-1] * processes
     return rows, batch["unique_input_ids"].shape[-1] if self.live_text else 0
 
   @property
   def worst_shape(self) -> tuple[int, int]:
-    return self.unique_capacity, self.token_width
+    return self.unique_capacity, self.stream_buckets[-1] if self.stream_buckets else self.token_width
 
   def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
     return self._train_step(state, batch)
@@ -442,8 +461,8 @@ class Trainer:
         executables[steps, shape] = traced.lower().compile()
         shape_flops[steps, shape] = jaxpr_matmul_flops(traced.jaxpr) / steps
         if len(executables) > 1:
-          log.info("train step compiled for %d steps of %d distinct items x %d tokens in %.1f s", steps, *shape,
-                   time.perf_counter() - started)
+          log.info("train step compiled for %d steps of %d distinct items and %d %s in %.1f s", steps, *shape,
+                   "stream tokens" if self.stream_buckets else "tokens each", time.perf_counter() - started)
       return executables[steps, shape]
 
     memory = executable(self.worst_shape).memory_analysis()
@@ -624,7 +643,10 @@ class Trainer:
     if self.unique_capacity:
       shapes.update({"unique_items": ((rows,), jnp.int32), "item_slot": ((b,), jnp.int32),
                      "history_slot": ((b, l), jnp.int32)})
-    if self.live_text:
+    if self.stream_buckets:
+      shapes.update({"unique_" + name: ((length,), jnp.int32) for name in STREAM_KEYS})
+      shapes["unique_stream_index"] = ((rows, self.token_width), jnp.int32)
+    elif self.live_text:
       shapes.update({"unique_" + name: ((rows, length), jnp.int32) for name in TOKEN_KEYS})
     if steps_per_call is None:
       return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k]) for k, (s, d) in shapes.items()}

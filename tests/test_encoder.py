@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxrec.models.encoder import BertConfig, BertEncoder, ConfigFileError, LoRAParam, pool
+from jaxrec.models.encoder import BertConfig, BertEncoder, ConfigFileError, LoRAParam, TokenStream, pool
 
 TINY = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
                   max_position_embeddings=32)
@@ -75,6 +75,42 @@ def test_padding_does_not_change_real_tokens():
   # and the pooled sentence vector is the same
   np.testing.assert_allclose(np.asarray(pool(padded, (padded_ids > 0))), np.asarray(pool(short, jnp.ones_like(ids))),
                              atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls"])
+def test_a_token_stream_encodes_and_differentiates_as_one_padded_row_per_text(mode):
+  # Three texts end to end in a stream of 16 (three padding tokens), and a fourth text slot that
+  # holds no text; the same texts padded one per row of 6.
+  module = BertEncoder(TINY, rngs=nnx.Rngs(3))
+  texts = [[2, 7, 9, 3], [2, 11, 12, 13, 14, 3], [2, 5, 3]]
+  types = [[0, 0, 1, 1], [0, 1, 1, 0, 0, 0], [0, 1, 1]]
+  padded_ids = jnp.array([t + [0] * (6 - len(t)) for t in texts])
+  padded_mask = (padded_ids > 0).astype(jnp.int32)
+  padded_types = jnp.array([t + [0] * (6 - len(t)) for t in types])
+  pad = [0, 0, 0]
+  ids = jnp.array(sum(texts, []) + pad)
+  stream_types = jnp.array(sum(types, []) + pad)
+  positions = jnp.array([j for t in texts for j in range(len(t))] + pad)
+  segments = jnp.array([s for s, t in enumerate(texts) for _ in t] + [-1] * 3)
+  starts = [0, 4, 10]
+  index = jnp.array([[starts[s] + j if j < len(t) else 16 for j in range(6)] for s, t in enumerate(texts)] + [[16] * 6])
+  graphdef, state = nnx.split(module)
+
+  def padded_fn(state):
+    return pool(nnx.merge(graphdef, state)(padded_ids, padded_mask, padded_types), padded_mask, mode)
+
+  def stream_fn(state):
+    stream = TokenStream.build(index, segments, positions)
+    return pool(nnx.merge(graphdef, state).encode_stream(ids, stream_types, stream, positions), stream.mask_SxL, mode)
+
+  streamed = stream_fn(state)
+  np.testing.assert_allclose(np.asarray(streamed[:3]), np.asarray(padded_fn(state)), atol=2e-6)
+  np.testing.assert_array_equal(np.asarray(streamed[3]), np.zeros(TINY.hidden_size))  # no tokens: zeros, not NaN
+  weights = jax.random.normal(jax.random.key(0), (3, TINY.hidden_size))
+  grad_padded = jax.grad(lambda s: (padded_fn(s) * weights).sum())(state)
+  grad_stream = jax.grad(lambda s: (stream_fn(s)[:3] * weights).sum())(state)
+  for a, b in zip(jax.tree.leaves(grad_padded), jax.tree.leaves(grad_stream)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6)
 
 
 def test_token_types_matter_and_default_to_zero():

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from jaxrec.config import DataConfig, SyntheticConfig
 from jaxrec.data.pipeline import BatchBuilder, Sequences, item_log_q, train_batches
@@ -221,6 +222,53 @@ def test_distinct_items_and_their_tokens_pad_to_the_smallest_buckets_that_hold_t
     n = single["unique_input_ids"].shape
     np.testing.assert_array_equal(stacked["unique_input_ids"][i, :n[0], :n[1]], single["unique_input_ids"])
     assert not stacked["unique_attention_mask"][i, :, n[1]:].any()  # the extra tokens are padding
+
+
+def test_token_stream_holds_each_distinct_items_tokens_once_end_to_end():
+  from jaxrec.data.pipeline import StackedBatches
+  ds, _, seqs, log_q = _setup()
+  rng = np.random.default_rng(1)
+  count_N = rng.integers(2, 30, ds.num_items)
+  mask_NxT = (np.arange(32)[None, :] < count_N[:, None]).astype(np.int32)
+  tokens = {"input_ids": (np.arange(ds.num_items)[:, None] * 100 + np.arange(32) + 1) * mask_NxT,
+            "attention_mask": mask_NxT, "token_type_ids": (np.arange(32)[None, :] % 2) * mask_NxT}
+  kwargs = dict(unique_capacity=64, history="sampled", row_buckets=(16, 32, 48), tokens=tokens,
+                stream_buckets=tuple(range(100, 2049, 100)) + (2048,))
+  whole = BatchBuilder(seqs, log_q, 8, 2, seed=3, **kwargs)
+  for b in range(12):
+    batch, unique = whole.parts(b)
+    streamed = whole.map(b)
+    rows, length = whole.shape_of(unique)
+    assert length == min(t for t in kwargs["stream_buckets"] if t >= count_N[unique].sum())  # the smallest that holds it
+    assert streamed["unique_input_ids"].shape == (length,) and streamed["unique_stream_index"].shape == (rows, 32)
+    index_RxT = streamed["unique_stream_index"]
+    for slot, item in enumerate(unique):
+      at = index_RxT[slot, :count_N[item]]
+      np.testing.assert_array_equal(at, at[0] + np.arange(count_N[item]))  # one run of the stream
+      assert (index_RxT[slot, count_N[item]:] == length).all()  # past the text: the padding marker
+      np.testing.assert_array_equal(streamed["unique_input_ids"][at], tokens["input_ids"][item, :count_N[item]])
+      np.testing.assert_array_equal(streamed["unique_token_type_ids"][at], tokens["token_type_ids"][item, :count_N[item]])
+      np.testing.assert_array_equal(streamed["unique_position_ids"][at], np.arange(count_N[item]))
+      assert (streamed["unique_segment_ids"][at] == slot).all()
+    assert (index_RxT[len(unique):] == length).all()  # padding items have no tokens
+    real = streamed["unique_segment_ids"] >= 0
+    assert real.sum() == count_N[unique].sum() and not streamed["unique_input_ids"][~real].any()
+    # two processes: each streams its share of the items into its half of the stream, with global
+    # slots and stream indices, so the halves put together resolve every text as the whole does
+    halves = [BatchBuilder(seqs, log_q, 8, 2, seed=3, process_index=i, process_count=2, **kwargs).map(b)
+              for i in range(2)]
+    shares = [count_N[unique[i * rows // 2:(i + 1) * rows // 2]].sum() for i in range(2)]
+    half_length = min(t for t in kwargs["stream_buckets"] if t >= 2 * max(shares))
+    joined = {key: np.concatenate([h[key] for h in halves]) for key in halves[0]}
+    assert joined["unique_input_ids"].shape == (half_length,)
+    for slot, item in enumerate(unique):
+      at = joined["unique_stream_index"][slot, :count_N[item]]
+      np.testing.assert_array_equal(joined["unique_input_ids"][at], tokens["input_ids"][item, :count_N[item]])
+      assert (joined["unique_segment_ids"][at] == slot).all()
+  stacked = StackedBatches(whole, 4).map(0)
+  assert stacked["unique_input_ids"].shape == (4, max(whole.map(b)["unique_input_ids"].shape[0] for b in range(4)))
+  with pytest.raises(ValueError, match="over the largest token stream bucket 100"):
+    BatchBuilder(seqs, log_q, 8, 2, seed=3, **dict(kwargs, stream_buckets=(100,))).map(0)
 
 
 def test_user_weights_are_inverse_profile_sizes_with_mean_one():

@@ -171,7 +171,8 @@ def _live(encoder_dir, *overrides):
 
 def test_live_encoder_shape_buckets_leave_the_losses_unchanged(tmp_path, tiny_bert_dir):
   base = _live(tiny_bert_dir, "mesh.num_devices=1", "train.steps=8", "checkpoint.async_save=false",
-               "train.batch_size=16", "data.history=recent")  # batches of 29-41 distinct items of 90
+               "train.batch_size=16", "data.history=recent",  # batches of 29-41 distinct items of 90
+               "encoder.token_stream=false")
   fixed = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'fixed'}", "encoder.shape_buckets=1"]))
   assert fixed.row_buckets == (fixed.unique_capacity,) and fixed.length_buckets == (32,)
   reference = fixed.run()["train/losses"]
@@ -185,6 +186,31 @@ def test_live_encoder_shape_buckets_leave_the_losses_unchanged(tmp_path, tiny_be
   shapes = {bucketed.batch_shape(builder.map(b)) for b in range(8)}
   assert len(shapes) > 1 and all(rows < bucketed.unique_capacity and length == 24 for rows, length in shapes), shapes
   np.testing.assert_allclose(bucketed.run()["train/losses"], reference, rtol=0, atol=1e-5)
+
+
+def test_a_token_stream_trains_the_padded_rows_model_on_fewer_tokens(tmp_path, tiny_bert_dir):
+  base = _live(tiny_bert_dir, "mesh.num_devices=1", "train.steps=8", "checkpoint.async_save=false",
+               "train.batch_size=16", "data.history=recent", "encoder.pooling=cls")
+  padded = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'padded'}", "encoder.token_stream=false",
+                                             "encoder.shape_buckets=1"]))
+  reference = padded.run()
+  streamed = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'stream'}", "train.steps_per_call=2"]))
+  builder = streamed.batch_builder()
+  shapes = {streamed.batch_shape(builder.map(b)) for b in range(8)}
+  # The tiny world's texts are 21-24 tokens, padded rows hold 32: the stream is 21-24 per item,
+  # plus at most one bucket step (worst case / 64) of padding.
+  step = streamed.stream_buckets[0]
+  for b in range(8):
+    batch, unique = builder.parts(b)
+    rows, tokens = streamed.batch_shape(builder.map(b))
+    real = int(streamed.text.tokens["attention_mask"][unique].sum())
+    assert real <= tokens < real + step and tokens < 0.8 * len(unique) * 32
+  assert len(shapes) > 1, shapes
+  result = streamed.run()
+  np.testing.assert_allclose(result["train/losses"], reference["train/losses"], rtol=0, atol=1e-5)
+  assert result["recall@10"] == pytest.approx(reference["recall@10"], abs=1e-6)
+  # The FLOP count follows the tokens computed: fewer than the padded rows'.
+  assert 0 < result["train/step_tflops"] < 0.95 * reference["train/step_tflops"]
 
 
 def test_encoder_dtype_reaches_the_live_encoder_and_bf16_tracks_float32(tmp_path, tiny_bert_dir):
@@ -206,8 +232,11 @@ def test_encoder_dtype_reaches_the_live_encoder_and_bf16_tracks_float32(tmp_path
     load_config(TINY, ["data.history_dropout=1.0"])
 
 
-def test_train_step_compiles_once_per_bucket_pair_met_and_once_without_a_live_encoder(tmp_path, tiny_bert_dir):
-  live = _trainer(*_live(tiny_bert_dir, "mesh.data=8", "encoder.shape_buckets=8", "data.history=sampled"))
+@pytest.mark.parametrize("token_stream", [True, False])
+def test_train_step_compiles_once_per_bucket_pair_met_and_once_without_a_live_encoder(tmp_path, tiny_bert_dir,
+                                                                                       token_stream):
+  live = _trainer(*_live(tiny_bert_dir, "mesh.data=8", "encoder.shape_buckets=8", "data.history=sampled",
+                         f"encoder.token_stream={str(token_stream).lower()}"))
   state = live.init_state()
   builder = live.batch_builder()
   shapes = set()
@@ -216,8 +245,10 @@ def test_train_step_compiles_once_per_bucket_pair_met_and_once_without_a_live_en
     shapes.add(live.batch_shape(batch))
     state, _ = live.train_step(state, live.put_batch(batch))
   assert len(shapes) > 1, shapes  # varying inputs met several buckets...
-  assert shapes <= {(r, t) for r in live.row_buckets for t in live.length_buckets}
-  assert all(r % 8 == 0 for r, _ in shapes)  # ...each split evenly over the 8 data-parallel devices
+  assert shapes <= {(r, t) for r in live.row_buckets for t in (live.stream_buckets or live.length_buckets)}
+  assert bool(live.stream_buckets) == token_stream
+  # ...each split evenly over the 8 data-parallel devices (a token stream's tokens too)
+  assert all(r % 8 == 0 and (t % 8 == 0 or not token_stream) for r, t in shapes)
   assert live._train_step._cache_size() == len(shapes)  # ...and each compiled once
   frozen = _trainer("mesh.data=8", "model.use_text=true", "encoder.mode=frozen", f"encoder.path={tiny_bert_dir}",
                     f"encoder.cache_dir={tmp_path}", "encoder.shape_buckets=8")

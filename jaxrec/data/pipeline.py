@@ -166,7 +166,8 @@ class BatchBuilder(grain.transforms.Map):
                process_index: int = 0, process_count: int = 1, unique_capacity: int = 0,
                history: str = "recent", row_buckets: tuple[int, ...] = (),
                tokens: dict[str, np.ndarray] | None = None, length_buckets: tuple[int, ...] = (),
-               user_weight_power: float = 0.0, history_dropout: float = 0.0):
+               user_weight_power: float = 0.0, history_dropout: float = 0.0,
+               stream_buckets: tuple[int, ...] = ()):
     if batch_size % process_count:
       raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
     if len(seqs) == 0:
@@ -207,6 +208,15 @@ class BatchBuilder(grain.transforms.Map):
       width = tokens["input_ids"].shape[1]
       self.length_buckets = tuple(sorted({b for b in length_buckets if b < width} | {width}))
       self.token_count_N = tokens["attention_mask"].sum(axis=1)
+    # With ``stream_buckets`` (global token counts) the distinct items' texts instead travel as
+    # one stream of their tokens, end to end (``stream``), padded to the smallest bucket that
+    # holds every process's share.
+    self.stream_buckets = tuple(sorted(set(stream_buckets)))
+    if self.stream_buckets:
+      if tokens is None:
+        raise ValueError("a token stream needs the catalog's tokens")
+      if any(b % process_count for b in self.stream_buckets):
+        raise ValueError(f"token stream buckets {self.stream_buckets} must be multiples of {process_count} processes")
 
   @functools.lru_cache(maxsize=4)
   def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -268,10 +278,19 @@ class BatchBuilder(grain.transforms.Map):
 
   def shape_of(self, unique: np.ndarray) -> tuple[int, int]:
     """(rows, tokens): the smallest buckets holding these distinct items and their longest text
-    (tokens 0 without a token table)."""
+    (tokens 0 without a token table); with a token stream, (rows, stream tokens) instead."""
     rows = next(b for b in self.row_buckets if b >= len(unique))
     if self.tokens is None:
       return rows, 0
+    if self.stream_buckets:
+      share = rows // self.process_count
+      needed = self.process_count * max(int(self.token_count_N[unique[p * share:(p + 1) * share]].sum())
+                                        for p in range(self.process_count))
+      tokens = next((b for b in self.stream_buckets if b >= needed), None)
+      if tokens is None:
+        raise ValueError(f"{len(unique)} distinct items hold {needed} tokens, over the largest token stream "
+                         f"bucket {self.stream_buckets[-1]}")
+      return rows, tokens
     longest = int(self.token_count_N[unique].max(initial=1))
     return rows, next((b for b in self.length_buckets if b >= longest), self.length_buckets[-1])
 
@@ -286,10 +305,38 @@ class BatchBuilder(grain.transforms.Map):
     batch["item_slot"] = np.searchsorted(unique, batch["item"]).astype(np.int32)
     history, mask = batch["history"], batch["history_mask"]
     batch["history_slot"] = np.where(mask, np.searchsorted(unique, np.maximum(history, 0)), 0).astype(np.int32)
-    if self.tokens is not None:
+    if self.tokens is not None and self.stream_buckets:
+      batch.update(self.stream(unique, rows, length))
+    elif self.tokens is not None:
       for name, table_NxT in self.tokens.items():
         batch["unique_" + name] = np.ascontiguousarray(table_NxT[mine_R, :length], np.int32)
     return batch
+
+  def stream(self, unique: np.ndarray, rows: int, tokens: int) -> dict[str, np.ndarray]:
+    """This process's share of a ``tokens``-long global stream holding its distinct items' texts
+    end to end: ids, token types, each token's position in its text and its item's global slot
+    (-1 on padding), and ``unique_stream_index`` [rows share, T]: the global stream index of each
+    item's token j (``tokens`` past the text's end, and for padding items)."""
+    share, width = rows // self.process_count, self.tokens["input_ids"].shape[1]
+    first = self.process_index * share
+    items_S = unique[first:first + share]
+    length_S = self.token_count_N[items_S]
+    starts_S = np.cumsum(length_S) - length_S
+    within_N = np.arange(length_S.sum()) - np.repeat(starts_S, length_S)  # each token's position in its text
+    source_N = np.repeat(items_S, length_S)
+    mine = tokens // self.process_count
+    out = {}
+    for name, values_N in (("input_ids", self.tokens["input_ids"][source_N, within_N]),
+                           ("token_type_ids", self.tokens["token_type_ids"][source_N, within_N]),
+                           ("position_ids", within_N),
+                           ("segment_ids", np.repeat(first + np.arange(len(items_S)), length_S))):
+      out["unique_" + name] = np.full(mine, -1 if name == "segment_ids" else 0, np.int32)
+      out["unique_" + name][:len(values_N)] = values_N
+    index_RxT = np.full((share, width), tokens, np.int32)
+    index_RxT[:len(items_S)] = np.where(np.arange(width)[None, :] < length_S[:, None],
+                                        self.process_index * mine + starts_S[:, None] + np.arange(width)[None, :], tokens)
+    out["unique_stream_index"] = index_RxT
+    return out
 
 
 class StackedBatches(grain.transforms.Map):

@@ -182,14 +182,78 @@ class BertEmbeddings(nnx.Module):
 
   def __call__(self, input_ids_BxL: jax.Array, token_type_ids_BxL: jax.Array) -> jax.Array:
     length = input_ids_BxL.shape[1]
-    # Token types through a one-hot matmul, not a gather: the gather's gradient is a scatter-add of
-    # every token into two rows, which serialises on atomics on GPUs; the matmul's is a matmul.
-    # HIGHEST keeps the selected row exact on accelerators (TF32 would round it).
-    table_TxD = self.token_type.embedding[...].astype(self.token_type.dtype)
-    types_BxLxT = jax.nn.one_hot(token_type_ids_BxL, table_TxD.shape[0], dtype=table_TxD.dtype)
-    x_BxLxD = self.word(input_ids_BxL) + jnp.matmul(types_BxLxT, table_TxD, precision=jax.lax.Precision.HIGHEST)
+    x_BxLxD = self.word(input_ids_BxL) + _one_hot_rows(self.token_type, token_type_ids_BxL)
     x_BxLxD = x_BxLxD + self.position(jnp.arange(length))[None]
     return self.norm(x_BxLxD)
+
+  def stream(self, input_ids_N: jax.Array, token_type_ids_N: jax.Array, position_ids_N: jax.Array,
+             num_positions: int) -> jax.Array:
+    """Embeddings [N, D] of a token stream whose positions (below ``num_positions``) are given."""
+    x_NxD = self.word(input_ids_N) + _one_hot_rows(self.token_type, token_type_ids_N)
+    x_NxD = x_NxD + _one_hot_rows(self.position, position_ids_N, min(num_positions, self.position.num_embeddings))
+    return self.norm(x_NxD)
+
+
+def _one_hot_rows(table: nnx.Embed, ids: jax.Array, rows: int | None = None) -> jax.Array:
+  """``table(ids)`` for ids below ``rows`` (default all) as a one-hot matmul, not a gather: the
+  gather's gradient is a scatter-add of every token into a few rows, which serialises (atomics on
+  GPUs, a scalar loop on XLA:CPU); the matmul's is a matmul. HIGHEST keeps the selected row exact
+  on accelerators (TF32 would round it)."""
+  table_RxD = table.embedding[...][:rows].astype(table.dtype)
+  one_hot = jax.nn.one_hot(ids, table_RxD.shape[0], dtype=table_RxD.dtype)
+  return jnp.matmul(one_hot, table_RxD, precision=jax.lax.Precision.HIGHEST)
+
+
+@jax.custom_vjp
+def _take_rows(x_NxD: jax.Array, index_M: jax.Array, inverse_N: jax.Array) -> jax.Array:
+  """``x[index]`` [M, D], zero rows where ``index`` is N. ``inverse_N`` is its inverse map (the
+  position of each row of x in the output, M where none): the gradient gathers through it instead
+  of scatter-adding, so neither pass scatters (valid because ``index`` repeats no row)."""
+  return jnp.take(x_NxD, index_M, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x_NxD, index_M, inverse_N):
+  return _take_rows(x_NxD, index_M, inverse_N), (index_M, inverse_N)
+
+
+def _take_rows_bwd(residuals, grad_MxD):
+  index_M, inverse_N = residuals
+  return _take_rows(grad_MxD, inverse_N, index_M), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStream:
+  """S texts laid end to end as one stream of N tokens, and the maps between the stream and the
+  text layout [S, L] (text s, its token j), both ways; ``N`` / ``S * L`` mark padding.
+
+  Everything in BERT but attention is per token, so it runs on the stream and computes on the
+  texts' tokens only; attention runs in the text layout, where each text attends to itself.
+  """
+
+  to_texts_SxL: jax.Array  # stream index of each text token, N where the text is shorter
+  to_stream_N: jax.Array  # s * L + j of each stream token, S * L on padding
+
+  @classmethod
+  def build(cls, stream_index_SxL: jax.Array, segment_ids_N: jax.Array, position_ids_N: jax.Array) -> "TokenStream":
+    """From ``stream_index_SxL`` and the stream's text slot (-1 on padding) and position per token."""
+    texts, length = stream_index_SxL.shape
+    to_stream_N = jnp.where(segment_ids_N >= 0, segment_ids_N * length + position_ids_N, texts * length)
+    return cls(stream_index_SxL, to_stream_N.astype(jnp.int32))
+
+  @property
+  def mask_SxL(self) -> jax.Array:
+    return self.to_texts_SxL < self.to_stream_N.shape[0]
+
+  def texts(self, x_NxD: jax.Array) -> jax.Array:
+    texts, length = self.to_texts_SxL.shape
+    return _take_rows(x_NxD, self.to_texts_SxL.reshape(-1), self.to_stream_N).reshape(texts, length, -1)
+
+  def stream(self, x_SxLxD: jax.Array) -> jax.Array:
+    flat = x_SxLxD.reshape(-1, x_SxLxD.shape[-1])
+    return _take_rows(flat, self.to_stream_N, self.to_texts_SxL.reshape(-1))
 
 
 class BertAttention(nnx.Module):
@@ -212,18 +276,23 @@ class BertAttention(nnx.Module):
     b, l, _ = x_BxLxD.shape
     return x_BxLxD.reshape(b, l, self.num_heads, self.head_dim)
 
-  def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array) -> jax.Array:
-    q_BxLxD, v_BxLxD = self.query(x_BxLxD), self.value(x_BxLxD)
+  def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array, stream: TokenStream | None = None) -> jax.Array:
+    """x [B, L, D], or a token stream [N, D] with ``stream`` (attention then runs per text)."""
+    q_BxLxD, k_BxLxD, v_BxLxD = self.query(x_BxLxD), self.key(x_BxLxD), self.value(x_BxLxD)
     if self.query_lora is not None:
       q_BxLxD = q_BxLxD + self.query_lora(x_BxLxD).astype(q_BxLxD.dtype)
       v_BxLxD = v_BxLxD + self.value_lora(x_BxLxD).astype(v_BxLxD.dtype)
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._heads(q_BxLxD), self._heads(self.key(x_BxLxD)), self._heads(v_BxLxD)
+    if stream is not None:  # [N, D] -> [S, L, D]
+      q_BxLxD, k_BxLxD, v_BxLxD = stream.texts(q_BxLxD), stream.texts(k_BxLxD), stream.texts(v_BxLxD)
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._heads(q_BxLxD), self._heads(k_BxLxD), self._heads(v_BxLxD)
     scores_BxHxLxL = jnp.einsum("blhk,bmhk->bhlm", q_BxLxHxK, k_BxLxHxK, precision=self.precision,
                                 preferred_element_type=jnp.float32)
     scores_BxHxLxL = scores_BxHxLxL * (1.0 / math.sqrt(self.head_dim)) + mask_bias_Bx1x1xL
     probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
     ctx_BxLxHxK = jnp.einsum("bhlm,bmhk->blhk", probs_BxHxLxL, v_BxLxHxK, precision=self.precision)
-    ctx_BxLxD = ctx_BxLxHxK.reshape(x_BxLxD.shape)
+    ctx_BxLxD = ctx_BxLxHxK.reshape(q_BxLxD.shape)
+    if stream is not None:
+      ctx_BxLxD = stream.stream(ctx_BxLxD)
     return self.norm(x_BxLxD + self.out(ctx_BxLxD))
 
 
@@ -257,8 +326,8 @@ class BertLayer(nnx.Module):
     self.attention = BertAttention(cfg, rngs=rngs)
     self.mlp = BertMLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array) -> jax.Array:
-    return self.mlp(self.attention(x_BxLxD, mask_bias_Bx1x1xL))
+  def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array, stream: TokenStream | None = None) -> jax.Array:
+    return self.mlp(self.attention(x_BxLxD, mask_bias_Bx1x1xL, stream))
 
 
 class BertEncoder(nnx.Module):
@@ -281,6 +350,18 @@ class BertEncoder(nnx.Module):
     for layer in self.layers:
       x_BxLxD = layer(x_BxLxD, mask_bias_Bx1x1xL)
     return x_BxLxD
+
+  def encode_stream(self, input_ids_N: jax.Array, token_type_ids_N: jax.Array, stream: TokenStream,
+                    position_ids_N: jax.Array) -> jax.Array:
+    """Last hidden states of texts given as one token stream, in the text layout [S, L, D]
+    (zeros past each text's end; ``stream.mask_SxL`` marks its tokens). Equal to ``__call__`` on
+    the same texts padded one per row, while the per-token work runs on N tokens, not S * L."""
+    keep_Sx1x1xL = stream.mask_SxL[:, None, None, :]
+    mask_bias_Sx1x1xL = jnp.where(keep_Sx1x1xL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    x_NxD = self.embeddings.stream(input_ids_N, token_type_ids_N, position_ids_N, stream.to_texts_SxL.shape[1])
+    for layer in self.layers:
+      x_NxD = layer(x_NxD, mask_bias_Sx1x1xL, stream)
+    return stream.texts(x_NxD)
 
 
 def pool(hidden_BxLxD: jax.Array, mask_BxL: jax.Array, mode: str = "mean", normalize: bool = True) -> jax.Array:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrec.config import ModelConfig
-from jaxrec.models.encoder import BertConfig, BertEncoder
+from jaxrec.models.encoder import BertConfig, BertEncoder, TokenStream, pool
 from jaxrec.models.towers import Catalog, ItemTower, QueryTower, Table, Users
 from jaxrec.text_encoder import encode_tokens
 
@@ -51,6 +51,14 @@ class TwoTower(nnx.Module):
     """``encode_text`` of tokens already looked up (any T up to the table's: padding is masked)."""
     return encode_tokens(self.text_encoder, input_ids_UxT, attention_mask_UxT, token_type_ids_UxT,
                          self.pooling, normalize=True)
+
+  def encode_stream(self, input_ids_N: jax.Array, token_type_ids_N: jax.Array, position_ids_N: jax.Array,
+                    segment_ids_N: jax.Array, stream_index_UxT: jax.Array) -> jax.Array:
+    """``encode_tokens`` of texts given as one token stream (``BertEncoder.encode_stream``): [U, D],
+    row u the text whose tokens ``stream_index_UxT[u]`` points at (zeros for a row with none)."""
+    stream = TokenStream.build(stream_index_UxT, segment_ids_N, position_ids_N)
+    hidden_UxTxD = self.text_encoder.encode_stream(input_ids_N, token_type_ids_N, stream, position_ids_N)
+    return pool(hidden_UxTxD, stream.mask_SxL, self.pooling, normalize=True)
 
   def items(self, items_N: jax.Array, text_NxD: jax.Array | None = None,
             dropout_key: jax.Array | None = None) -> jax.Array:
