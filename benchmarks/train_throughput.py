@@ -221,7 +221,7 @@ def run_jaxrec(trainer, calls: list[dict], warmup: int) -> dict:
   k = trainer.cfg.train.steps_per_call  # the trainer's own loop runs K steps per jitted call
   step_fn = trainer.train_step if k == 1 else trainer.train_call
   state = trainer.init_state()
-  # With a live encoder the step has one shape per (distinct items, tokens) bucket pair: each shape
+  # With a live encoder the step has one shape per bucket combination (Trainer.batch_shape): each shape
   # the timed calls meet is compiled before the clock starts, on a throwaway copy of the state.
   compiled = {trainer.batch_shape(c) for c in calls[:warmup // k]}
   for call in calls[warmup // k:]:
@@ -324,7 +324,8 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
     run = run_jaxrec(trainer, calls, setting.warmup)
     jax_runs.append(run)
     log(f"[{setting.name}] round {r + 1}: jaxrec {run['examples_per_sec']:,.0f} examples/s ({run['ms_per_step']:.2f} ms/step; "
-        f"step shapes (distinct items, tokens) {run['shapes']})")
+        f"step shapes {run['shapes']}: (distinct items, tokens) or, with a token stream, "
+        "(distinct items, stream tokens, text length))")
     if python:
       peer = run_peer(setting.peer, python, inputs, os.path.join(workdir, f"peer_{r}"), peer_extra)
       peer_runs.append(peer)

@@ -312,20 +312,22 @@ class Trainer:
                         user_weight_power=self.cfg.train.user_weight_power,
                         history_dropout=self.cfg.data.history_dropout, stream_buckets=self.stream_buckets)
 
-  def batch_shape(self, batch: dict) -> tuple[int, int]:
-    """(distinct-item rows, tokens) of a global batch, single or stacked: its compiled shape; the
-    tokens are the text length, or with a token stream the stream's length."""
+  def batch_shape(self, batch: dict) -> tuple[int, ...]:
+    """(distinct-item rows, tokens) of a global batch, single or stacked: its compiled shape; with
+    a token stream (distinct-item rows, stream tokens, text length)."""
     if "unique_items" not in batch:
       return 0, 0
     processes = 1 if isinstance(batch["unique_items"], jax.Array) else jax.process_count()
     rows = batch["unique_items"].shape[-1] * processes
     if self.stream_buckets:
-      return rows, batch["unique_input_ids"].shape[-1] * processes
+      return rows, batch["unique_input_ids"].shape[-1] * processes, batch["unique_stream_index"].shape[-1]
     return rows, batch["unique_input_ids"].shape[-1] if self.live_text else 0
 
   @property
-  def worst_shape(self) -> tuple[int, int]:
-    return self.unique_capacity, self.stream_buckets[-1] if self.stream_buckets else self.token_width
+  def worst_shape(self) -> tuple[int, ...]:
+    if self.stream_buckets:
+      return self.unique_capacity, self.stream_buckets[-1], self.token_width
+    return self.unique_capacity, self.token_width
 
   def train_step(self, state: dict, batch: dict) -> tuple[dict, dict]:
     return self._train_step(state, batch)
@@ -461,8 +463,9 @@ class Trainer:
         executables[steps, shape] = traced.lower().compile()
         shape_flops[steps, shape] = jaxpr_matmul_flops(traced.jaxpr) / steps
         if len(executables) > 1:
-          log.info("train step compiled for %d steps of %d distinct items and %d %s in %.1f s", steps, *shape,
-                   "stream tokens" if self.stream_buckets else "tokens each", time.perf_counter() - started)
+          log.info("train step compiled for %d steps of shape %s (%s) in %.1f s", steps, shape,
+                   "distinct items, stream tokens, text length" if self.stream_buckets else "distinct items, tokens",
+                   time.perf_counter() - started)
       return executables[steps, shape]
 
     memory = executable(self.worst_shape).memory_analysis()
@@ -631,11 +634,12 @@ class Trainer:
   def abstract_like(self, state: dict) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
-  def abstract_batch(self, steps_per_call: int | None = None, shape: tuple[int, int] | None = None) -> dict:
-    """Abstract global batch of ``shape`` (distinct-item rows, tokens; default the worst case);
+  def abstract_batch(self, steps_per_call: int | None = None, shape: tuple[int, ...] | None = None) -> dict:
+    """Abstract global batch of ``shape`` (``batch_shape``'s; default the worst case);
     with ``steps_per_call`` K, K of them stacked for one call."""
     b, l = self.cfg.train.batch_size, self.cfg.data.history_len
-    rows, length = shape or self.worst_shape
+    shape = shape or self.worst_shape
+    rows, length = shape[0], shape[1]
     shapes = {"user": ((b,), jnp.int32), "item": ((b,), jnp.int32), "log_q": ((b,), jnp.float32),
               "history": ((b, l), jnp.int32), "history_mask": ((b, l), jnp.bool_)}
     if self.cfg.train.user_weight_power:
@@ -645,7 +649,7 @@ class Trainer:
                      "history_slot": ((b, l), jnp.int32)})
     if self.stream_buckets:
       shapes.update({"unique_" + name: ((length,), jnp.int32) for name in STREAM_KEYS})
-      shapes["unique_stream_index"] = ((rows, self.token_width), jnp.int32)
+      shapes["unique_stream_index"] = ((rows, shape[2]), jnp.int32)
     elif self.live_text:
       shapes.update({"unique_" + name: ((rows, length), jnp.int32) for name in TOKEN_KEYS})
     if steps_per_call is None:

@@ -233,14 +233,15 @@ def test_token_stream_holds_each_distinct_items_tokens_once_end_to_end():
   tokens = {"input_ids": (np.arange(ds.num_items)[:, None] * 100 + np.arange(32) + 1) * mask_NxT,
             "attention_mask": mask_NxT, "token_type_ids": (np.arange(32)[None, :] % 2) * mask_NxT}
   kwargs = dict(unique_capacity=64, history="sampled", row_buckets=(16, 32, 48), tokens=tokens,
-                stream_buckets=tuple(range(100, 2049, 100)) + (2048,))
+                length_buckets=(8, 16), stream_buckets=tuple(range(100, 2049, 100)) + (2048,))
   whole = BatchBuilder(seqs, log_q, 8, 2, seed=3, **kwargs)
   for b in range(12):
     batch, unique = whole.parts(b)
     streamed = whole.map(b)
-    rows, length = whole.shape_of(unique)
+    rows, length, width = whole.shape_of(unique)
     assert length == min(t for t in kwargs["stream_buckets"] if t >= count_N[unique].sum())  # the smallest that holds it
-    assert streamed["unique_input_ids"].shape == (length,) and streamed["unique_stream_index"].shape == (rows, 32)
+    assert width == min(t for t in (8, 16, 32) if t >= count_N[unique].max())  # attention's text length
+    assert streamed["unique_input_ids"].shape == (length,) and streamed["unique_stream_index"].shape == (rows, width)
     index_RxT = streamed["unique_stream_index"]
     for slot, item in enumerate(unique):
       at = index_RxT[slot, :count_N[item]]

@@ -202,7 +202,8 @@ def test_a_token_stream_trains_the_padded_rows_model_on_fewer_tokens(tmp_path, t
   step = streamed.stream_buckets[0]
   for b in range(8):
     batch, unique = builder.parts(b)
-    rows, tokens = streamed.batch_shape(builder.map(b))
+    rows, tokens, length = streamed.batch_shape(builder.map(b))
+    assert length == 32  # the tiny texts' length bucket, for attention
     real = int(streamed.text.tokens["attention_mask"][unique].sum())
     assert real <= tokens < real + step and tokens < 0.8 * len(unique) * 32
   assert len(shapes) > 1, shapes
@@ -245,10 +246,12 @@ def test_train_step_compiles_once_per_bucket_pair_met_and_once_without_a_live_en
     shapes.add(live.batch_shape(batch))
     state, _ = live.train_step(state, live.put_batch(batch))
   assert len(shapes) > 1, shapes  # varying inputs met several buckets...
-  assert shapes <= {(r, t) for r in live.row_buckets for t in (live.stream_buckets or live.length_buckets)}
-  assert bool(live.stream_buckets) == token_stream
+  if token_stream:
+    assert shapes <= {(r, t, l) for r in live.row_buckets for t in live.stream_buckets for l in live.length_buckets}
+  else:
+    assert not live.stream_buckets and shapes <= {(r, l) for r in live.row_buckets for l in live.length_buckets}
   # ...each split evenly over the 8 data-parallel devices (a token stream's tokens too)
-  assert all(r % 8 == 0 and (t % 8 == 0 or not token_stream) for r, t in shapes)
+  assert all(shape[0] % 8 == 0 and (shape[1] % 8 == 0 or not token_stream) for shape in shapes)
   assert live._train_step._cache_size() == len(shapes)  # ...and each compiled once
   frozen = _trainer("mesh.data=8", "model.use_text=true", "encoder.mode=frozen", f"encoder.path={tiny_bert_dir}",
                     f"encoder.cache_dir={tmp_path}", "encoder.shape_buckets=8")

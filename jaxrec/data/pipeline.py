@@ -232,8 +232,8 @@ class BatchBuilder(grain.transforms.Map):
       out[sel] = self._epoch_order(int(epoch))[offsets[sel]]
     return out
 
-  def map(self, batch_index: int, shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-    """This process's rows of batch ``batch_index``; ``shape`` (rows, tokens) pads its distinct
+  def map(self, batch_index: int, shape: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
+    """This process's rows of batch ``batch_index``; ``shape`` (``shape_of``'s) pads its distinct
     items past their own buckets (to share one shape with other batches of a call)."""
     batch, unique = self.parts(int(batch_index))
     if unique is None:
@@ -276,9 +276,9 @@ class BatchBuilder(grain.transforms.Map):
     kept_BxL[emptied_B, first_B[emptied_B]] = True
     return kept_BxL
 
-  def shape_of(self, unique: np.ndarray) -> tuple[int, int]:
+  def shape_of(self, unique: np.ndarray) -> tuple[int, ...]:
     """(rows, tokens): the smallest buckets holding these distinct items and their longest text
-    (tokens 0 without a token table); with a token stream, (rows, stream tokens) instead."""
+    (tokens 0 without a token table); with a token stream, (rows, stream tokens, longest text)."""
     rows = next(b for b in self.row_buckets if b >= len(unique))
     if self.tokens is None:
       return rows, 0
@@ -290,13 +290,13 @@ class BatchBuilder(grain.transforms.Map):
       if tokens is None:
         raise ValueError(f"{len(unique)} distinct items hold {needed} tokens, over the largest token stream "
                          f"bucket {self.stream_buckets[-1]}")
-      return rows, tokens
     longest = int(self.token_count_N[unique].max(initial=1))
-    return rows, next((b for b in self.length_buckets if b >= longest), self.length_buckets[-1])
+    length = next((b for b in self.length_buckets if b >= longest), self.length_buckets[-1])
+    return (rows, tokens, length) if self.stream_buckets else (rows, length)
 
-  def pad(self, batch: dict[str, np.ndarray], unique: np.ndarray, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+  def pad(self, batch: dict[str, np.ndarray], unique: np.ndarray, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """``parts``' batch with its distinct items padded to ``shape`` and each row's slot in them."""
-    rows, length = shape
+    rows, length = shape[0], shape[-1]
     share = rows // self.process_count
     # Padding repeats item 0: rows no slot points at, so they reach neither the loss nor a gradient.
     unique_R = np.pad(unique, (0, rows - len(unique))).astype(np.int32)
@@ -306,18 +306,18 @@ class BatchBuilder(grain.transforms.Map):
     history, mask = batch["history"], batch["history_mask"]
     batch["history_slot"] = np.where(mask, np.searchsorted(unique, np.maximum(history, 0)), 0).astype(np.int32)
     if self.tokens is not None and self.stream_buckets:
-      batch.update(self.stream(unique, rows, length))
+      batch.update(self.stream(unique, rows, shape[1], length))
     elif self.tokens is not None:
       for name, table_NxT in self.tokens.items():
         batch["unique_" + name] = np.ascontiguousarray(table_NxT[mine_R, :length], np.int32)
     return batch
 
-  def stream(self, unique: np.ndarray, rows: int, tokens: int) -> dict[str, np.ndarray]:
+  def stream(self, unique: np.ndarray, rows: int, tokens: int, width: int) -> dict[str, np.ndarray]:
     """This process's share of a ``tokens``-long global stream holding its distinct items' texts
     end to end: ids, token types, each token's position in its text and its item's global slot
-    (-1 on padding), and ``unique_stream_index`` [rows share, T]: the global stream index of each
-    item's token j (``tokens`` past the text's end, and for padding items)."""
-    share, width = rows // self.process_count, self.tokens["input_ids"].shape[1]
+    (-1 on padding), and ``unique_stream_index`` [rows share, width]: the global stream index of
+    each item's token j (``tokens`` past the text's end, and for padding items)."""
+    share = rows // self.process_count
     first = self.process_index * share
     items_S = unique[first:first + share]
     length_S = self.token_count_N[items_S]
@@ -355,7 +355,7 @@ class StackedBatches(grain.transforms.Map):
     else:
       # One call runs one compiled shape: the largest buckets any of its K batches needs.
       shapes = [self.builder.shape_of(unique) for _, unique in parts]
-      shape = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+      shape = tuple(max(sizes) for sizes in zip(*shapes))
       batches = [self.builder.pad(batch, unique, shape) for batch, unique in parts]
     return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
 
