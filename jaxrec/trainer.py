@@ -182,19 +182,17 @@ class Trainer:
     # smallest of encoder.shape_buckets capacities and its tokens to its longest text's length
     # bucket (one compile per pair met); other modes keep the one worst-case shape.
     buckets = cfg.encoder.shape_buckets if self.live_text else 1
-    self.row_buckets = tuple(sorted({sharding.pad_to_multiple(-(-worst * i // buckets), multiple)
-                                     for i in range(1, buckets + 1)}))
+    self.row_buckets = _bucket_ladder(worst, buckets, multiple)
     self.token_width = text_setup.tokens["input_ids"].shape[1] if self.live_text else 0
     self.length_buckets = (tuple(b for b in text_setup.encoder.length_buckets if b < self.token_width)
                            if buckets > 1 else ()) + (self.token_width,)
-    # A token stream: the batch's texts end to end, padded only to a bucket of the total (about
+    # A token stream: the batch's texts end to end, padded only to a bucket of the total (steps of
     # 1/(8 * shape_buckets) of the worst case, every distinct item at the catalog's longest text;
     # that worst case alone at shape_buckets=1).
     self.stream_buckets = ()
     if self.live_text and cfg.encoder.token_stream:
-      worst_tokens = self.unique_capacity * self.token_width
-      step = sharding.pad_to_multiple(-(-worst_tokens // (8 * buckets)), multiple) if buckets > 1 else worst_tokens
-      self.stream_buckets = tuple(sorted({min(step * i, worst_tokens) for i in range(1, -(-worst_tokens // step) + 1)}))
+      self.stream_buckets = _bucket_ladder(self.unique_capacity * self.token_width, 8 * buckets if buckets > 1 else 1,
+                                           multiple)
     if self.unique_capacity:
       self.batch_shardings.update({"unique_items": batch_sh, "item_slot": batch_sh,
                                    "history_slot": sharding.batch_sharding(self.mesh, 2, self.rules)})
@@ -656,6 +654,11 @@ class Trainer:
       return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k]) for k, (s, d) in shapes.items()}
     return {k: jax.ShapeDtypeStruct((steps_per_call, *s), d, sharding=self.call_shardings[k])
             for k, (s, d) in shapes.items()}
+
+
+def _bucket_ladder(worst: int, count: int, multiple: int) -> tuple[int, ...]:
+  """Shape buckets ``worst * i / count`` for i = 1..count, each rounded up to ``multiple``."""
+  return tuple(sorted({sharding.pad_to_multiple(-(-worst * i // count), multiple) for i in range(1, count + 1)}))
 
 
 def _process_local(sharding_: NamedSharding, local: np.ndarray, stacked: bool) -> jax.Array:

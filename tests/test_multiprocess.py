@@ -48,7 +48,6 @@ def test_two_processes_match_one_process(tmp_path):
 def test_two_processes_match_one_process_fine_tuning_the_encoder_on_a_token_stream(tmp_path):
   # Each process streams the texts of its share of the batch's distinct items into its half of the
   # global token stream; the encoder must see the same texts as one process does.
-  sys.path.insert(0, str(ROOT / "tests"))
   from fixtures import tiny_bert
   encoder = tiny_bert.write(tmp_path / "tiny_bert")
   _, multi_losses, single_losses = _multi_and_single(

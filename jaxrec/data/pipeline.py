@@ -283,8 +283,7 @@ class BatchBuilder(grain.transforms.Map):
     if self.tokens is None:
       return rows, 0
     if self.stream_buckets:
-      share = rows // self.process_count
-      needed = self.process_count * max(int(self.token_count_N[unique[p * share:(p + 1) * share]].sum())
+      needed = self.process_count * max(int(self.token_count_N[self._share(unique, rows, p)[1]].sum())
                                         for p in range(self.process_count))
       tokens = next((b for b in self.stream_buckets if b >= needed), None)
       if tokens is None:
@@ -312,14 +311,19 @@ class BatchBuilder(grain.transforms.Map):
         batch["unique_" + name] = np.ascontiguousarray(table_NxT[mine_R, :length], np.int32)
     return batch
 
+  def _share(self, unique: np.ndarray, rows: int, process: int) -> tuple[int, np.ndarray]:
+    """The global slot of ``process``'s first distinct item when ``rows`` are split evenly, and
+    its real (unpadded) items."""
+    first = process * (rows // self.process_count)
+    return first, unique[first:first + rows // self.process_count]
+
   def stream(self, unique: np.ndarray, rows: int, tokens: int, width: int) -> dict[str, np.ndarray]:
     """This process's share of a ``tokens``-long global stream holding its distinct items' texts
     end to end: ids, token types, each token's position in its text and its item's global slot
     (-1 on padding), and ``unique_stream_index`` [rows share, width]: the global stream index of
     each item's token j (``tokens`` past the text's end, and for padding items)."""
+    first, items_S = self._share(unique, rows, self.process_index)
     share = rows // self.process_count
-    first = self.process_index * share
-    items_S = unique[first:first + share]
     length_S = self.token_count_N[items_S]
     starts_S = np.cumsum(length_S) - length_S
     within_N = np.arange(length_S.sum()) - np.repeat(starts_S, length_S)  # each token's position in its text
