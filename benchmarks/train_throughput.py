@@ -6,7 +6,11 @@ Configurations (each a jaxrec run and a peer run on identical batches):
   frozen  jaxrec text two-tower, cached   vs a PyTorch implementation of the same model
           (frozen) MiniLM item vectors
   full    jaxrec with MiniLM fine-tuned   vs the same PyTorch model fine-tuning MiniLM
-          in the item tower
+          in the item tower (bf16 matmul     (at its faster precision: float32, or bf16
+          operands; --full-dtype)            matmuls under torch.autocast)
+
+Each peer runs at its fastest probed thread count (``--peer-threads``), and the PyTorch peer in
+``full`` at its fastest probed precision (``--peer-precisions``); the probes are printed.
 
 How it is fair: the benchmark builds every training batch once with jaxrec's own batch builder
 (user, positive item, last-L history, logQ) and writes them, with the catalog and user tables,
@@ -88,7 +92,8 @@ def settings(args) -> dict[str, Setting]:
           "data.history_len=0", "model.id_dropout=0"), steps, warmup, drop_features=True),
       "frozen": Setting("frozen", "torch", common + data + smoke + ("encoder.mode=frozen",), steps, warmup),
       "full": Setting("full", "torch", common[:2] + common[3:] + data + smoke + (
-          "encoder.mode=full", f"train.batch_size={full_batch}", f"data.history_len={args.full_history_len}"),
+          "encoder.mode=full", f"train.batch_size={full_batch}", f"data.history_len={args.full_history_len}",
+          f"encoder.dtype={args.full_dtype}"),
           full_steps, full_warmup),
   }
 
@@ -311,15 +316,22 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
     # On a shared 2-core machine a peer's OpenMP/Eigen pool can run far slower with 2 threads than
     # with 1 (spinning workers starved by the neighbours), so the peer gets its best thread count.
     probe_steps = min(setting.steps, setting.warmup + min(10, max(2, (setting.steps - setting.warmup) // 3)))
+    # The PyTorch peer fine-tuning MiniLM also gets its best precision: torch.autocast's bf16
+    # matmuls (oneDNN, AVX512-BF16) against jaxrec's bf16 encoder, float32 against float32.
+    precisions = args.peer_precisions if (setting.peer, setting.name) == ("torch", "full") else ("float32",)
     probe = {}
     for threads in args.peer_threads:
-      run = run_peer(setting.peer, python, inputs, os.path.join(workdir, f"probe_{threads}"),
-                     peer_extra + ("--threads", str(threads), "--steps", str(probe_steps)))
-      probe[threads] = run["examples_per_sec"]
-      log(f"[{setting.name}] {setting.peer} probe with {threads} thread(s): {probe[threads]:,.0f} examples/s")
-    result["peer_threads"] = best = max(probe, key=probe.get)
-    result["peer_thread_probe"] = probe
-    peer_extra += ("--threads", str(best))
+      for precision in precisions:
+        extra = ("--threads", str(threads)) + (("--autocast", precision) if precision != "float32" else ())
+        run = run_peer(setting.peer, python, inputs, os.path.join(workdir, f"probe_{threads}_{precision}"),
+                       peer_extra + extra + ("--steps", str(probe_steps)))
+        probe[(threads, precision)] = run["examples_per_sec"]
+        log(f"[{setting.name}] {setting.peer} probe with {threads} thread(s), {precision}: "
+            f"{run['examples_per_sec']:,.0f} examples/s")
+    best_threads, best_precision = max(probe, key=probe.get)
+    result["peer_threads"], result["peer_precision"] = best_threads, best_precision
+    result["peer_probe"] = {f"{t} thr {p}": eps for (t, p), eps in probe.items()}
+    peer_extra += ("--threads", str(best_threads)) + (("--autocast", best_precision) if best_precision != "float32" else ())
   for r in range(args.full_rounds if setting.name == "full" else args.rounds):
     run = run_jaxrec(trainer, calls, setting.warmup)
     jax_runs.append(run)
@@ -340,7 +352,8 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
                       "shapes": first["shapes"]}
   if peer_runs:
     p = peer_runs[0]
-    result["peer_result"] = {"name": f"{p['peer']} ({p['threads']} thr)", "version": p["version"], "params": p["params"],
+    autocast = ", bf16 autocast" if result["peer_precision"] == "bfloat16" else ""
+    result["peer_result"] = {"name": f"{p['peer']} ({p['threads']} thr{autocast})", "version": p["version"], "params": p["params"],
                              "examples_per_sec": statistics.median(r["examples_per_sec"] for r in peer_runs),
                              "rounds": [r["examples_per_sec"] for r in peer_runs],
                              "ms_per_step": statistics.median(r["ms_per_step"] for r in peer_runs),
@@ -392,6 +405,10 @@ def main(argv=None) -> int:
   parser.add_argument("--rounds", type=int, default=3, help="alternating jaxrec/peer rounds; the median is reported")
   parser.add_argument("--peer-threads", default=f"1,{os.cpu_count() or 1}",
                       help="intra-op thread counts to probe for each peer; the fastest is used")
+  parser.add_argument("--full-dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                      help="jaxrec's encoder.dtype in `full` (bfloat16: bf16 matmul operands, float32 elsewhere)")
+  parser.add_argument("--peer-precisions", default="float32,bfloat16",
+                      help="precisions the PyTorch peer is probed at in `full` (bfloat16 = torch.autocast); the faster runs")
   parser.add_argument("--tfrs-python")
   parser.add_argument("--torch-python")
   parser.add_argument("--tfrs-xla", action="store_true", help="also compile TFRS's step with XLA (jit_compile=True)")
@@ -409,6 +426,9 @@ def main(argv=None) -> int:
       args.configs = "id,frozen"
   args.peers = tuple(p for p in args.peers.split(",") if p)
   args.peer_threads = sorted({int(t) for t in args.peer_threads.split(",") if t})
+  args.peer_precisions = tuple(p for p in args.peer_precisions.split(",") if p)
+  if not args.peer_precisions or set(args.peer_precisions) - {"float32", "bfloat16"}:
+    parser.error(f"--peer-precisions must name float32 and/or bfloat16; got {args.peer_precisions}")
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   all_settings = settings(args)
   names = [c for c in args.configs.split(",") if c]
@@ -431,6 +451,10 @@ def main(argv=None) -> int:
   print(f"{header['date']}; load average before {header['load_before'][0]:.2f}, after {header['load_after'][0]:.2f} "
         f"({header['cpus']} CPUs); data {args.data}")
   print(table(results))
+  for r in results:
+    if "peer_probe" in r:
+      probes = ", ".join(f"{k} {v:,.2f}" if v < 100 else f"{k} {v:,.0f}" for k, v in r["peer_probe"].items())
+      print(f"{r['config']}: {r['peer']} probe examples/s: {probes}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"header": header, "results": results}, f, indent=1, default=float)

@@ -1,5 +1,6 @@
 """BertEncoder: logical axis annotations, pooling, padding invariance, config parsing, LoRA."""
 
+import functools
 import json
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxrec.models.encoder import BertConfig, BertEncoder, ConfigFileError, LoRAParam, TokenStream, pool
+from jaxrec.models.encoder import _bf16_matmul, _CpuBf16Linear
 
 TINY = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
                   max_position_embeddings=32)
@@ -77,11 +79,12 @@ def test_padding_does_not_change_real_tokens():
                              atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["mean", "cls"])
-def test_a_token_stream_encodes_and_differentiates_as_one_padded_row_per_text(mode):
+@pytest.mark.parametrize("mode,dtype", [("mean", "float32"), ("cls", "float32"), ("mean", "bfloat16")])
+def test_a_token_stream_encodes_and_differentiates_as_one_padded_row_per_text(mode, dtype):
   # Three texts end to end in a stream of 16 (three padding tokens), and a fourth text slot that
   # holds no text; the same texts padded one per row of 6.
-  module = BertEncoder(TINY, rngs=nnx.Rngs(3))
+  module = BertEncoder(BertConfig(**{**TINY.__dict__, "dtype": dtype}), rngs=nnx.Rngs(3))
+  atol = 2e-6 if dtype == "float32" else 1e-5  # gradients reach 26 here
   texts = [[2, 7, 9, 3], [2, 11, 12, 13, 14, 3], [2, 5, 3]]
   types = [[0, 0, 1, 1], [0, 1, 1, 0, 0, 0], [0, 1, 1]]
   padded_ids = jnp.array([t + [0] * (6 - len(t)) for t in texts])
@@ -104,13 +107,13 @@ def test_a_token_stream_encodes_and_differentiates_as_one_padded_row_per_text(mo
     return pool(nnx.merge(graphdef, state).encode_stream(ids, stream_types, stream, positions), stream.mask_SxL, mode)
 
   streamed = stream_fn(state)
-  np.testing.assert_allclose(np.asarray(streamed[:3]), np.asarray(padded_fn(state)), atol=2e-6)
+  np.testing.assert_allclose(np.asarray(streamed[:3]), np.asarray(padded_fn(state)), atol=atol)
   np.testing.assert_array_equal(np.asarray(streamed[3]), np.zeros(TINY.hidden_size))  # no tokens: zeros, not NaN
   weights = jax.random.normal(jax.random.key(0), (3, TINY.hidden_size))
   grad_padded = jax.grad(lambda s: (padded_fn(s) * weights).sum())(state)
   grad_stream = jax.grad(lambda s: (stream_fn(s)[:3] * weights).sum())(state)
   for a, b in zip(jax.tree.leaves(grad_padded), jax.tree.leaves(grad_stream)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=atol)
 
 
 def test_token_types_matter_and_default_to_zero():
@@ -177,9 +180,10 @@ def _lora_pair(cfg, lora_ffn):
   return frozen, adapted
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16 on CPU: q, k, v from one joined matmul
 @pytest.mark.parametrize("lora_ffn", [False, True])
-def test_lora_zero_b_equals_frozen_then_only_adapters_train(lora_ffn):
-  frozen, adapted = _lora_pair(TINY, lora_ffn)
+def test_lora_zero_b_equals_frozen_then_only_adapters_train(lora_ffn, dtype):
+  frozen, adapted = _lora_pair(BertConfig(**{**TINY.__dict__, "dtype": dtype}), lora_ffn)
   ids = jnp.array([[2, 7, 9, 11, 3, 0], [2, 4, 5, 3, 0, 0]])
   mask = (ids > 0).astype(jnp.int32)
   np.testing.assert_array_equal(np.asarray(adapted(ids, mask)), np.asarray(frozen(ids, mask)))
@@ -220,3 +224,53 @@ def test_bfloat16_compute_stays_close_and_pools_float32():
   out = pool(bf16(ids, mask), mask)
   assert out.dtype == jnp.float32
   assert float(jnp.abs(out - ref).max()) < 0.05
+
+
+def _bf16_rounded(x):
+  return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("k,n", [(8, 24), (24, 8)])  # both ways of transposing for the weight gradient
+def test_bf16_matmul_is_the_float32_product_of_bf16_operands_forward_and_backward(k, n):
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x, w, g = jax.random.normal(kx, (40, k)), jax.random.normal(kw, (k, n)), jax.random.normal(kg, (40, n))
+  exact = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+  y, vjp = jax.vjp(_bf16_matmul, x, w)
+  grad_x, grad_w = vjp(g)
+  assert y.dtype == grad_x.dtype == grad_w.dtype == jnp.float32
+  rx, rw, rg = _bf16_rounded(x), _bf16_rounded(w), _bf16_rounded(g)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(exact(rx, rw)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad_x), np.asarray(exact(rg, rw.T)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad_w), np.asarray(exact(rx.T, rg)), rtol=1e-5, atol=1e-5)
+  # and bf16 rounding did happen: the float32 product differs
+  assert float(jnp.abs(y - exact(x, w)).max()) > 1e-3
+
+
+def test_cpu_bfloat16_encoder_joins_qkv_and_its_gradients_track_float32():
+  cfg16 = BertConfig(**{**TINY.__dict__, "dtype": "bfloat16"})
+  exact, fast = BertEncoder(TINY, rngs=nnx.Rngs(0)), BertEncoder(cfg16, rngs=nnx.Rngs(0))
+  assert all(isinstance(layer.attention.query, _CpuBf16Linear) for layer in fast.layers)
+  assert not any(isinstance(layer.attention.query, _CpuBf16Linear) for layer in exact.layers)
+  # pretrained-like scale, so that every block moves the residual stream
+  state = nnx.state(exact, nnx.Param)
+  keys = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(state))))
+  state = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), state)
+  nnx.update(exact, state)
+  nnx.update(fast, state)
+  ids = jnp.array([[2, 7, 9, 11, 3, 0], [2, 4, 5, 3, 0, 0]])
+  mask = (ids > 0).astype(jnp.int32)
+  target = jax.random.normal(jax.random.key(3), (2, TINY.hidden_size))
+
+  def grads(module):
+    graphdef, params = nnx.split(module)
+    return jax.grad(lambda p: (pool(nnx.merge(graphdef, p)(ids, mask), mask) * target).sum())(params)
+
+  g32, g16 = grads(exact), grads(fast)
+  leaves32, leaves16 = jax.tree.leaves(g32), jax.tree.leaves(g16)
+  assert len(leaves32) == len(leaves16)
+  for a, b in zip(leaves32, leaves16):
+    assert b.dtype == jnp.float32
+    scale = float(jnp.abs(a).max())
+    assert float(jnp.abs(a - b).max()) <= 0.05 * scale + 1e-6
+  flat32, flat16 = jnp.concatenate([x.ravel() for x in leaves32]), jnp.concatenate([x.ravel() for x in leaves16])
+  assert float(jnp.abs(flat16 - flat32).max()) > 0  # bf16 did compute

@@ -214,8 +214,11 @@ def test_a_token_stream_trains_the_padded_rows_model_on_fewer_tokens(tmp_path, t
   assert 0 < result["train/step_tflops"] < 0.95 * reference["train/step_tflops"]
 
 
-def test_encoder_dtype_reaches_the_live_encoder_and_bf16_tracks_float32(tmp_path, tiny_bert_dir):
-  base = _live(tiny_bert_dir, "mesh.num_devices=1", "train.steps=6", "checkpoint.async_save=false",
+# On CPU bf16 means bf16 matmul operands with float32 results and gradients (a custom vjp); the
+# sharded case runs it with the batch and the weights split across devices.
+@pytest.mark.parametrize("mesh", [("mesh.num_devices=1",), ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")])
+def test_encoder_dtype_reaches_the_live_encoder_and_bf16_tracks_float32(tmp_path, tiny_bert_dir, mesh):
+  base = _live(tiny_bert_dir, *mesh, "train.steps=6", "checkpoint.async_save=false",
                "train.batch_size=16", "encoder.shape_buckets=1")
   exact = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'f32'}"]))
   fast = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'bf16'}", "encoder.dtype=bfloat16",

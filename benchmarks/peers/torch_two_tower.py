@@ -210,7 +210,10 @@ def make_optimizer(model: TwoTower, cfg: dict) -> tuple[torch.optim.Optimizer, t
 
 
 def main() -> None:
-  args, data, cfg, started = peer_io.parse(__doc__.splitlines()[0])
+  args, data, cfg, started = peer_io.parse(__doc__.splitlines()[0], extra=lambda p: p.add_argument(
+      "--autocast", choices=("float32", "bfloat16"), default="float32",
+      help="bfloat16: the train step under torch.autocast('cpu', bfloat16) (oneDNN's AVX512-BF16 matmuls)"))
+  autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bfloat16")
   torch.manual_seed(cfg["seed"])
   torch.set_num_threads(cfg["threads"])
   model = TwoTower(data, cfg)
@@ -228,7 +231,8 @@ def main() -> None:
       t0 = time.perf_counter()
     batch = {k: torch.from_numpy(batches[k][step]) for k in keys}
     batch = {k: (v.long() if v.dtype == torch.int32 else v) for k, v in batch.items()}
-    loss = model.loss(batch)
+    with autocast:
+      loss = model.loss(batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_norm"])
