@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrec.models.encoder import BertConfig, BertEncoder, pool
+from jaxrec.models.encoder import BertConfig, BertEncoder, pool, uses_cpu_bf16_matmul
 from jaxrec.weights import ShardingSpec, WeightsError, check_vocab, find_weights_file, load_encoder, read_config
 
 log = logging.getLogger("jaxrec")
@@ -127,7 +127,7 @@ class TextEncoder:
     self.length_buckets = tuple(b for b in LENGTH_BUCKETS if b < max_length) + (max_length,)
     self.identity = hashlib.sha256(
         f"{identity}|max_length={max_length}|pooling={pooling}|normalize={normalize}|lower_case={lower_case}"
-        f"|dtype={cfg.dtype}".encode()).hexdigest()
+        f"|dtype={cfg.dtype}{'|bf16 operands, f32 results' if uses_cpu_bf16_matmul(cfg) else ''}".encode()).hexdigest()
     graphdef = nnx.graphdef(module)
 
     # One jit per encoder; XLA keeps one executable per (rows, length) bucket.

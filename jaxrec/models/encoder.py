@@ -210,19 +210,20 @@ class _CpuBf16Linear(nnx.Linear):
     return y_MxO.reshape(*lead, -1)
 
 
-def _on_cpu_bf16(cfg: BertConfig) -> bool:
+def uses_cpu_bf16_matmul(cfg: BertConfig) -> bool:
+  """Whether this encoder's Linears compute as ``_bf16_matmul`` (bfloat16 on a CPU backend)."""
   return cfg.dtype == "bfloat16" and jax.default_backend() == "cpu"
 
 
 def _activation_dtype(cfg: BertConfig) -> Any:
   # On CPU bfloat16 lives only inside the matmuls: bf16 activations buy XLA:CPU no speed, and
   # embedding gradients summed over every token in bf16 lose digits.
-  return jnp.float32 if _on_cpu_bf16(cfg) else _DTYPES[cfg.dtype]
+  return jnp.float32 if uses_cpu_bf16_matmul(cfg) else _DTYPES[cfg.dtype]
 
 
 def _linear(cfg: BertConfig, n_in: int, n_out: int, in_axis: str, out_axis: str, *, rngs: nnx.Rngs) -> nnx.Linear:
   # On CPU, bfloat16 means bf16 operands with float32 results: that is the form XLA:CPU speeds up.
-  cls = _CpuBf16Linear if _on_cpu_bf16(cfg) else nnx.Linear
+  cls = _CpuBf16Linear if uses_cpu_bf16_matmul(cfg) else nnx.Linear
   return cls(n_in, n_out, dtype=_DTYPES[cfg.dtype], precision=_precision(cfg),
              kernel_init=_partitioned(_normal, (in_axis, out_axis)), bias_init=_partitioned(_zeros, (out_axis,)),
              rngs=rngs)
