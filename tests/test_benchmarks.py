@@ -53,6 +53,26 @@ def test_peer_side_reports_finite_throughput_and_quality(smoke, config, peer):
   assert math.isfinite(result["ratio"]) and result["ratio"] > 0
 
 
+def test_full_fine_tuning_smoke_runs_jaxrec_in_bf16_and_probes_the_peer_in_both_precisions(tmp_path):
+  out = tmp_path / "full.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--configs", "full", "--json", str(out)], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads(out.read_text())["results"][0]
+  assert "encoder.dtype=bfloat16" in result["overrides"]
+  side = result["jaxrec"]
+  assert math.isfinite(side["examples_per_sec"]) and side["examples_per_sec"] > 0
+  assert math.isfinite(side["final_loss"]) and 0.0 <= side["quality"]["recall@10"] <= 1.0
+  if "peer_skipped" in result:
+    pytest.skip(f"torch peer not available: {result['peer_skipped']}")
+  assert set(result["peer_probe"]) == {"1 thr float32", "1 thr bfloat16"}
+  best = max(result["peer_probe"], key=result["peer_probe"].get)
+  assert best == f"{result['peer_threads']} thr {result['peer_precision']}"
+  assert ("bf16 autocast" in result["peer_result"]["name"]) == (result["peer_precision"] == "bfloat16")
+  assert math.isfinite(result["peer_result"]["final_loss"]) and math.isfinite(result["ratio"])
+
+
 def test_gpu_suite_runs_every_cell_at_toy_size_on_any_backend(tmp_path):
   # The accelerator suite's own logic (cells, overrides, summary) at toy size on CPU with a tiny
   # BERT; its sizes and timings are for one GPU and are recorded in benchmarks/README.md.

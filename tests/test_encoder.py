@@ -180,7 +180,7 @@ def _lora_pair(cfg, lora_ffn):
   return frozen, adapted
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16 on CPU: q, k, v from one joined matmul
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16 on CPU: adapters added to float32 projections
 @pytest.mark.parametrize("lora_ffn", [False, True])
 def test_lora_zero_b_equals_frozen_then_only_adapters_train(lora_ffn, dtype):
   frozen, adapted = _lora_pair(BertConfig(**{**TINY.__dict__, "dtype": dtype}), lora_ffn)
@@ -246,7 +246,7 @@ def test_bf16_matmul_is_the_float32_product_of_bf16_operands_forward_and_backwar
   assert float(jnp.abs(y - exact(x, w)).max()) > 1e-3
 
 
-def test_cpu_bfloat16_encoder_joins_qkv_and_its_gradients_track_float32():
+def test_cpu_bfloat16_encoder_runs_bf16_matmuls_and_its_gradients_track_float32():
   cfg16 = BertConfig(**{**TINY.__dict__, "dtype": "bfloat16"})
   exact, fast = BertEncoder(TINY, rngs=nnx.Rngs(0)), BertEncoder(cfg16, rngs=nnx.Rngs(0))
   assert all(isinstance(layer.attention.query, _CpuBf16Linear) for layer in fast.layers)
