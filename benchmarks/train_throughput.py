@@ -319,19 +319,21 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
     # The PyTorch peer fine-tuning MiniLM also gets its best precision: torch.autocast's bf16
     # matmuls (oneDNN, AVX512-BF16) against jaxrec's bf16 encoder, float32 against float32.
     precisions = args.peer_precisions if (setting.peer, setting.name) == ("torch", "full") else ("float32",)
+    def peer_setting(threads: int, precision: str) -> tuple[str, ...]:
+      return ("--threads", str(threads)) + (("--autocast", precision) if precision != "float32" else ())
+
     probe = {}
     for threads in args.peer_threads:
       for precision in precisions:
-        extra = ("--threads", str(threads)) + (("--autocast", precision) if precision != "float32" else ())
         run = run_peer(setting.peer, python, inputs, os.path.join(workdir, f"probe_{threads}_{precision}"),
-                       peer_extra + extra + ("--steps", str(probe_steps)))
+                       peer_extra + peer_setting(threads, precision) + ("--steps", str(probe_steps)))
         probe[(threads, precision)] = run["examples_per_sec"]
         log(f"[{setting.name}] {setting.peer} probe with {threads} thread(s), {precision}: "
             f"{run['examples_per_sec']:,.0f} examples/s")
     best_threads, best_precision = max(probe, key=probe.get)
     result["peer_threads"], result["peer_precision"] = best_threads, best_precision
     result["peer_probe"] = {f"{t} thr {p}": eps for (t, p), eps in probe.items()}
-    peer_extra += ("--threads", str(best_threads)) + (("--autocast", best_precision) if best_precision != "float32" else ())
+    peer_extra += peer_setting(best_threads, best_precision)
   for r in range(args.full_rounds if setting.name == "full" else args.rounds):
     run = run_jaxrec(trainer, calls, setting.warmup)
     jax_runs.append(run)

@@ -398,6 +398,13 @@ class BertLayer(nnx.Module):
     return self.mlp(self.attention(x_BxLxD, mask_bias_Bx1x1xL, stream))
 
 
+def _mask_bias(keep_BxL: jax.Array) -> jax.Array:
+  """Additive float32 attention bias [B, 1, 1, L]: the most negative finite float, as BERT does, so
+  a padded key gets exactly zero weight and a row can never turn into NaN."""
+  keep_Bx1x1xL = keep_BxL[:, None, None, :].astype(bool)
+  return jnp.where(keep_Bx1x1xL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
 class BertEncoder(nnx.Module):
   """Token ids -> last hidden states; no pooler (sentence embeddings come from ``pool``)."""
 
@@ -410,10 +417,7 @@ class BertEncoder(nnx.Module):
                token_type_ids_BxL: jax.Array | None = None) -> jax.Array:
     if token_type_ids_BxL is None:
       token_type_ids_BxL = jnp.zeros_like(input_ids_BxL)
-    # Additive float32 bias: the most negative finite float, as BERT does, so a padded key gets
-    # exactly zero weight and a row can never turn into NaN.
-    keep_Bx1x1xL = attention_mask_BxL[:, None, None, :].astype(bool)
-    mask_bias_Bx1x1xL = jnp.where(keep_Bx1x1xL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    mask_bias_Bx1x1xL = _mask_bias(attention_mask_BxL)
     x_BxLxD = self.embeddings(input_ids_BxL, token_type_ids_BxL)
     for layer in self.layers:
       x_BxLxD = layer(x_BxLxD, mask_bias_Bx1x1xL)
@@ -424,8 +428,7 @@ class BertEncoder(nnx.Module):
     """Last hidden states of texts given as one token stream, in the text layout [S, L, D]
     (zeros past each text's end; ``stream.mask_SxL`` marks its tokens). Equal to ``__call__`` on
     the same texts padded one per row, while the per-token work runs on N tokens, not S * L."""
-    keep_Sx1x1xL = stream.mask_SxL[:, None, None, :]
-    mask_bias_Sx1x1xL = jnp.where(keep_Sx1x1xL, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    mask_bias_Sx1x1xL = _mask_bias(stream.mask_SxL)
     x_NxD = self.embeddings.stream(input_ids_N, token_type_ids_N, position_ids_N, stream.to_texts_SxL.shape[1])
     for layer in self.layers:
       x_NxD = layer(x_NxD, mask_bias_Sx1x1xL, stream)
