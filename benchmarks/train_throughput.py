@@ -49,6 +49,8 @@ import time
 
 import numpy as np
 
+from jaxrec import host_memory
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_HERE)
 PEERS = {"tfrs": os.path.join(_HERE, "peers", "tfrs_two_tower.py"),
@@ -264,8 +266,13 @@ def find_python(peer: str, explicit: str | None) -> tuple[str | None, str]:
   return None, f"no {peer} interpreter (tried {', '.join(candidates)}; set ${env} or see benchmarks/README.md)"
 
 
-def run_peer(peer: str, python: str, inputs: str, out_prefix: str, extra: tuple[str, ...] = ()) -> dict:
+def run_peer(peer: str, python: str, inputs: str, out_prefix: str, extra: tuple[str, ...] = (),
+             huge_pages: bool | None = None) -> dict:
+  """``huge_pages``: run the peer with glibc's THP tunable (True), without it (False), or as this
+  process's environment has it (None)."""
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+  if huge_pages is not None:
+    env = host_memory.with_huge_pages(env, huge_pages)
   proc = subprocess.run([python, PEERS[peer], "--data", inputs, "--out", out_prefix, *extra], capture_output=True,
                         text=True, env=env)
   if proc.returncode != 0:
@@ -275,6 +282,10 @@ def run_peer(peer: str, python: str, inputs: str, out_prefix: str, extra: tuple[
   with np.load(out_prefix + ".npz") as f:
     summary["item_vectors"], summary["query_vectors"] = f["item_vectors"], f["query_vectors"]
   return summary
+
+
+def allocator_label(huge_pages: bool | None) -> str:
+  return {None: "", True: ", THP", False: ", no THP"}[huge_pages]
 
 
 def quality(scores: dict) -> dict:
@@ -322,17 +333,23 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
     def peer_setting(threads: int, precision: str) -> tuple[str, ...]:
       return ("--threads", str(threads)) + (("--autocast", precision) if precision != "float32" else ())
 
+    # jaxrec runs with glibc's transparent-huge-page tunable (jaxrec.host_memory); the peer is
+    # probed with and without it where it can matter, and keeps whichever is faster.
+    allocators = (True, False) if host_memory.thp_tunable_applies() else (None,)
     probe = {}
     for threads in args.peer_threads:
       for precision in precisions:
-        run = run_peer(setting.peer, python, inputs, os.path.join(workdir, f"probe_{threads}_{precision}"),
-                       peer_extra + peer_setting(threads, precision) + ("--steps", str(probe_steps)))
-        probe[(threads, precision)] = run["examples_per_sec"]
-        log(f"[{setting.name}] {setting.peer} probe with {threads} thread(s), {precision}: "
-            f"{run['examples_per_sec']:,.0f} examples/s")
-    best_threads, best_precision = max(probe, key=probe.get)
+        for huge_pages in allocators:
+          name = f"probe_{threads}_{precision}_{'thp' if huge_pages else 'plain'}"
+          run = run_peer(setting.peer, python, inputs, os.path.join(workdir, name),
+                         peer_extra + peer_setting(threads, precision) + ("--steps", str(probe_steps)), huge_pages)
+          probe[(threads, precision, huge_pages)] = run["examples_per_sec"]
+          log(f"[{setting.name}] {setting.peer} probe with {threads} thread(s), {precision}"
+              f"{allocator_label(huge_pages)}: {run['examples_per_sec']:,.0f} examples/s")
+    best_threads, best_precision, peer_huge_pages = max(probe, key=probe.get)
     result["peer_threads"], result["peer_precision"] = best_threads, best_precision
-    result["peer_probe"] = {f"{t} thr {p}": eps for (t, p), eps in probe.items()}
+    result["peer_huge_pages"] = peer_huge_pages
+    result["peer_probe"] = {f"{t} thr {p}{allocator_label(h)}": eps for (t, p, h), eps in probe.items()}
     peer_extra += peer_setting(best_threads, best_precision)
   for r in range(args.full_rounds if setting.name == "full" else args.rounds):
     run = run_jaxrec(trainer, calls, setting.warmup)
@@ -341,7 +358,7 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
         f"step shapes {run['shapes']}: (distinct items, tokens) or, with a token stream, "
         "(distinct items, stream tokens, text length))")
     if python:
-      peer = run_peer(setting.peer, python, inputs, os.path.join(workdir, f"peer_{r}"), peer_extra)
+      peer = run_peer(setting.peer, python, inputs, os.path.join(workdir, f"peer_{r}"), peer_extra, peer_huge_pages)
       peer_runs.append(peer)
       log(f"[{setting.name}] round {r + 1}: {peer['peer']} {peer['examples_per_sec']:,.0f} examples/s "
           f"({peer['ms_per_step']:.2f} ms/step)")
@@ -355,7 +372,7 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
   if peer_runs:
     p = peer_runs[0]
     autocast = ", bf16 autocast" if result["peer_precision"] == "bfloat16" else ""
-    result["peer_result"] = {"name": f"{p['peer']} ({p['threads']} thr{autocast})", "version": p["version"], "params": p["params"],
+    result["peer_result"] = {"name": f"{p['peer']} ({p['threads']} thr{autocast}{allocator_label(peer_huge_pages)})", "version": p["version"], "params": p["params"],
                              "examples_per_sec": statistics.median(r["examples_per_sec"] for r in peer_runs),
                              "rounds": [r["examples_per_sec"] for r in peer_runs],
                              "ms_per_step": statistics.median(r["ms_per_step"] for r in peer_runs),
@@ -392,6 +409,8 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+  if argv is None:  # run as a program: jaxrec's side gets huge pages as the jaxrec command does
+    host_memory.restart_with_huge_pages()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", default="id,frozen,full", help="comma-separated: id, frozen, full")
   parser.add_argument("--peers", default="tfrs,torch", help="peers to run (others are skipped with a reason)")

@@ -174,6 +174,9 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "recommend": cmd_recom
 
 
 def main(argv: list[str] | None = None) -> int:
+  if argv is None:  # the process's own entry point: it may restart once with huge pages (host_memory)
+    from jaxrec import host_memory
+    host_memory.restart_with_huge_pages()
   argv = sys.argv[1:] if argv is None else argv
   args = _parser().parse_args(argv)
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrec import losses, metrics, optim, sharding
+from jaxrec import host_memory, losses, metrics, optim, sharding
 from jaxrec.checkpoint import Checkpointer
 from jaxrec.config import Config, to_json
 from jaxrec.data import sources
@@ -99,7 +99,9 @@ class Trainer:
 
   def __init__(self, cfg: Config, devices: list | None = None):
     self.cfg = cfg
-    maybe_initialize_distributed(cfg.mesh)
+    maybe_initialize_distributed(cfg.mesh)  # before anything touches the backend
+    if jax.default_backend() == "cpu":
+      host_memory.log_hint_if_wanted()
     self.mesh = make_mesh(cfg.mesh, devices)
     self.rules = sharding.rules_from_config(cfg.mesh.rules)
     dp = sharding.data_parallel_size(self.mesh, self.rules)
