@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxrec.models.encoder import BertConfig, BertEncoder, ConfigFileError, LoRAParam, TokenStream, pool
-from jaxrec.models.encoder import _bf16_matmul, _CpuBf16Linear
+from jaxrec.models.encoder import _bf16_matmul, _CpuBf16Linear, _gelu
 
 TINY = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
                   max_position_embeddings=32)
@@ -224,6 +224,16 @@ def test_bfloat16_compute_stays_close_and_pools_float32():
   out = pool(bf16(ids, mask), mask)
   assert out.dtype == jnp.float32
   assert float(jnp.abs(out - ref).max()) < 0.05
+
+
+def test_gelu_is_the_exact_erf_gelu_and_its_derivative():
+  # Hugging Face's formula; jax.nn.gelu(approximate=False) is the same function written with erfc.
+  x = jnp.linspace(-12.0, 12.0, 4801)
+  np.testing.assert_allclose(np.asarray(_gelu(x)), np.asarray(jax.nn.gelu(x, approximate=False)), rtol=1e-6, atol=1e-6)
+  derivative = jax.vmap(jax.grad(_gelu))(x)
+  expected = jax.scipy.stats.norm.cdf(x) + x * jax.scipy.stats.norm.pdf(x)
+  np.testing.assert_allclose(np.asarray(derivative), np.asarray(expected), rtol=1e-5, atol=1e-6)
+  assert float(_gelu(jnp.float32(1.0))) == pytest.approx(0.8413447, abs=1e-6)  # 1 * Phi(1)
 
 
 def _bf16_rounded(x):

@@ -364,6 +364,13 @@ class BertAttention(nnx.Module):
     return self.norm(x_BxLxD + self.out(ctx_BxLxD))
 
 
+def _gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU as Hugging Face's BERT and PyTorch write it, x/2 (1 + erf(x/sqrt 2)). jax.nn.gelu's
+  erfc form is the same function, but XLA:CPU evaluates erfc with two polynomials and an exp where
+  erf needs one polynomial; at [tokens, 1536] per layer that is about 3% of a fine-tuning step."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 class BertMLP(nnx.Module):
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
@@ -381,7 +388,7 @@ class BertMLP(nnx.Module):
     h_BxLxF = self.ffn_in(x_BxLxD)
     if self.ffn_in_lora is not None:
       h_BxLxF = h_BxLxF + self.ffn_in_lora(x_BxLxD).astype(h_BxLxF.dtype)
-    h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=False)
+    h_BxLxF = _gelu(h_BxLxF)
     y_BxLxD = self.ffn_out(h_BxLxF)
     if self.ffn_out_lora is not None:
       y_BxLxD = y_BxLxD + self.ffn_out_lora(h_BxLxF).astype(y_BxLxD.dtype)
