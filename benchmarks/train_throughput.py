@@ -463,14 +463,15 @@ def main(argv=None) -> int:
   import jax
   header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "load_before": os.getloadavg(), "cpus": os.cpu_count(), "jax": jax.__version__,
-            "devices": str(jax.devices()[:1]), "data": args.data}
+            "devices": str(jax.devices()[:1]), "data": args.data,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
   results = []
   with tempfile.TemporaryDirectory(prefix="jaxrec_bench_") as tmp:
     for name in names:
       results.append(benchmark(all_settings[name], args, args.keep_dir or tmp, log))
   header["load_after"] = os.getloadavg()
   print(f"{header['date']}; load average before {header['load_before'][0]:.2f}, after {header['load_after'][0]:.2f} "
-        f"({header['cpus']} CPUs); data {args.data}")
+        f"({header['cpus']} CPUs); data {args.data}; jaxrec's GLIBC_TUNABLES: {header['glibc_tunables'] or 'none'}")
   print(table(results))
   for r in results:
     if "peer_probe" in r:
