@@ -340,7 +340,7 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
     for threads in args.peer_threads:
       for precision in precisions:
         for huge_pages in allocators:
-          name = f"probe_{threads}_{precision}_{'thp' if huge_pages else 'plain'}"
+          name = f"probe_{threads}_{precision}_thp-{huge_pages}"  # thp-None: the environment as it is
           run = run_peer(setting.peer, python, inputs, os.path.join(workdir, name),
                          peer_extra + peer_setting(threads, precision) + ("--steps", str(probe_steps)), huge_pages)
           probe[(threads, precision, huge_pages)] = run["examples_per_sec"]

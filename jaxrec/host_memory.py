@@ -51,21 +51,29 @@ def glibc_has_tunable(libc: tuple[str, str] | None = None) -> bool:
   return (major, minor) >= (2, 35)
 
 
+def _tunables(env: Mapping[str, str]) -> list[str]:
+  """GLIBC_TUNABLES's ``name=value`` items."""
+  return [item for item in env.get("GLIBC_TUNABLES", "").split(":") if item]
+
+
+def _is_hugetlb(item: str) -> bool:
+  return item.split("=", 1)[0] == TUNABLE
+
+
 def tunable_set(env: Mapping[str, str]) -> bool:
   """Whether GLIBC_TUNABLES in ``env`` already chooses malloc.hugetlb, to any value."""
-  items = env.get("GLIBC_TUNABLES", "").split(":")
-  return any(item.split("=", 1)[0] == TUNABLE for item in items)
+  return any(_is_hugetlb(item) for item in _tunables(env))
 
 
 def with_huge_pages(env: Mapping[str, str], enabled: bool = True) -> dict[str, str]:
   """A copy of ``env`` whose GLIBC_TUNABLES has malloc.hugetlb=1 added (``enabled``; a value the
   user chose stays) or removed (not ``enabled``); the other tunables are kept."""
   out = dict(env)
-  items = [item for item in env.get("GLIBC_TUNABLES", "").split(":") if item]
-  if enabled and not tunable_set(env):
+  items = _tunables(env)
+  if enabled and not any(map(_is_hugetlb, items)):
     items.append(f"{TUNABLE}=1")
   elif not enabled:
-    items = [item for item in items if item.split("=", 1)[0] != TUNABLE]
+    items = [item for item in items if not _is_hugetlb(item)]
   if items:
     out["GLIBC_TUNABLES"] = ":".join(items)
   else:
