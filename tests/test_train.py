@@ -126,6 +126,29 @@ def test_nonfinite_loss_stops_with_its_exit_code_or_is_skipped(tmp_path):
   assert result["steps"] == 3
 
 
+def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_bitwise_unchanged(tmp_path):
+  cfg = load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path}", "model.temperature=1e-30"])
+  trainer = Trainer(cfg)
+  state = trainer.init_state()
+  before = jax.device_get({"params": state["params"], "opt": state["opt"]})
+  batch = trainer.put_batch(trainer.batch_builder().map(0))
+  state, metrics = trainer.train_step(state, batch)
+  assert not bool(metrics["finite"]) and int(state["step"]) == 1
+  after = jax.device_get({"params": state["params"], "opt": state["opt"]})
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+  # and finite steps do move them (the first step's learning rate is 0 in warmup: two steps)
+  ok = Trainer(load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path / 'ok'}"]))
+  state = ok.init_state()
+  before = jax.device_get({"params": state["params"], "opt": state["opt"]})
+  for b in range(2):
+    state, metrics = ok.train_step(state, ok.put_batch(ok.batch_builder().map(b)))
+    assert bool(metrics["finite"])
+  after = jax.device_get({"params": state["params"], "opt": state["opt"]})
+  for part in ("params", "opt"):
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[part]), jax.tree.leaves(after[part])))
+
+
 def test_rules_table_overrides_and_divisibility_fallback():
   from jaxrec import sharding
   from jaxrec.mesh import make_mesh
