@@ -5,6 +5,8 @@ PyTorch) runs only where its interpreter is installed ($JAXREC_TFRS_PYTHON / $JA
 or the default paths in benchmarks/train_throughput.py) and is skipped with the reason otherwise.
 """
 
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -18,6 +20,16 @@ from jaxrec import host_memory
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "train_throughput.py"
+
+
+@functools.cache
+def _benchmark():
+  """The benchmark script as a module, for its own helpers (it is not a package)."""
+  spec = importlib.util.spec_from_file_location("_jaxrec_bench_train_throughput", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +84,11 @@ def test_full_fine_tuning_smoke_runs_jaxrec_in_bf16_and_probes_the_peer_in_both_
   assert math.isfinite(side["final_loss"]) and 0.0 <= side["quality"]["recall@10"] <= 1.0
   if "peer_skipped" in result:
     pytest.skip(f"torch peer not available: {result['peer_skipped']}")
-  allocators = [", THP", ", no THP"] if host_memory.thp_tunable_applies() else [""]
+  label = _benchmark().allocator_label
+  allocators = [label(h) for h in ((True, False) if host_memory.thp_tunable_applies() else (None,))]
   assert set(result["peer_probe"]) == {f"1 thr {p}{a}" for p in ("float32", "bfloat16") for a in allocators}
   best = max(result["peer_probe"], key=result["peer_probe"].get)
-  label = {None: "", True: ", THP", False: ", no THP"}[result["peer_huge_pages"]]
-  assert best == f"{result['peer_threads']} thr {result['peer_precision']}{label}"
+  assert best == f"{result['peer_threads']} thr {result['peer_precision']}{label(result['peer_huge_pages'])}"
   assert ("bf16 autocast" in result["peer_result"]["name"]) == (result["peer_precision"] == "bfloat16")
   assert math.isfinite(result["peer_result"]["final_loss"]) and math.isfinite(result["ratio"])
 
