@@ -278,9 +278,15 @@ def test_cpu_bfloat16_encoder_runs_bf16_matmuls_and_its_gradients_track_float32(
   g32, g16 = grads(exact), grads(fast)
   leaves32, leaves16 = jax.tree.leaves(g32), jax.tree.leaves(g16)
   assert len(leaves32) == len(leaves16)
-  for a, b in zip(leaves32, leaves16):
+  overall = max(float(jnp.abs(a).max()) for a in leaves32)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), leaves16):
     assert b.dtype == jnp.float32
     scale = float(jnp.abs(a).max())
+    if "key" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path):
+      # The key bias's gradient is zero in exact arithmetic (softmax ignores a constant shift of a
+      # query's scores), so it holds only rounding: bf16 attention's, small against the rest.
+      assert scale < 1e-6 and float(jnp.abs(b).max()) <= 0.01 * overall
+      continue
     assert float(jnp.abs(a - b).max()) <= 0.05 * scale + 1e-6
   flat32, flat16 = jnp.concatenate([x.ravel() for x in leaves32]), jnp.concatenate([x.ravel() for x in leaves16])
   assert float(jnp.abs(flat16 - flat32).max()) > 0  # bf16 did compute

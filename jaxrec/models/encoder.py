@@ -329,6 +329,9 @@ class BertAttention(nnx.Module):
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     d = cfg.hidden_size
     self.num_heads, self.head_dim, self.precision = cfg.num_attention_heads, cfg.head_dim, _precision(cfg)
+    # CPU bfloat16: the attention dots take bf16 operands as well (float32 scores, softmax and
+    # context), as on accelerators; their layout gathers and head transposes then move half the bytes.
+    self.cpu_bf16 = uses_cpu_bf16_matmul(cfg)
     self.query = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
     self.key = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
     self.value = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
@@ -350,6 +353,8 @@ class BertAttention(nnx.Module):
     if self.query_lora is not None:
       q_BxLxD = q_BxLxD + self.query_lora(x_BxLxD).astype(q_BxLxD.dtype)
       v_BxLxD = v_BxLxD + self.value_lora(x_BxLxD).astype(v_BxLxD.dtype)
+    if self.cpu_bf16:
+      q_BxLxD, k_BxLxD, v_BxLxD = (t.astype(jnp.bfloat16) for t in (q_BxLxD, k_BxLxD, v_BxLxD))
     if stream is not None:  # [N, D] -> [S, L, D]
       q_BxLxD, k_BxLxD, v_BxLxD = stream.texts(q_BxLxD), stream.texts(k_BxLxD), stream.texts(v_BxLxD)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._heads(q_BxLxD), self._heads(k_BxLxD), self._heads(v_BxLxD)
@@ -357,7 +362,8 @@ class BertAttention(nnx.Module):
                                 preferred_element_type=jnp.float32)
     scores_BxHxLxL = scores_BxHxLxL * (1.0 / math.sqrt(self.head_dim)) + mask_bias_Bx1x1xL
     probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
-    ctx_BxLxHxK = jnp.einsum("bhlm,bmhk->blhk", probs_BxHxLxL, v_BxLxHxK, precision=self.precision)
+    ctx_BxLxHxK = jnp.einsum("bhlm,bmhk->blhk", probs_BxHxLxL, v_BxLxHxK, precision=self.precision,
+                             preferred_element_type=jnp.float32 if self.cpu_bf16 else None)
     ctx_BxLxD = ctx_BxLxHxK.reshape(q_BxLxD.shape)
     if stream is not None:
       ctx_BxLxD = stream.stream(ctx_BxLxD)
