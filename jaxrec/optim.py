@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxrec.config import EncoderConfig, TrainConfig
@@ -26,9 +27,25 @@ def _adamw(lr: optax.Schedule | float, cfg: TrainConfig) -> optax.GradientTransf
   return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """``optax.clip_by_global_norm`` that takes the gradients' global norm as the extra argument
+  ``grad_norm`` when the caller has it: the train step computes it anyway (to skip non-finite
+  steps), and inside the step's ``lax.cond`` XLA cannot merge a second pass over every gradient
+  with the first. Its state is optax's (empty), so optimizer states and checkpoints are unchanged."""
+
+  def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+    trigger = jnp.squeeze(norm < max_norm)  # optax's own clip, so clipped updates match it
+    return jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm), updates), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(cfg: TrainConfig, encoder_cfg: EncoderConfig,
-                   is_encoder_param: Callable[[tuple], bool] | None = None) -> optax.GradientTransformation:
-  """``is_encoder_param(path)`` says which leaves belong to the text encoder (full mode)."""
+                   is_encoder_param: Callable[[tuple], bool] | None = None) -> optax.GradientTransformationExtraArgs:
+  """``is_encoder_param(path)`` says which leaves belong to the text encoder (full mode). Its
+  ``update`` takes ``grad_norm=`` (the gradients' global norm) to clip without recomputing it."""
   lr = schedule(cfg)
   if is_encoder_param is None or encoder_cfg.mode != "full":
     tx = _adamw(lr, cfg)
@@ -38,7 +55,7 @@ def make_optimizer(cfg: TrainConfig, encoder_cfg: EncoderConfig,
         lambda path, _: "encoder" if is_encoder_param(path) else "towers", params)
     tx = optax.multi_transform({"towers": _adamw(lr, cfg), "encoder": _adamw(encoder_lr, cfg)}, labels)
   # clip_norm=0 turns clipping off (clipping to a norm of zero would freeze training).
-  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx) if cfg.clip_norm > 0 else tx
+  return optax.chain(clip_by_global_norm(cfg.clip_norm), tx) if cfg.clip_norm > 0 else optax.with_extra_args_support(tx)
 
 
 def count_params(params: Any) -> int:

@@ -263,7 +263,7 @@ class Trainer:
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(params, opt, grads):
-      updates, opt = self.tx.update(grads, opt, params)
+      updates, opt = self.tx.update(grads, opt, params, grad_norm=grad_norm)
       return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates), opt
 
     # A non-finite step leaves the state untouched; the host loop then stops or skips (nan_policy).

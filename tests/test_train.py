@@ -330,6 +330,31 @@ def test_clip_norm_zero_turns_clipping_off():
   assert float(jnp.abs(unclipped).max()) > 0
 
 
+def test_clipping_with_the_step_s_grad_norm_equals_optax_and_keeps_its_state():
+  import jax.numpy as jnp
+  import optax
+  from jaxrec.config import EncoderConfig, TrainConfig
+  from jaxrec.optim import _adamw, clip_by_global_norm, make_optimizer, schedule
+  from jaxrec.trainer import optax_global_norm
+  params = {"w": jnp.ones((3, 3)), "b": jnp.zeros(3)}
+  for scale in (100.0, 0.01):  # clipped, and left alone
+    grads = {"w": jnp.full((3, 3), scale), "b": jnp.arange(3.0) * scale}
+    expected = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())[0]
+    for given in (None, optax_global_norm(grads)):
+      clipped = clip_by_global_norm(1.0).update(grads, optax.EmptyState(), grad_norm=given)[0]
+      for name in grads:
+        np.testing.assert_allclose(clipped[name], expected[name], rtol=1e-6)
+    if scale > 1:
+      assert float(optax_global_norm(expected)) == pytest.approx(1.0, rel=1e-5)
+    else:
+      np.testing.assert_array_equal(expected["w"], grads["w"])
+  # the optimizer state has optax's tree, so checkpoints from before load unchanged
+  cfg = TrainConfig(clip_norm=1.0)
+  ours = make_optimizer(cfg, EncoderConfig()).init(params)
+  theirs = optax.chain(optax.clip_by_global_norm(1.0), _adamw(schedule(cfg), cfg)).init(params)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+
+
 def test_query_tower_without_history_trains_on_user_ids_alone():
   # data.history_len=0 is the TFRS tutorial's query tower: the user's id (and features) only.
   trainer = _trainer("mesh.num_devices=1", "data.history_len=0", "train.warmup_steps=0", "train.learning_rate=0.01")
