@@ -68,9 +68,9 @@ class EncoderConfig:
   pooling: str = "mean"  # mean | cls
   batch_size: int = 64  # catalog encoding batch
   # Encoder compute dtype (weights stay float32): float32 (exact; HIGHEST precision on
-  # accelerators) | bfloat16 (the accelerators' fast path; on CPU bf16 matmul operands with
-  # float32 results and activations, ~1.5x faster fine-tuning where the CPU has AVX512-BF16;
-  # frozen vectors cached per dtype).
+  # accelerators) | bfloat16 (the accelerators' fast path; on CPU bf16 operands for every matmul,
+  # attention's too, with float32 results and activations, ~1.5x faster fine-tuning where the
+  # CPU has AVX512-BF16; frozen vectors cached per dtype).
   dtype: str = "float32"
   cache_dir: str = ""  # "" = $JAXREC_CACHE or ~/.cache/jaxrec
   lora_rank: int = 8

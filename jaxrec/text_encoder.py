@@ -127,7 +127,9 @@ class TextEncoder:
     self.length_buckets = tuple(b for b in LENGTH_BUCKETS if b < max_length) + (max_length,)
     self.identity = hashlib.sha256(
         f"{identity}|max_length={max_length}|pooling={pooling}|normalize={normalize}|lower_case={lower_case}"
-        f"|dtype={cfg.dtype}{'|bf16 operands, f32 results' if uses_cpu_bf16_matmul(cfg) else ''}".encode()).hexdigest()
+        # CPU bf16 names its numerics: vectors cached before attention's dots went bf16 must miss.
+        f"|dtype={cfg.dtype}{'|bf16 operands incl. attention, f32 results' if uses_cpu_bf16_matmul(cfg) else ''}"
+        .encode()).hexdigest()
     graphdef = nnx.graphdef(module)
 
     # One jit per encoder; XLA keeps one executable per (rows, length) bucket.
