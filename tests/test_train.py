@@ -135,8 +135,8 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_bitwise_unchange
   state, metrics = trainer.train_step(state, batch)
   assert not bool(metrics["finite"]) and int(state["step"]) == 1
   after = jax.device_get({"params": state["params"], "opt": state["opt"]})
-  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
-    np.testing.assert_array_equal(a, b)
+  for leaf_before, leaf_after in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(leaf_before, leaf_after)
   # and finite steps do move them (the first step's learning rate is 0 in warmup: two steps)
   ok = Trainer(load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path / 'ok'}"]))
   state = ok.init_state()
@@ -146,7 +146,7 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_bitwise_unchange
     assert bool(metrics["finite"])
   after = jax.device_get({"params": state["params"], "opt": state["opt"]})
   for part in ("params", "opt"):
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[part]), jax.tree.leaves(after[part])))
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before[part]), jax.tree.leaves(after[part])))
 
 
 def test_rules_table_overrides_and_divisibility_fallback():
@@ -330,7 +330,7 @@ def test_clip_norm_zero_turns_clipping_off():
   assert float(jnp.abs(unclipped).max()) > 0
 
 
-def test_clipping_with_the_step_s_grad_norm_equals_optax_and_keeps_its_state():
+def test_clipping_with_the_steps_grad_norm_equals_optax_and_keeps_its_state():
   import jax.numpy as jnp
   import optax
   from jaxrec.config import EncoderConfig, TrainConfig
