@@ -87,11 +87,13 @@ def settings(args) -> dict[str, Setting]:
   full_batch = 8 if args.smoke else args.full_batch_size
   return {
       # TFRS's tutorial model: a user-id and an item-id embedding, dot product, nothing else. The
-      # same jaxrec model: no history (history_len=0), no categorical features, no id dropout and
-      # no fusion weights (fusion=sum of the one input: the id embedding, L2-normalised).
+      # same jaxrec model: no history (history_len=0), no categorical features, no id dropout, no
+      # fusion weights (fusion=sum of the one input: the id embedding, L2-normalised), and an id
+      # row for every catalog item as in TFRS's vocabulary (cold ones never trained).
       "id": Setting("id", "tfrs", common + data + smoke + (
           "model.use_text=false", "encoder.mode=none", "model.use_user_ids=true", "model.fusion=sum",
-          "data.history_len=0", "model.id_dropout=0"), steps, warmup, drop_features=True),
+          "data.history_len=0", "model.id_dropout=0", "model.cold_item_rows=own"), steps, warmup,
+          drop_features=True),
       "frozen": Setting("frozen", "torch", common + data + smoke + ("encoder.mode=frozen",), steps, warmup),
       "full": Setting("full", "torch", common[:2] + common[3:] + data + smoke + (
           "encoder.mode=full", f"train.batch_size={full_batch}", f"data.history_len={args.full_history_len}",

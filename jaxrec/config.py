@@ -111,6 +111,11 @@ class ModelConfig:
   id_row_multiple: int = 128  # id tables are padded to a multiple of this so they shard evenly (and
   # checkpoints restore across meshes); use a multiple of the fsdp*tensor size on big meshes
   id_dropout: float = 0.1  # chance an item id row is replaced by the shared cold row in training
+  # Id rows of items with no training interaction: shared (they all use the shared cold row, the
+  # one id_dropout trains, so an ids-only model ranks them alike) | own (every catalog item gets a
+  # row, never trained for a cold item, which then scores by its random initial vector: the
+  # full-vocabulary table of TFRS's and TorchRec's examples).
+  cold_item_rows: str = "shared"
   # true: every item also gets an additive score bias b_i (a scalar head on the item tower's fusion
   # MLP, so cold items get one from their text and features), score = cos(q, v) / temperature + b_i:
   # the softmax output bias of YouTube's and Mult-VAE's models. It travels as one extra vector
@@ -342,6 +347,7 @@ def validate(config: Config) -> Config:
       "model.dtype": (config.model.dtype, ("float32", "bfloat16")),
       "encoder.dtype": (config.encoder.dtype, ("float32", "bfloat16")),
       "model.fusion": (config.model.fusion, ("mlp", "sum")),
+      "model.cold_item_rows": (config.model.cold_item_rows, ("shared", "own")),
       "model.param_dtype": (config.model.param_dtype, ("float32", "bfloat16")),
       "train.nan_policy": (config.train.nan_policy, ("stop", "skip")),
       "train.negatives": (config.train.negatives, ("in_batch", "catalog")),

@@ -122,8 +122,10 @@ class Trainer:
 
     trained = np.bincount(ds.items[sp.train], minlength=ds.num_items) > 0
     self.item_trained = trained
-    catalog = Catalog(num_items=ds.num_items, num_id_rows=int(trained.sum()) + 1,
-                      id_row=np.where(trained, np.cumsum(trained), 0).astype(np.int32),
+    # Row 0 is the shared cold row; items own the rows after it (only trained ones, by default).
+    owns_row = trained if cfg.model.cold_item_rows == "shared" else np.ones_like(trained)
+    catalog = Catalog(num_items=ds.num_items, num_id_rows=int(owns_row.sum()) + 1,
+                      id_row=np.where(owns_row, np.cumsum(owns_row), 0).astype(np.int32),
                       features=ds.item_features if cfg.model.use_item_features else {},
                       feature_sizes=ds.item_feature_sizes, text_NxD=text)
     users = Users(num_users=ds.num_users, features=ds.user_features, feature_sizes=ds.user_feature_sizes)

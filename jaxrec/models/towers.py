@@ -90,8 +90,8 @@ class Catalog:
   """What the item tower needs to know about items, as arrays (built by the trainer from a Dataset)."""
 
   num_items: int
-  num_id_rows: int  # rows the id table needs (1 + items with a trained row)
-  id_row: np.ndarray  # int32 [N]: row of each item in the id table; 0 = shared row for untrained items
+  num_id_rows: int  # rows the id table needs (1 + items with a row of their own)
+  id_row: np.ndarray  # int32 [N]: row of each item in the id table; 0 = the shared cold row
   features: dict[str, np.ndarray]  # name -> int32 [N, M]
   feature_sizes: dict[str, int]
   text_NxD: np.ndarray | None  # float32 cached text vectors (frozen encoder), else None
