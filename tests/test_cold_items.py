@@ -33,13 +33,13 @@ def test_own_cold_item_rows_give_every_item_its_own_untrained_id_row():
   trainer = Trainer(load_config(TINY, ["mesh.num_devices=1", "model.use_item_features=false",
                                        "model.cold_item_rows=own", "train.weight_decay=0"]))
   cold, num_items = trainer.split.cold_items, trainer.dataset.num_items
-  id_row = np.asarray(trainer.init_state()["tables"]["item_tower"]["id_row"])
+  state = trainer.init_state()
+  id_row = np.asarray(state["tables"]["item_tower"]["id_row"])
   np.testing.assert_array_equal(id_row, np.arange(1, num_items + 1))  # row 0 stays the shared cold row
   shared = Trainer(load_config(TINY, ["mesh.num_devices=1", "model.use_item_features=false"]))
   assert (np.asarray(shared.init_state()["tables"]["item_tower"]["id_row"])[cold] == 0).all()
   vectors = _cold_vectors("model.use_item_features=false", "model.cold_item_rows=own")
   assert len(np.unique(vectors.round(6), axis=0)) == len(vectors)
-  state = trainer.init_state()
   table = lambda s: np.asarray(s["params"]["item_tower"]["ids"]["embedding"])  # noqa: E731
   before = table(state)
   builder = trainer.batch_builder()

@@ -329,9 +329,10 @@ class BertAttention(nnx.Module):
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     d = cfg.hidden_size
     self.num_heads, self.head_dim, self.precision = cfg.num_attention_heads, cfg.head_dim, _precision(cfg)
-    # CPU bfloat16: the attention dots take bf16 operands as well (float32 scores, softmax and
-    # context), as on accelerators; their layout gathers and head transposes then move half the bytes.
-    self.cpu_bf16 = uses_cpu_bf16_matmul(cfg)
+    # Attention's dots take operands in the compute dtype and give the activation dtype: on CPU
+    # bfloat16 that is bf16 in, float32 out (as on accelerators, where activations are bf16
+    # already), so the layout gathers and head transposes move half the bytes.
+    self.operand_dtype, self.context_dtype = _DTYPES[cfg.dtype], _activation_dtype(cfg)
     self.query = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
     self.key = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
     self.value = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
@@ -353,8 +354,7 @@ class BertAttention(nnx.Module):
     if self.query_lora is not None:
       q_BxLxD = q_BxLxD + self.query_lora(x_BxLxD).astype(q_BxLxD.dtype)
       v_BxLxD = v_BxLxD + self.value_lora(x_BxLxD).astype(v_BxLxD.dtype)
-    if self.cpu_bf16:
-      q_BxLxD, k_BxLxD, v_BxLxD = (t.astype(jnp.bfloat16) for t in (q_BxLxD, k_BxLxD, v_BxLxD))
+    q_BxLxD, k_BxLxD, v_BxLxD = (t.astype(self.operand_dtype) for t in (q_BxLxD, k_BxLxD, v_BxLxD))
     if stream is not None:  # [N, D] -> [S, L, D]
       q_BxLxD, k_BxLxD, v_BxLxD = stream.texts(q_BxLxD), stream.texts(k_BxLxD), stream.texts(v_BxLxD)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._heads(q_BxLxD), self._heads(k_BxLxD), self._heads(v_BxLxD)
@@ -363,7 +363,7 @@ class BertAttention(nnx.Module):
     scores_BxHxLxL = scores_BxHxLxL * (1.0 / math.sqrt(self.head_dim)) + mask_bias_Bx1x1xL
     probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(v_BxLxHxK.dtype)
     ctx_BxLxHxK = jnp.einsum("bhlm,bmhk->blhk", probs_BxHxLxL, v_BxLxHxK, precision=self.precision,
-                             preferred_element_type=jnp.float32 if self.cpu_bf16 else None)
+                             preferred_element_type=self.context_dtype)
     ctx_BxLxD = ctx_BxLxHxK.reshape(q_BxLxD.shape)
     if stream is not None:
       ctx_BxLxD = stream.stream(ctx_BxLxD)
