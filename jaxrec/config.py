@@ -43,6 +43,7 @@ class DataConfig:
   split_seed: int = 0
   min_rating: float = 0.0
   kcore: int = 0
+  duplicates: str = "drop"  # keep | drop (earliest stays) | error: a test pair repeated in train can never be hit
   train_fraction: float = 1.0  # keep this share of training interactions (data-efficiency study)
   history_len: int = 10  # L: items of the user's training history fed to the query tower; 0 = none (user id
   # and features only, the TFRS tutorial's query tower)
@@ -342,6 +343,7 @@ def validate(config: Config) -> Config:
       "data.source": (config.data.source, ("synthetic", "ml100k", "ml1m", "amazon", "tfds", "files")),
       "data.split": (config.data.split, ("random", "loo", "predefined")),
       "data.history": (config.data.history, ("auto", "recent", "sampled")),
+      "data.duplicates": (config.data.duplicates, ("keep", "drop", "error")),
       "encoder.mode": (config.encoder.mode, ("frozen", "lora", "full", "none")),
       "encoder.pooling": (config.encoder.pooling, ("mean", "cls")),
       "model.dtype": (config.model.dtype, ("float32", "bfloat16")),
