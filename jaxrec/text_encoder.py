@@ -102,6 +102,24 @@ def encode_tokens(module: BertEncoder, input_ids: jax.Array, attention_mask: jax
   return pool(hidden_BxLxD, attention_mask, pooling, normalize)
 
 
+class _NoTorchNotice(logging.Filter):
+  """Drops transformers' import-time "PyTorch was not found" advice: jaxrec uses only its tokenizers,
+  so the line reads like a failure when nothing failed. Every other transformers record passes."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("PyTorch was not found.")
+
+
+def _import_auto_tokenizer():
+  # The notice is logged on transformers' own logger while `import transformers` runs, so the
+  # filter must sit there before the first import; nothing outside that logger changes.
+  transformers_log = logging.getLogger("transformers")
+  if not any(isinstance(f, _NoTorchNotice) for f in transformers_log.filters):
+    transformers_log.addFilter(_NoTorchNotice())
+  from transformers import AutoTokenizer
+  return AutoTokenizer
+
+
 def _bucket(n: int, buckets: Sequence[int]) -> int:
   for b in buckets:
     if n <= b:
@@ -169,7 +187,7 @@ class TextEncoder:
     if not any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES):
       raise WeightsError(f"{path}: no tokenizer files (one of {', '.join(_TOKENIZER_FILES)}); "
                          "the tokenizer is loaded from the model directory")
-    from transformers import AutoTokenizer
+    AutoTokenizer = _import_auto_tokenizer()
     try:
       return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises OSError/ValueError/... depending on what is damaged
@@ -263,13 +281,23 @@ def encode_cached(encoder: TextEncoder, texts: Sequence[str], cache_dir: str | o
     except (OSError, ValueError) as e:
       log.warning("text embedding cache: unreadable %s (%s); re-encoding", file, e)
     else:
-      if cached.shape == (len(texts), encoder.hidden_size) and cached.dtype == np.float32:
+      if cached.shape != (len(texts), encoder.hidden_size) or cached.dtype != np.float32:
+        log.warning("text embedding cache: %s has shape %s, expected %s; re-encoding", file, cached.shape,
+                    (len(texts), encoder.hidden_size))
+      elif not np.isfinite(cached).all():
+        # A NaN vector would turn every rerun's loss into NaN at step 1, so the entry is rebuilt.
+        log.warning("text embedding cache: %s holds %d non-finite vector(s); re-encoding and overwriting it",
+                    file, int((~np.isfinite(cached)).any(axis=1).sum()))
+      else:
         log.info("text embedding cache hit: %s (%d texts)", file, len(texts))
         return cached
-      log.warning("text embedding cache: %s has shape %s, expected %s; re-encoding", file, cached.shape,
-                  (len(texts), encoder.hidden_size))
   log.info("text embedding cache miss: encoding %d texts -> %s", len(texts), file)
   vecs = encoder.encode(texts, batch_size=batch_size)
+  bad = np.flatnonzero(~np.isfinite(vecs).all(axis=1))
+  if len(bad):
+    raise ValueError(f"text encoder {encoder.path or '(in memory)'}: {len(bad)} of {len(texts)} texts encode to "
+                     f"non-finite vectors (first: text {int(bad[0])}, {texts[bad[0]][:60]!r}); refusing to cache "
+                     f"them in {file} (the weights or encoder.dtype may overflow)")
   os.makedirs(cache_dir, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=".text-emb-", suffix=".npy.tmp", dir=cache_dir)
   try:

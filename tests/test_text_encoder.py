@@ -4,6 +4,8 @@ import importlib.resources
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import jax
@@ -167,6 +169,61 @@ def test_encode_cached_recovers_from_a_damaged_file(tmp_path, caplog):
   caplog.set_level(logging.INFO, logger="jaxrec")
   np.testing.assert_array_equal(encode_cached(enc, ["the movie", "a war story"], cache), first)
   assert any("unreadable" in r.message for r in caplog.records)
+
+
+def test_encode_cached_replaces_a_non_finite_entry(tmp_path, caplog):
+  enc = TextEncoder.from_pretrained(tiny_bert.write(tmp_path / "tiny"))
+  cache = tmp_path / "cache"
+  texts = ["the movie", "a war story", "love"]
+  fresh = enc.encode(texts)
+  encode_cached(enc, texts, cache)
+  (file,) = list(cache.iterdir())
+  poisoned = fresh.copy()
+  poisoned[1, 3] = np.nan
+  poisoned[2, 0] = np.inf
+  np.save(file, poisoned)
+  caplog.set_level(logging.INFO, logger="jaxrec")
+  again = encode_cached(enc, texts, cache)
+  assert np.isfinite(again).all()
+  np.testing.assert_array_equal(again, fresh)
+  (warning,) = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+  assert str(file) in warning and "2 non-finite vector(s)" in warning
+  np.testing.assert_array_equal(np.load(file), fresh)  # overwritten, so the next run hits a good entry
+
+
+def test_encode_cached_refuses_to_store_non_finite_vectors(tmp_path, monkeypatch):
+  path = tiny_bert.write(tmp_path / "tiny")
+  enc = TextEncoder.from_pretrained(path)
+  real = enc.encode
+
+  def overflowing(texts, batch_size=64):
+    vecs = real(texts, batch_size)
+    vecs[1] = np.nan
+    return vecs
+  monkeypatch.setattr(enc, "encode", overflowing)
+  cache = tmp_path / "cache"
+  with pytest.raises(ValueError, match=r"1 of 2 texts encode to non-finite vectors \(first: text 1, 'a war story'\)") as err:
+    encode_cached(enc, ["the movie", "a war story"], cache)
+  assert path in str(err.value) and len(str(err.value).splitlines()) == 1
+  assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_importing_the_tokenizer_prints_no_pytorch_notice(tmp_path):
+  path = tiny_bert.write(tmp_path / "tiny")
+  env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
+  # The child imports the jaxrec under test, not whatever its working directory holds.
+  root = os.path.dirname(os.path.dirname(text_encoder.__file__))
+  env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+  code = ("import logging, sys\n"
+          "from jaxrec.text_encoder import TextEncoder\n"
+          "print(len(TextEncoder._load_tokenizer(sys.argv[1])))\n"
+          "logging.getLogger('transformers').warning('a real transformers warning')\n")
+  run = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.strip() == str(len(tiny_bert.SPECIAL + tiny_bert.WORDS))
+  assert "PyTorch was not found" not in run.stderr
+  assert "a real transformers warning" in run.stderr  # the rest of transformers' logging is untouched
 
 
 def test_default_cache_dir_from_environment(monkeypatch, tmp_path):
