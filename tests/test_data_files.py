@@ -1,57 +1,77 @@
 """Predefined split files: a run uses exactly the split written by a peer library."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from fixtures.data_roots import fixture_path, full_data_path
 from jaxrec.config import DataConfig
 from jaxrec.data import sources
 from jaxrec.data.parsing import DataError
-from jaxrec.data.splits import describe, make_split
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def peer_split():
-  """An ML-100K split as a peer library would write it: raw ids per part."""
-  path = SHARED / "ml-100k"
-  assert path.is_dir(), f"shared data missing: {path}"
-  dataset, split = sources.load(DataConfig(source="ml100k", path=str(path), split_seed=7))
-  parts = {}
-  for name in ("train", "valid", "test"):
-    rows = getattr(split, name)
-    parts[name] = (dataset.user_raw_ids[dataset.users[rows]], dataset.item_raw_ids[dataset.items[rows]],
-                   dataset.timestamps[rows])
-  return dataset, parts
+from jaxrec.data.splits import describe
 
 
 def _pairs(dataset, rows):
   return sorted(zip(dataset.user_raw_ids[dataset.users[rows]].tolist(), dataset.item_raw_ids[dataset.items[rows]].tolist()))
 
 
-def test_tsv_split_is_used_exactly(tmp_path, peer_split):
-  ml, parts = peer_split
-  for name, (users, items, _) in parts.items():
+def _round_trip_ml100k_split(tmp_path, ml100k_path: str):
+  """Writes an ML-100K split as a peer library would (raw ids per part, RecBole's header, an
+  items.tsv of titles and text) and loads it back with data.split=predefined."""
+  ml, split = sources.load(DataConfig(source="ml100k", path=ml100k_path, split_seed=7))
+  parts = {name: getattr(split, name) for name in ("train", "valid", "test")}
+  for name, rows in parts.items():
+    users, items = ml.user_raw_ids[ml.users[rows]], ml.item_raw_ids[ml.items[rows]]
     lines = ["user_id:token\titem_id:token"] + [f"{u}\t{i}" for u, i in zip(users, items)]
     (tmp_path / f"{name}.tsv").write_text("\n".join(lines) + "\n")
   with open(tmp_path / "items.tsv", "w", encoding="utf-8") as f:
     f.write("item_id\ttitle\ttext\n")
     for raw, title, text in zip(ml.item_raw_ids, ml.item_titles, ml.item_text):
       f.write(f"{raw}\t{title}\t{text}\n")
-  dataset, split = sources.load(DataConfig(source="files", path=str(tmp_path), split="predefined"))
-  assert (dataset.num_users, dataset.num_items, dataset.num_interactions) == (943, 1_682, 100_000)
+  dataset, loaded = sources.load(DataConfig(source="files", path=str(tmp_path), split="predefined"))
   assert dataset.item_raw_ids.dtype == np.int64 and not dataset.has_time
-  for name in ("train", "valid", "test"):
-    expected = sorted(zip(parts[name][0].tolist(), parts[name][1].tolist()))
-    assert _pairs(dataset, getattr(split, name)) == expected
-  index = int(np.searchsorted(dataset.item_raw_ids, 543))
-  assert dataset.item_titles[index] == "Misérables, Les (1995)"
-  assert split.protocol.startswith("predefined files")
+  for name, rows in parts.items():
+    assert _pairs(dataset, getattr(loaded, name)) == _pairs(ml, rows)
+  assert loaded.protocol.startswith("predefined files")
+  counts = describe(dataset, loaded)
+  assert (counts["data/train"], counts["data/valid"], counts["data/test"]) == tuple(len(r) for r in parts.values())
+  return dataset
+
+
+def test_tsv_split_is_used_exactly(tmp_path):
+  dataset = _round_trip_ml100k_split(tmp_path, fixture_path("ml-100k"))
+  assert (dataset.num_users, dataset.num_items, dataset.num_interactions) == (30, 60, 577)
+  assert dataset.item_titles[int(np.searchsorted(dataset.item_raw_ids, 7))] == "Garçon Rêveur, Le (1992)"
+
+
+def test_full_tsv_split_is_used_exactly(tmp_path):
+  dataset = _round_trip_ml100k_split(tmp_path, full_data_path("ml-100k"))
+  assert (dataset.num_users, dataset.num_items, dataset.num_interactions) == (943, 1_682, 100_000)
+  assert dataset.item_titles[int(np.searchsorted(dataset.item_raw_ids, 543))] == "Misérables, Les (1995)"
+
+
+def test_recbole_style_split_with_time_and_cold_items():
+  # tests/fixtures/peer-split: RecBole atomic-file headers, string users, integer items, a
+  # timestamp column, and items 124 and 125 only in test.
+  dataset, split = sources.load(DataConfig(source="files", path=fixture_path("peer-split"), split="predefined"))
+  assert (dataset.num_users, dataset.num_items, dataset.num_interactions) == (20, 25, 167)
+  assert (len(split.train), len(split.valid), len(split.test)) == (124, 20, 23)
+  assert dataset.has_time and dataset.item_raw_ids.dtype == np.int64 and dataset.user_raw_ids.dtype.kind == "U"
+  # First data line of train.tsv: u01 101 1600009075.
+  assert (dataset.user_raw_ids[dataset.users[0]], dataset.item_raw_ids[dataset.items[0]], dataset.timestamps[0]) == (
+      "u01", 101, 1_600_009_075)
+  assert dataset.item_raw_ids[split.cold_items].tolist() == [124, 125]
+  assert split.protocol == "predefined files, 2 cold items held out"
+  # items.tsv: 101 has text; 102's text column is empty, so its title stands in.
+  assert dataset.item_titles[:2] == ("Wild Voyage Pedal", "Distant Lantern Pedal")
+  assert dataset.item_text[:2] == ("Would long but build quiet clip clip but sets but clip.", "Distant Lantern Pedal")
   counts = describe(dataset, split)
-  assert (counts["data/train"], counts["data/valid"], counts["data/test"]) == (len(parts["train"][0]),
-                                                                                len(parts["valid"][0]), len(parts["test"][0]))
+  assert (counts["data/cold_items"], counts["data/cold_test"], counts["data/items_without_train"]) == (2, 3, 2)
+
+
+def test_peer_split_files_under_a_random_split_have_no_cold_items():
+  dataset, split = sources.load(DataConfig(source="files", path=fixture_path("peer-split")))
+  assert split.cold_items.sum() == 0 and split.protocol == "random 0.8:0.1:0.1 per user"
+  assert len(split.train) + len(split.valid) + len(split.test) == 167
 
 
 def test_npz_with_time_and_test_only_items_are_cold(tmp_path):
@@ -93,6 +113,5 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_predefined_needs_files_source():
-  path = SHARED / "ml-100k"
   with pytest.raises(ValueError, match="data.split=predefined needs data.source=files"):
-    sources.load(DataConfig(source="ml100k", path=str(path), split="predefined"))
+    sources.load(DataConfig(source="ml100k", path=fixture_path("ml-100k"), split="predefined"))
