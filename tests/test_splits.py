@@ -1,49 +1,67 @@
-"""Split protocols on real ML-100K: no leakage, cold items never trained on, leave-one-out in
-time order; filters and the counts every run records."""
+"""Split protocols on the ML-100K-format fixture (and the real ML-100K with JAXREC_DATA): no
+leakage, cold items never trained on, leave-one-out in time order; filters and the counts every
+run records."""
 
 import dataclasses
-from pathlib import Path
+import json
 
 import numpy as np
 import pytest
 
+from fixtures.data_roots import fixture_path, full_data_path
 from jaxrec.config import DataConfig
 from jaxrec.data import filters, sources
 from jaxrec.data.dataset import Dataset
 from jaxrec.data.parsing import DataError
 from jaxrec.data.splits import _ratio_counts, describe, make_split
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+def _fixture_cfg(**kw) -> DataConfig:
+  return DataConfig(source="ml100k", path=fixture_path("ml-100k"), **kw)
 
 
-def _cfg(**kw) -> DataConfig:
-  path = SHARED / "ml-100k"
-  assert path.is_dir(), f"shared data missing: {path}"
-  return DataConfig(source="ml100k", path=str(path), **kw)
+def _full_cfg(**kw) -> DataConfig:
+  return DataConfig(source="ml100k", path=full_data_path("ml-100k"), **kw)
 
 
 @pytest.fixture(scope="module")
 def ml100k():
-  return sources.load(_cfg())[0]
+  return sources.load(_fixture_cfg())[0]
+
+
+@pytest.fixture(scope="module")
+def ml100k_full():
+  return sources.load(_full_cfg())[0]
 
 
 def _pairs(dataset, rows):
   return set(zip(dataset.users[rows].tolist(), dataset.items[rows].tolist()))
 
 
-def test_random_split_is_a_partition_with_recbole_counts(ml100k):
-  split = make_split(ml100k, _cfg())
+def _check_random_split(dataset, cfg):
+  """A partition with RecBole's per-user counts, no pair in two parts, a pure function of the seed."""
+  split = make_split(dataset, cfg)
   all_rows = np.concatenate([split.train, split.valid, split.test])
-  np.testing.assert_array_equal(np.sort(all_rows), np.arange(100_000))
-  assert not _pairs(ml100k, split.test) & _pairs(ml100k, split.train)
-  assert not _pairs(ml100k, split.valid) & _pairs(ml100k, split.train)
-  per_user = np.bincount(ml100k.users, minlength=ml100k.num_users)
+  np.testing.assert_array_equal(np.sort(all_rows), np.arange(dataset.num_interactions))
+  assert not _pairs(dataset, split.test) & _pairs(dataset, split.train)
+  assert not _pairs(dataset, split.valid) & _pairs(dataset, split.train)
+  per_user = np.bincount(dataset.users, minlength=dataset.num_users)
   expected = np.array([_ratio_counts(int(n), (0.8, 0.1, 0.1)) for n in per_user])
   for part, column in ((split.train, 0), (split.valid, 1), (split.test, 2)):
-    np.testing.assert_array_equal(np.bincount(ml100k.users[part], minlength=ml100k.num_users), expected[:, column])
+    np.testing.assert_array_equal(np.bincount(dataset.users[part], minlength=dataset.num_users), expected[:, column])
+  again = make_split(dataset, cfg)
+  np.testing.assert_array_equal(again.test, split.test)
+  return split
+
+
+def test_random_split_is_a_partition_with_recbole_counts(ml100k):
+  split = _check_random_split(ml100k, _fixture_cfg())
+  assert (len(split.train), len(split.valid), len(split.test)) == (485, 46, 46)
+
+
+def test_full_random_split_counts(ml100k_full):
+  split = _check_random_split(ml100k_full, _full_cfg())
   assert (len(split.train), len(split.valid), len(split.test)) == (80_808, 9_596, 9_596)
-  again = make_split(ml100k, _cfg())
-  np.testing.assert_array_equal(again.test, split.test)  # a pure function of split_seed
 
 
 def test_ratio_counts_match_recbole():
@@ -53,34 +71,57 @@ def test_ratio_counts_match_recbole():
   assert _ratio_counts(5, (0.8, 0.1, 0.1)) == [3, 1, 1]
 
 
-def test_cold_items_have_no_training_interactions(ml100k):
-  split = make_split(ml100k, _cfg(cold_item_fraction=0.1))
-  assert split.cold_items.sum() == 168
-  cold_rows = np.flatnonzero(split.cold_items[ml100k.items])
-  assert not split.cold_items[ml100k.items[split.train]].any()
-  assert not split.cold_items[ml100k.items[split.valid]].any()
+def _check_cold_items(dataset, cfg):
+  split = make_split(dataset, cfg)
+  cold_rows = np.flatnonzero(split.cold_items[dataset.items])
+  assert not split.cold_items[dataset.items[split.train]].any()
+  assert not split.cold_items[dataset.items[split.valid]].any()
   np.testing.assert_array_equal(np.intersect1d(cold_rows, split.test), cold_rows)  # all kept for evaluation
-  assert not _pairs(ml100k, split.test) & _pairs(ml100k, split.train)
-  counts = describe(ml100k, split)
-  assert counts["data/cold_items"] == 168 and counts["data/cold_test"] == len(cold_rows)
-  assert counts["data/train"] + counts["data/valid"] + counts["data/test"] == 100_000
-  assert "168 cold items held out" in counts["data/protocol"]
+  assert not _pairs(dataset, split.test) & _pairs(dataset, split.train)
+  counts = describe(dataset, split)
+  assert counts["data/cold_items"] == split.cold_items.sum() and counts["data/cold_test"] == len(cold_rows)
+  assert counts["data/train"] + counts["data/valid"] + counts["data/test"] == dataset.num_interactions
+  return split, counts
+
+
+def test_cold_items_have_no_training_interactions(ml100k):
+  split, counts = _check_cold_items(ml100k, _fixture_cfg(cold_item_fraction=0.1))
+  assert ml100k.item_raw_ids[split.cold_items].tolist() == [3, 9, 27, 29, 44, 56]  # round(0.1 * 60) items
+  assert counts["data/cold_test"] == 71 and "6 cold items held out" in counts["data/protocol"]
+
+
+def test_full_cold_items(ml100k_full):
+  split, counts = _check_cold_items(ml100k_full, _full_cfg(cold_item_fraction=0.1))
+  assert split.cold_items.sum() == 168 and "168 cold items held out" in counts["data/protocol"]
+
+
+def _check_leave_one_out(dataset, cfg):
+  """Every user (all have >= 3 interactions) gives its last to test and the one before to valid."""
+  users = dataset.num_users
+  split = make_split(dataset, cfg)
+  assert len(split.test) == len(split.valid) == users
+  np.testing.assert_array_equal(np.bincount(dataset.users[split.test], minlength=users), np.ones(users))
+  np.testing.assert_array_equal(np.bincount(dataset.users[split.valid], minlength=users), np.ones(users))
+  last_train = np.full(users, -1)
+  np.maximum.at(last_train, dataset.users[split.train], dataset.timestamps[split.train])
+  valid_time = np.empty(users, np.int64)
+  valid_time[dataset.users[split.valid]] = dataset.timestamps[split.valid]
+  test_time = np.empty(users, np.int64)
+  test_time[dataset.users[split.test]] = dataset.timestamps[split.test]
+  assert (last_train <= valid_time).all() and (valid_time <= test_time).all()
+  assert len(split.train) == dataset.num_interactions - 2 * users
+  assert not _pairs(dataset, split.test) & _pairs(dataset, split.train)
+  return split
 
 
 def test_leave_one_out_in_time_order(ml100k):
-  split = make_split(ml100k, _cfg(split="loo"))
-  assert len(split.test) == len(split.valid) == 943  # every ML-100K user has >= 20 ratings
-  np.testing.assert_array_equal(np.bincount(ml100k.users[split.test], minlength=943), np.ones(943))
-  np.testing.assert_array_equal(np.bincount(ml100k.users[split.valid], minlength=943), np.ones(943))
-  last_train = np.full(943, -1)
-  np.maximum.at(last_train, ml100k.users[split.train], ml100k.timestamps[split.train])
-  valid_time = np.empty(943, np.int64)
-  valid_time[ml100k.users[split.valid]] = ml100k.timestamps[split.valid]
-  test_time = np.empty(943, np.int64)
-  test_time[ml100k.users[split.test]] = ml100k.timestamps[split.test]
-  assert (last_train <= valid_time).all() and (valid_time <= test_time).all()
-  assert len(split.train) == 100_000 - 2 * 943
-  assert not _pairs(ml100k, split.test) & _pairs(ml100k, split.train)
+  split = _check_leave_one_out(ml100k, _fixture_cfg(split="loo"))
+  assert (len(split.train), len(split.valid), len(split.test)) == (517, 30, 30)
+
+
+def test_full_leave_one_out(ml100k_full):
+  split = _check_leave_one_out(ml100k_full, _full_cfg(split="loo"))
+  assert len(split.test) == 943 and len(split.train) == 100_000 - 2 * 943
 
 
 def test_leave_one_out_ties_follow_file_order():
@@ -92,21 +133,27 @@ def test_leave_one_out_ties_follow_file_order():
 
 
 def test_leave_one_out_refuses_file_order_time():
-  path = SHARED / "ml-1m"
-  assert path.is_dir()
-  with pytest.raises(ValueError, match="needs timestamps"):
-    sources.load(DataConfig(source="ml1m", path=str(path), split="loo"))
+  with pytest.raises(ValueError, match="needs timestamps"):  # the ML-1M pairs file has no time
+    sources.load(DataConfig(source="ml1m", path=fixture_path("ml-1m"), split="loo"))
 
 
 def test_min_rating_and_kcore_counts():
-  dataset, split = sources.load(_cfg(min_rating=4))
-  assert dataset.num_interactions == 34_174 + 21_201
-  assert dataset.num_items == 1_682  # the catalog stays
+  dataset, split = sources.load(_fixture_cfg(min_rating=4))
+  assert dataset.num_interactions == 168 + 131
+  assert dataset.num_items == 60  # the catalog stays
   assert split.protocol.startswith("rating>=4; random")
-  dataset, split = sources.load(_cfg(min_rating=4, kcore=5, split="loo"))
+  dataset, split = sources.load(_fixture_cfg(min_rating=4, kcore=5, split="loo"))
+  assert (dataset.num_interactions, dataset.num_users, dataset.num_items) == (187, 23, 26)
+  assert np.bincount(dataset.users).min() == 5 and np.bincount(dataset.items).min() == 5
+  assert split.protocol == "rating>=4, 5-core; temporal leave-one-out"
+
+
+def test_full_min_rating_and_kcore_counts():
+  dataset, _ = sources.load(_full_cfg(min_rating=4))
+  assert dataset.num_interactions == 34_174 + 21_201 and dataset.num_items == 1_682
+  dataset, split = sources.load(_full_cfg(min_rating=4, kcore=5, split="loo"))
   assert (dataset.num_interactions, dataset.num_users, dataset.num_items) == (54_413, 938, 1_008)
   assert np.bincount(dataset.users).min() >= 5 and np.bincount(dataset.items).min() >= 5
-  assert split.protocol == "rating>=4, 5-core; temporal leave-one-out"
 
 
 def test_kcore_iterates_to_a_fixed_point():
@@ -125,20 +172,36 @@ def test_kcore_iterates_to_a_fixed_point():
     filters.kcore(dataset, 4, "toy")
 
 
-def test_train_fraction_keeps_a_seeded_share(ml100k):
-  full = make_split(ml100k, _cfg())
-  half = make_split(ml100k, _cfg(train_fraction=0.5))
+def _check_train_fraction(dataset, cfg):
+  full = make_split(dataset, cfg)
+  half = make_split(dataset, dataclasses.replace(cfg, train_fraction=0.5))
   assert set(half.train.tolist()) <= set(full.train.tolist())
-  assert abs(len(half.train) - 40_404) < 600
   np.testing.assert_array_equal(half.test, full.test)
+  return len(full.train), len(half.train)
+
+
+def test_train_fraction_keeps_a_seeded_share(ml100k):
+  full, half = _check_train_fraction(ml100k, _fixture_cfg())
+  assert full == 485 and abs(half - full / 2) < 45  # 4 standard deviations of Binomial(485, 0.5)
+
+
+def test_full_train_fraction(ml100k_full):
+  full, half = _check_train_fraction(ml100k_full, _full_cfg())
+  assert full == 80_808 and abs(half - 40_404) < 600
+
+
+def _check_describe(dataset, cfg):
+  split = make_split(dataset, cfg)
+  counts = describe(dataset, split)
+  assert json.loads(json.dumps(counts)) == counts
+  assert counts["data/density"] == pytest.approx(dataset.num_interactions / (dataset.num_users * dataset.num_items))
+  keys = ("data/users", "data/items", "data/interactions", "data/train", "data/valid", "data/test", "data/cold_items")
+  return tuple(counts[k] for k in keys)
 
 
 def test_describe_is_flat_json(ml100k):
-  import json
-  counts = describe(ml100k, make_split(ml100k, _cfg()))
-  assert json.loads(json.dumps(counts)) == counts
-  assert {k: counts[k] for k in ("data/users", "data/items", "data/interactions", "data/train", "data/valid", "data/test",
-                                  "data/cold_items")} == {"data/users": 943, "data/items": 1_682, "data/interactions": 100_000,
-                                                          "data/train": 80_808, "data/valid": 9_596, "data/test": 9_596,
-                                                          "data/cold_items": 0}
-  assert counts["data/density"] == pytest.approx(100_000 / (943 * 1_682))
+  assert _check_describe(ml100k, _fixture_cfg()) == (30, 60, 577, 485, 46, 46, 0)
+
+
+def test_full_describe(ml100k_full):
+  assert _check_describe(ml100k_full, _full_cfg()) == (943, 1_682, 100_000, 80_808, 9_596, 9_596, 0)
