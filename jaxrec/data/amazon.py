@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from jaxrec.data.dataset import Dataset
-from jaxrec.data.parsing import DataError, decode, read_bytes
+from jaxrec.data.parsing import DataError, decode, read_bytes, strip_bom
 
 FIELDS = ("summaries", "reviews")
 DEFAULT_TEXT = "summaries+reviews"
@@ -66,7 +66,7 @@ def load(path: str, name: str = "amazon") -> tuple[Dataset, Reviews]:
   data = read_bytes(path, "Amazon reviews as JSON lines (reviewerID, asin, overall, unixReviewTime, ...)")
   if path.endswith(".gz"):
     try:
-      data = gzip.decompress(data)
+      data = strip_bom(gzip.decompress(data))
     except (OSError, EOFError) as e:
       raise DataError(path, None, "a complete gzip file", got=str(e)) from None
   text = decode(data, path, ("utf-8",))

@@ -85,6 +85,7 @@ class Split:
   test: np.ndarray
   cold_items: np.ndarray
   protocol: str
+  duplicates_dropped: int = 0  # repeated (user, item) rows removed before splitting (data.duplicates=drop)
 
 
 def remap_ids(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -76,7 +76,7 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   return user.astype(str), item.astype(str), None if stamp is None else stamp.astype(np.int64)
 
 
-def _find(path: str, split: str, required: bool) -> str | None:
+def find_split(path: str, split: str, required: bool = False) -> str | None:
   for ext in (".npz", ".tsv"):
     candidate = os.path.join(path, split + ext)
     if os.path.isfile(candidate):
@@ -112,6 +112,8 @@ def _read_items(path: str) -> tuple[np.ndarray, list[str], list[str]]:
     ids.append(fields[0])
     titles.append(fields[1])
     texts.append(fields[2] if len(fields) == 3 and fields[2] else fields[1])
+  if not ids:
+    raise DataError(path, None, "one item<TAB>title[<TAB>text] line per catalog item", got="no items (an empty catalog)")
   return np.asarray(ids, str), titles, texts
 
 
@@ -122,14 +124,15 @@ def load(path: str, name: str = "files") -> tuple[Dataset, tuple[np.ndarray, np.
     raise DataError(path, None, "a directory with train, valid and test split files", got="no such directory")
   parts = []
   for split in SPLITS:
-    found = _find(path, split, required=split != "valid")
+    found = find_split(path, split, required=split != "valid")
     if found is None:
       parts.append((np.zeros(0, str), np.zeros(0, str), np.zeros(0, np.int64)))
       continue
-    parts.append(_read_npz(found) if found.endswith(".npz") else _read_tsv(found))
+    part = _read_npz(found) if found.endswith(".npz") else _read_tsv(found)
+    if split != "valid" and len(part[0]) == 0:
+      raise DataError(found, None, f"at least one {split} interaction ({_PAIR})", got="no rows (an empty split file)")
+    parts.append(part)
   sizes = [len(p[0]) for p in parts]
-  if sizes[0] == 0 or sizes[2] == 0:
-    raise DataError(path, None, "non-empty train and test split files", got=f"{sizes[0]} train, {sizes[2]} test rows")
   users_raw = np.concatenate([p[0] for p in parts]).astype(str)
   items_raw = np.concatenate([p[1] for p in parts]).astype(str)
   has_time = all(p[2] is not None for p, n in zip(parts, sizes) if n)

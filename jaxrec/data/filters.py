@@ -32,6 +32,16 @@ def subset(dataset: Dataset, rows: np.ndarray, keep_users: np.ndarray, keep_item
   )
 
 
+def first_of_each_pair(dataset: Dataset) -> np.ndarray:
+  """Rows, ascending, that keep each (user, item) pair's earliest interaction (ties: file order)."""
+  rows = np.arange(dataset.num_interactions)
+  order = np.lexsort((rows, dataset.timestamps, dataset.items, dataset.users))
+  users, items = dataset.users[order], dataset.items[order]
+  first = np.ones(len(order), bool)
+  first[1:] = (users[1:] != users[:-1]) | (items[1:] != items[:-1])
+  return np.sort(order[first])
+
+
 def _nonempty(dataset: Dataset, source: str, what: str) -> Dataset:
   if dataset.num_interactions == 0:
     raise DataError(source, None, f"some interactions left after {what}", got="none")

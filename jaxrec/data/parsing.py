@@ -3,6 +3,10 @@
 The fast path hands a whole file to numpy's C parser. Only when that fails do we walk the lines
 in Python, so the error names the first bad line exactly (numpy's row numbers skip blank lines
 and say nothing about what the format should have been).
+
+Every loader reads its text files through ``read_bytes``, which drops a UTF-8 byte-order mark
+(Windows editors and Excel's "UTF-8 CSV" add one), whatever encoding the bytes are decoded with
+later; every line splitter accepts CRLF as well as LF endings.
 """
 
 from __future__ import annotations
@@ -33,9 +37,17 @@ def require_file(path: str | os.PathLike, what: str) -> str:
   return path
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def strip_bom(data: bytes) -> bytes:
+  """Without a leading UTF-8 BOM, which would otherwise glue itself to the first id or header name."""
+  return data[len(UTF8_BOM):] if data.startswith(UTF8_BOM) else data
+
+
 def read_bytes(path: str | os.PathLike, what: str) -> bytes:
   with open(require_file(path, what), "rb") as f:
-    return f.read()
+    return strip_bom(f.read())
 
 
 def _line_of(data: bytes, offset: int) -> int:
@@ -99,7 +111,8 @@ def int_table(path: str | os.PathLike, columns: Sequence[str], sep: str, *,
       _raise_first_bad_line(path, data, columns, sep, header, first_line)
     body, delimiter = body.replace(sep.encode(), b"\t"), "\t"
   if not body.strip():
-    return np.zeros((0, len(columns)), np.int64)
+    raise DataError(path, None, f"{len(columns)} {sep!r}-separated integers ({', '.join(columns)})",
+                    got="no data lines" + (" after the header" if first_line == 2 else " (an empty file)"))
   try:
     table = np.loadtxt(io.BytesIO(body), dtype=np.int64, delimiter=delimiter, comments=None, ndmin=2,
                        encoding="latin-1")
@@ -153,6 +166,8 @@ def split_lines(text: str, path: str | os.PathLike, sep: str, num_fields: int, w
       raise DataError(path, number, f"{num_fields} {sep!r}-separated fields ({what})",
                       got=f"{len(fields)} field(s) in {_show(line)}")
     rows.append((number, fields))
+  if not rows:
+    raise DataError(path, None, f"{num_fields} {sep!r}-separated fields ({what})", got="no lines (an empty file)")
   return rows
 
 

@@ -110,6 +110,7 @@ def describe(dataset: Dataset, split: Split) -> dict:
       "data/users": dataset.num_users,
       "data/items": dataset.num_items,
       "data/interactions": dataset.num_interactions,
+      "data/duplicates_dropped": int(split.duplicates_dropped),
       "data/density": dataset.num_interactions / max(1, dataset.num_users * dataset.num_items),
       "data/train": int(len(split.train)),
       "data/valid": int(len(split.valid)),
