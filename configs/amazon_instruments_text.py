@@ -8,9 +8,7 @@ holds none out; data.cold_item_fraction>0 measures exactly that failure mode.
 import dataclasses
 import os
 
-from jaxrec.config import Config, DataConfig, EncoderConfig, ModelConfig, TrainConfig
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from jaxrec.config import Config, DataConfig, EncoderConfig, ModelConfig, TrainConfig, data_root
 
 
 def get_config() -> Config:
@@ -19,7 +17,7 @@ def get_config() -> Config:
       base,
       workdir="runs/amazon_instruments_text",
       data=DataConfig(source="amazon",
-                      path=os.path.normpath(os.path.join(_REPO, "../shared/data/amazon-musical-instruments-5core")),
+                      path=os.path.join(data_root(), "amazon-musical-instruments-5core"),
                       item_text="summaries+reviews", split="random", split_ratios=(0.8, 0.1, 0.1),
                       cold_item_fraction=0.0, history_len=10),
       encoder=dataclasses.replace(EncoderConfig(), mode="frozen", max_length=128),

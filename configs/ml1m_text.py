@@ -9,9 +9,7 @@ the catalog; 10% are held out cold. Use data.item_text=title+genres for short te
 import dataclasses
 import os
 
-from jaxrec.config import Config, DataConfig, EncoderConfig, TrainConfig
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from jaxrec.config import Config, DataConfig, EncoderConfig, TrainConfig, data_root
 
 
 def get_config() -> Config:
@@ -19,7 +17,7 @@ def get_config() -> Config:
   return dataclasses.replace(
       base,
       workdir="runs/ml1m_text",
-      data=DataConfig(source="ml1m", path=os.path.normpath(os.path.join(_REPO, "../shared/data/ml-1m")),
+      data=DataConfig(source="ml1m", path=os.path.join(data_root(), "ml-1m"),
                       item_text="title+genres+plot", split="random", split_ratios=(0.8, 0.1, 0.1),
                       cold_item_fraction=0.1, history_len=10),
       encoder=dataclasses.replace(EncoderConfig(), mode="frozen", max_length=128),

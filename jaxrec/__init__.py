@@ -19,6 +19,11 @@ _PUBLIC = {
 __all__ = ["__version__", *_PUBLIC]
 
 
+def __dir__():
+  # The public names are attributes only once __getattr__ imports them; list them up front.
+  return sorted({*globals(), *__all__})
+
+
 def __getattr__(name):
   if name in _PUBLIC:
     import importlib

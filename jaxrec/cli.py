@@ -12,7 +12,9 @@ import logging
 import os
 import sys
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+from jaxrec.config import ConfigError, configs_dir
+
+DEFAULT_CONFIG = os.path.join(configs_dir(), "default.py")  # shipped in the wheel, or the checkout's
 
 
 class UsageError(Exception):
@@ -44,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
   common(sub.add_parser("data-stats", help="dataset statistics and an item-popularity plot"))
+  p = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
+  common(p.add_parser("show", help="every key with its type, value (after --config and the overrides; with "
+                                   "--workdir alone, that run's saved config), default and comment"))
   p = sub.add_parser("study", help="train and evaluate a grid of experiments; write tables and plots")
   from jaxrec import study
   study.add_arguments(p)
@@ -164,13 +169,23 @@ def cmd_data_stats(args) -> int:
   return stats.main(argv + list(args.overrides)) or 0
 
 
+def cmd_config(args) -> int:
+  from jaxrec.config import describe, format_description
+  cfg = _load_config(args, from_workdir=bool(args.workdir))
+  try:
+    print(format_description(describe(cfg)), flush=True)
+  except BrokenPipeError:  # `jaxrec config show | head`: the reader has what it wanted
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own recipe: no error at exit
+  return 0
+
+
 def cmd_study(args) -> int:
   from jaxrec import study
   return study.run(args) or 0
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "recommend": cmd_recommend, "export": cmd_export,
-            "data-stats": cmd_data_stats, "study": cmd_study}
+            "data-stats": cmd_data_stats, "config": cmd_config, "study": cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
       raise
     from jaxrec.trainer import TrainingStopped
-    code = e.exit_code if isinstance(e, TrainingStopped) else 2 if isinstance(e, UsageError) else 1
+    code = e.exit_code if isinstance(e, TrainingStopped) else 2 if isinstance(e, (UsageError, ConfigError)) else 1
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     print(f"jaxrec {args.command}: error: {message}", file=sys.stderr)
     return code

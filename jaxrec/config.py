@@ -8,11 +8,19 @@ field's declared type, so a typo or a wrong type fails before any compute.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import importlib.util
+import inspect
+import io
 import json
 import os
+import pathlib
+import shutil
+import textwrap
+import tokenize
 import types
 import typing
 from typing import Any, Sequence
@@ -206,14 +214,26 @@ def _is_config(value: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
+  if typing.get_origin(tp) is not None:  # tuple[int, ...]'s __name__ is just "tuple"
+    return str(tp).replace("typing.", "")
   return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+BOOL_WORDS = "true, false, 1 or 0"
+
+
+def _expected(tp: Any) -> str:
+  """What an override of type ``tp`` accepts, for error messages."""
+  return f"bool ({BOOL_WORDS})" if tp is bool else _type_name(tp)
+
+
 def _parse_bool(text: str) -> bool:
+  # Only these: a looser reading ("yes", "on", "y") lets a typo such as "flase" or "off " mean
+  # something nobody checked.
   lowered = text.strip().lower()
-  if lowered in ("1", "true", "yes", "on"):
+  if lowered in ("1", "true"):
     return True
-  if lowered in ("0", "false", "no", "off"):
+  if lowered in ("0", "false"):
     return False
   raise ValueError(text)
 
@@ -318,7 +338,7 @@ def override(config: Any, key: str, value: Any, _root: Any = None, _full_key: st
     try:
       value = _parse(value, tp)
     except ValueError:
-      raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}") from None
+      raise ConfigError(f"config key '{key}' expects {_expected(tp)}, got {value!r}") from None
   if isinstance(value, list):
     value = tuple(value)
   if isinstance(value, int) and tp is float and not isinstance(value, bool):
@@ -329,6 +349,10 @@ def override(config: Any, key: str, value: Any, _root: Any = None, _full_key: st
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+  if isinstance(overrides, (str, bytes)):  # a bare string would be read one character at a time
+    text = overrides.decode(errors="replace") if isinstance(overrides, bytes) else overrides
+    raise ConfigError("overrides must be a list of 'key=value' strings, e.g. ['train.steps=5']; "
+                      f"got the string {text!r}")
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -404,13 +428,52 @@ def validate(config: Config) -> Config:
   return config
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def configs_dir() -> str:
+  """The config files that ship with jaxrec: the package's ``configs/`` in an installed wheel
+  (pyproject.toml maps the repository's ``configs/`` there), the repository's in a checkout."""
+  shipped = os.path.join(_PACKAGE_DIR, "configs")
+  return shipped if os.path.isdir(shipped) else os.path.join(os.path.dirname(_PACKAGE_DIR), "configs")
+
+
+def shipped_config_path(path: str | os.PathLike) -> str | None:
+  """The shipped config file that a relative ``path`` names, written as from the repository root
+  (``configs/study/tiny.py``) or from the configs folder (``study/tiny.py``); None if there is none."""
+  parts = pathlib.PurePath(os.fspath(path)).parts
+  if not parts or os.path.isabs(os.fspath(path)):
+    return None
+  if parts[0] == "configs" and len(parts) > 1:
+    parts = parts[1:]
+  candidate = os.path.join(configs_dir(), *parts)
+  return candidate if os.path.isfile(candidate) else None
+
+
+def resolve_config_path(path: str | os.PathLike) -> str | None:
+  """``path`` where that file exists, else the shipped config it names (so ``--config
+  configs/tiny.py`` works from any directory and from an installed wheel), else None."""
+  path = os.fspath(path)
+  return path if os.path.isfile(path) else shipped_config_path(path)
+
+
+def data_root() -> str:
+  """Where the real-data configs look for their dataset folders: ``$JAXREC_DATA`` when set (as the
+  tests read it), else ``../shared/data`` beside the repository."""
+  beside_repository = os.path.join(os.path.dirname(_PACKAGE_DIR), "..", "shared", "data")
+  return os.environ.get("JAXREC_DATA") or os.path.normpath(beside_repository)
+
+
 def call_python_file(path: str | os.PathLike, function: str, kind: str, error: type[Exception] = ConfigError) -> Any:
   """Runs a user's Python file (a config or study file) and returns ``function()``'s result.
 
   Any failure is one ``error`` naming the file: missing, failing to run, or lacking ``function``."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise error(f"{kind} file not found: {path}")
+  found = resolve_config_path(path)
+  if found is None:
+    where = "" if os.path.isabs(path) else f" (nor among the shipped configs in {configs_dir()})"
+    raise error(f"{kind} file not found: {path}{where}")
+  path = found
   spec = importlib.util.spec_from_file_location(f"jaxrec_{kind}_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
   try:
@@ -461,3 +524,114 @@ def from_dict(data: dict, cls: type = Config) -> Any:
 
 def to_json(config: Config) -> str:
   return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------ describing
+
+
+WRAPPED_AT = 90  # a comment line this long was wrapped, so a lower-case line after it continues it
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+  """The ``# ...`` comments of a config dataclass's fields, read from its source so they never drift.
+
+  A field owns the comment block right above it, the comment after it on its line, and the comment
+  lines that continue that one: the next lines, while the line before was wrapped (it reaches
+  ``WRAPPED_AT`` columns) and they go on with the same sentence (they do not start with a capital).
+  Fields without a comment are absent; so is everything where the source cannot be read."""
+  try:
+    source = textwrap.dedent(inspect.getsource(cls))
+  except (OSError, TypeError):
+    return {}
+  field_rows: dict[int, str] = {}
+  first_row: dict[str, int] = {}
+  for node in ast.parse(source).body[0].body:
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+      first_row[node.target.id] = node.lineno
+      for row in range(node.lineno, node.end_lineno + 1):
+        field_rows[row] = node.target.id
+  lines = source.splitlines()
+  comment_at = {}  # row -> (text, alone on its line)
+  for token in tokenize.generate_tokens(io.StringIO(source).readline):
+    if token.type == tokenize.COMMENT:
+      row, col = token.start
+      comment_at[row] = (token.string[1:].strip(), not lines[row - 1][:col].strip())
+  owned: dict[str, list[str]] = {}
+  above: list[str] = []
+  last, continuing = None, False
+  for row in range(1, len(lines) + 1):
+    name = field_rows.get(row)
+    if name is not None and first_row[name] == row:
+      owned[name], above, last, continuing = above, [], name, False
+    if row in comment_at:
+      text, alone = comment_at[row]
+      if not alone and name is not None:
+        owned[name].append(text)
+        continuing = True
+      elif alone and continuing and len(lines[row - 2]) >= WRAPPED_AT and not text[:1].isupper():
+        owned[last].append(text)
+      else:
+        above.append(text)
+        continuing = False
+    elif name is None:  # a blank line or other code ends both kinds of block
+      above, continuing = [], False
+  return {name: " ".join(texts) for name, texts in owned.items() if texts}
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyDescription:
+  """One row of ``jaxrec config show``: a dotted key, its type, its value and default (both as an
+  override would write them) and its comment."""
+
+  key: str
+  type: str
+  value: str
+  default: str
+  comment: str
+
+
+def _show(value: Any) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, tuple):
+    return ",".join(_show(v) for v in value) if value else "()"
+  if isinstance(value, str):
+    return value if value else '""'
+  return repr(value)
+
+
+def describe(config: Any, default: Any = None, prefix: str = "") -> list[KeyDescription]:
+  """Every leaf key of ``config`` in declaration order, with its type, value, default and comment."""
+  default = type(config)() if default is None else default
+  hints = _field_types(type(config))
+  comments = field_comments(type(config))
+  rows = []
+  for field in dataclasses.fields(config):
+    value, default_value = getattr(config, field.name), getattr(default, field.name)
+    if _is_config(value):
+      rows.extend(describe(value, default_value, f"{prefix}{field.name}."))
+    else:
+      rows.append(KeyDescription(f"{prefix}{field.name}", _type_name(hints[field.name]), _show(value),
+                                 _show(default_value), comments.get(field.name, "")))
+  return rows
+
+
+def format_description(rows: Sequence[KeyDescription], width: int | None = None) -> str:
+  """``describe``'s rows as an aligned table; a value that differs from its default is marked with
+  ``*``, and comments wrap to ``width`` (the terminal's by default) under their own column."""
+  header = KeyDescription("key", "type", "value", "default", "comment")
+  table = [header, *rows]
+  marks = ["  ", *("* " if row.value != row.default else "  " for row in rows)]
+  widths = [max(len(getattr(row, name)) for row in table) for name in ("key", "type", "value", "default")]
+  indent = 2 + sum(widths) + 2 * len(widths)
+  width = width or shutil.get_terminal_size((160, 24)).columns
+  comment_width = max(width - indent, 40)
+  out = []
+  for mark, row in zip(marks, table):
+    cells = [row.key, row.type, row.value, row.default]
+    start = mark + "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)) + "  "
+    wrapped = textwrap.wrap(row.comment, comment_width) or [""]
+    out.append((start + wrapped[0]).rstrip())
+    out.extend(" " * indent + more for more in wrapped[1:])
+  return "\n".join(out)

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxrec.config import Config, ConfigError, call_python_file, load_config, to_json
+from jaxrec.config import Config, ConfigError, call_python_file, load_config, shipped_config_path, to_json
 from jaxrec.data.plot import GLYPHS, png_bytes, write_atomic
 
 log = logging.getLogger("jaxrec.study")
@@ -154,7 +154,10 @@ def plan(study: Study, out: str, extra: Sequence[str] = ()) -> list[Cell]:
 
 
 def cell_config(cell: Cell) -> Config:
-  return load_config(os.path.join(REPO, cell.dataset.config), cell.overrides)
+  # A shipped config (the checkout's configs/, or the installed package's) before other files
+  # relative to the repository root.
+  path = shipped_config_path(cell.dataset.config) or os.path.join(REPO, cell.dataset.config)
+  return load_config(path, cell.overrides)
 
 
 def command(cell: Cell) -> str:

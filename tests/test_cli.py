@@ -72,9 +72,9 @@ def test_unknown_user(trained):
 
 
 def test_bad_config_key_and_type(tmp_path):
-  _one_line_error(jaxrec("train", "--config", TINY, "--workdir", str(tmp_path), "train.stpes=3"), 1,
+  _one_line_error(jaxrec("train", "--config", TINY, "--workdir", str(tmp_path), "train.stpes=3"), 2,
                   "unknown config key 'train.stpes'; did you mean 'train.steps'?")
-  _one_line_error(jaxrec("train", "--config", TINY, "--workdir", str(tmp_path), "train.steps=many"), 1,
+  _one_line_error(jaxrec("train", "--config", TINY, "--workdir", str(tmp_path), "train.steps=many"), 2,
                   "config key 'train.steps' expects int, got 'many'")
   assert not (tmp_path / "metrics.json").exists()
 
@@ -95,3 +95,53 @@ def test_study_command_forwards_the_runners_flags(tmp_path):
   listed = [line for line in proc.stdout.splitlines() if not line.startswith(" ")]
   assert listed == ["ml1m/random/id/f1/s0", "ml1m/random/id/f1/s1", "ml1m/random/id/f1/s2"]
   assert not list((tmp_path / "s").rglob("metrics.json"))  # --list trains nothing
+
+
+def _table(stdout: str) -> dict[str, list[str]]:
+  """``jaxrec config show``'s rows: key -> [type, value, default] (the comment's further lines skipped)."""
+  rows = {}
+  for line in stdout.splitlines()[1:]:
+    if line[2:3].strip():
+      key, *cells = line[2:].split(maxsplit=4)
+      rows[key] = cells[:3]
+  return rows
+
+
+def test_config_show_lists_every_key_with_its_type_value_default_and_comment(tmp_path):
+  from jaxrec.config import all_keys, load_config
+  proc = jaxrec("config", "show", "--config", TINY, "train.steps=5", "model.mlp_dims=8,4", check=True)
+  lines = proc.stdout.splitlines()
+  assert lines[0].split() == ["key", "type", "value", "default", "comment"]
+  rows = _table(proc.stdout)
+  assert list(rows) == all_keys(load_config(TINY))
+  assert rows["train.steps"] == ["int", "5", "600"] and rows["model.mlp_dims"] == ["tuple[int,", "...]", "8,4"]
+  assert rows["model.use_text"] == ["bool", "false", "true"]
+  assert any(line.startswith("* train.steps ") for line in lines)
+  assert next(line for line in lines if line[2:].startswith("data.split ")).endswith("random | loo | predefined")
+  # No --config: the default config; --workdir alone: that run's saved config.
+  assert _table(jaxrec("config", "show", check=True).stdout)["train.steps_per_call"][1] == "10"
+  (tmp_path / "config.json").write_text(json.dumps(json.loads(
+      __import__("jaxrec.config").config.to_json(load_config(TINY, ["train.steps=7"])))))
+  assert _table(jaxrec("config", "show", "--workdir", str(tmp_path), check=True).stdout)["train.steps"][1] == "7"
+
+
+def test_config_errors_exit_2_as_bad_usage(tmp_path):
+  _one_line_error(jaxrec("config", "show", "--config", TINY, "model.use_text=yes"), 2,
+                  "config key 'model.use_text' expects bool (true, false, 1 or 0), got 'yes'")
+  _one_line_error(jaxrec("config", "show", "--config", str(tmp_path / "missing.py")), 2, "config file not found")
+  _one_line_error(jaxrec("train", "--config", TINY, "--workdir", str(tmp_path), "train.steps=0"), 2,
+                  "config key 'train.steps' must be positive")
+  assert not (tmp_path / "metrics.json").exists()
+
+
+def test_config_paths_and_python_m_jaxrec_work_from_any_directory(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "jaxrec", "config", "show", "--config", "configs/tiny.py",
+                         "train.steps=3"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _table(proc.stdout)["workdir"][1] == "runs/tiny" and _table(proc.stdout)["train.steps"][1] == "3"
+  proc = subprocess.run([sys.executable, "-m", "jaxrec", "study", "--config", "configs/study/tiny.py", "--out",
+                         str(tmp_path / "s"), "--list"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "synthetic/cold/id/f0.5/s0" in proc.stdout.split()
