@@ -8,16 +8,21 @@ time: about 250,000 faults, a fifth of the step on a 2-core VM. With glibc's
 pages, 2 MiB per fault, and the step loses that cost (benchmarks/README.md has the numbers).
 
 glibc reads tunables once, at process start. So the ``jaxrec`` command restarts itself once with
-the tunable added (``JAXREC_HUGE_PAGES=0`` opts out), and the Python API logs how to set it.
+the tunable added (``JAXREC_HUGE_PAGES=0`` opts out), and the Python API logs how to set it. Both
+only where JAX will compute on the CPU (``runs_on_cpu``): on a GPU or TPU host the steps' buffers
+live on the device, and the restart would only cost start-up time.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import os
+import pkgutil
 import platform
 import sys
-from typing import Mapping
+from typing import Mapping, Sequence
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "JAXREC_HUGE_PAGES"
@@ -91,14 +96,45 @@ def thp_tunable_applies(mode: str | None = None, libc: tuple[str, str] | None = 
   return (mode if mode is not None else thp_mode()) == "madvise"
 
 
+def accelerator_plugins(env: Mapping[str, str] | None = None) -> list[str]:
+  """The GPU/TPU back ends JAX would find in this environment, looked for as JAX looks (its
+  ``discover_pjrt_plugins`` and ``cloud_tpu_init``) without importing it, which would be slow and
+  must not happen before a restart: the ``jax_plugins`` entry points and the modules of the
+  ``jax_plugins`` namespace package (jax_cuda12_plugin, jax_cuda13_plugin, jax_rocm7_plugin, ...),
+  and libtpu or ``TPU_LIBRARY_PATH``."""
+  env = os.environ if env is None else env
+  found = {entry.value for entry in importlib.metadata.entry_points(group="jax_plugins")}
+  namespace = importlib.util.find_spec("jax_plugins")
+  if namespace is not None and namespace.submodule_search_locations:
+    found.update(f"jax_plugins.{info.name}" for info in pkgutil.iter_modules(namespace.submodule_search_locations))
+  if importlib.util.find_spec("libtpu") is not None:
+    found.add("libtpu")
+  if os.path.isfile(env.get("TPU_LIBRARY_PATH", "")):
+    found.add(env["TPU_LIBRARY_PATH"])
+  return sorted(found)
+
+
+def runs_on_cpu(env: Mapping[str, str] | None = None, plugins: Sequence[str] | None = None) -> bool:
+  """Whether JAX will compute on the CPU, decided without starting it: ``JAX_PLATFORMS`` (or the
+  older ``JAX_PLATFORM_NAME``) names cpu first, or names nothing and no accelerator back end is
+  installed (``plugins``: default ``accelerator_plugins``), where JAX would prefer a GPU or TPU."""
+  env = os.environ if env is None else env
+  chosen = (env.get("JAX_PLATFORMS") or env.get("JAX_PLATFORM_NAME") or "").split(",")[0].strip().lower()
+  if chosen:
+    return chosen == "cpu"
+  return not (accelerator_plugins(env) if plugins is None else plugins)
+
+
 def restart_wanted(env: Mapping[str, str] | None = None, mode: str | None = None,
-                   libc: tuple[str, str] | None = None, system: str | None = None) -> bool:
+                   libc: tuple[str, str] | None = None, system: str | None = None,
+                   plugins: Sequence[str] | None = None) -> bool:
   """Whether starting this process again with the tunable would change anything: it applies
-  here (``thp_tunable_applies``), is not chosen yet, and ``JAXREC_HUGE_PAGES=0`` does not opt out."""
+  here (``thp_tunable_applies``), JAX will compute on the CPU (``runs_on_cpu``, given ``plugins``),
+  the tunable is not chosen yet, and ``JAXREC_HUGE_PAGES=0`` does not opt out."""
   env = os.environ if env is None else env
   if env.get(OPT_OUT, "1") == "0" or tunable_set(env):
     return False
-  return thp_tunable_applies(mode, libc, system)
+  return thp_tunable_applies(mode, libc, system) and runs_on_cpu(env, plugins)
 
 
 def restart_with_huge_pages() -> None:

@@ -2,6 +2,7 @@
 GLIBC_TUNABLES, and that it takes XLA:CPU's fresh step buffers from one fault per 4 KiB page to one
 per 2 MiB."""
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def test_with_huge_pages_keeps_a_value_the_user_chose_and_can_remove_only_it():
     ({}, "madvise", ("glibc", "2.36"), "Darwin", False),
 ])
 def test_restart_is_wanted_only_where_the_tunable_would_change_something(env, mode, libc, system, wanted):
-  assert host_memory.restart_wanted(env, mode, libc, system) is wanted
+  assert host_memory.restart_wanted(env, mode, libc, system, plugins=()) is wanted
 
 
 def test_thp_mode_reads_the_bracketed_choice(tmp_path):
@@ -98,3 +99,66 @@ def test_the_tunable_cuts_the_page_faults_of_a_fresh_64_mib_xla_output():
   huge = float(_python(code, host_memory.with_huge_pages(env)))
   assert plain > 16384 * 0.9, plain
   assert huge < plain / 8, (huge, plain)
+
+
+@pytest.mark.parametrize("env, plugins, cpu", [
+    ({}, (), True),
+    ({}, ("jax_cuda12_plugin",), False),
+    ({}, ("libtpu",), False),
+    ({"JAX_PLATFORMS": ""}, ("jax_cuda12_plugin",), False),
+    ({"JAX_PLATFORMS": "cpu"}, ("jax_cuda12_plugin",), True),  # a GPU host told to compute on its CPU
+    ({"JAX_PLATFORMS": "CPU,cuda"}, ("jax_cuda12_plugin",), True),  # the first platform is the default one
+    ({"JAX_PLATFORMS": "cuda"}, (), False),
+    ({"JAX_PLATFORMS": "tpu,cpu"}, (), False),
+    ({"JAX_PLATFORM_NAME": "cpu"}, ("jax_cuda12_plugin",), True),
+    ({"JAX_PLATFORM_NAME": "gpu"}, (), False),
+    ({"JAX_PLATFORMS": "cuda", "JAX_PLATFORM_NAME": "cpu"}, (), False),  # JAX_PLATFORMS wins
+])
+def test_runs_on_cpu_reads_the_platform_variables_then_the_installed_back_ends(env, plugins, cpu):
+  assert host_memory.runs_on_cpu(env, plugins) is cpu
+
+
+def test_no_restart_where_jax_will_compute_on_an_accelerator():
+  linux = ("madvise", ("glibc", "2.36"), "Linux")
+  assert not host_memory.restart_wanted({}, *linux, plugins=["jax_cuda12_plugin"])
+  assert not host_memory.restart_wanted({"JAX_PLATFORMS": "tpu"}, *linux, plugins=())
+  assert host_memory.restart_wanted({"JAX_PLATFORMS": "cpu"}, *linux, plugins=["jax_cuda12_plugin"])
+
+
+def test_accelerator_plugins_are_found_as_jax_finds_them_without_importing_them(tmp_path, monkeypatch):
+  entry = importlib.metadata.EntryPoint("xla_cuda12", "jax_cuda12_plugin", "jax_plugins")
+  monkeypatch.setattr(importlib.metadata, "entry_points",
+                      lambda group: [entry] if group == "jax_plugins" else [])
+  assert host_memory.accelerator_plugins({}) == ["jax_cuda12_plugin"]
+  # A module of the jax_plugins namespace package, libtpu, and a libtpu named by TPU_LIBRARY_PATH; a
+  # module that ran would raise.
+  (tmp_path / "jax_plugins" / "xla_rocm7").mkdir(parents=True)
+  (tmp_path / "jax_plugins" / "xla_rocm7" / "__init__.py").write_text("raise RuntimeError('imported')\n")
+  (tmp_path / "libtpu").mkdir()
+  (tmp_path / "libtpu" / "__init__.py").write_text("raise RuntimeError('imported')\n")
+  (tmp_path / "libtpu.so").write_bytes(b"")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  found = host_memory.accelerator_plugins({"TPU_LIBRARY_PATH": str(tmp_path / "libtpu.so")})
+  assert found == sorted(["jax_cuda12_plugin", "jax_plugins.xla_rocm7", "libtpu", str(tmp_path / "libtpu.so")])
+  assert "libtpu" not in sys.modules and "jax_plugins.xla_rocm7" not in sys.modules
+  monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+  assert host_memory.accelerator_plugins({"TPU_LIBRARY_PATH": str(tmp_path / "missing.so")}) == [
+      "jax_plugins.xla_rocm7", "libtpu"]
+
+
+@needs_thp
+def test_python_m_jaxrec_restarts_as_python_m_jaxrec(tmp_path):
+  # The config file runs after the restart: it sees the tunable, and the command goes on as asked.
+  config = tmp_path / "show_env.py"
+  config.write_text("import os, sys\nfrom jaxrec.config import Config\n\n"
+                    "def get_config():\n  print('tunables', os.environ.get('GLIBC_TUNABLES'), file=sys.stderr)\n"
+                    "  return Config(workdir='restarted')\n")
+  env = host_memory.with_huge_pages(os.environ, enabled=False)
+  env.pop("JAXREC_HUGE_PAGES", None)
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, "-m", "jaxrec", "config", "show", "--config", str(config), "train.steps=9"],
+                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "tunables glibc.malloc.hugetlb=1" in proc.stderr.splitlines()
+  rows = {line[2:].split()[0]: line[2:].split()[1:3] for line in proc.stdout.splitlines()[1:] if line[2:3].strip()}
+  assert rows["workdir"] == ["str", "restarted"] and rows["train.steps"] == ["int", "9"]
