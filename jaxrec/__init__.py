@@ -14,6 +14,7 @@ _PUBLIC = {
     "TextEncoder": "jaxrec.text_encoder",
     "topk": "jaxrec.retrieval",
     "ItemIndex": "jaxrec.retrieval",
+    "IndexFormatError": "jaxrec.retrieval",
 }
 
 __all__ = ["__version__", *_PUBLIC]

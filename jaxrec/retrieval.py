@@ -362,6 +362,27 @@ def _is_concrete(x):
   return not isinstance(x, jax.core.Tracer)
 
 
+def _host_exclude(exclude, num_b):
+  """`topk`'s exclude as an array: arrays pass through; a list of per-query id lists of
+  different lengths is padded with -1 here, on the host, so the jitted kernel sees one shape."""
+  if not isinstance(exclude, (list, tuple)):
+    return exclude if isinstance(exclude, (np.ndarray, jax.Array)) else jnp.asarray(exclude)
+  rows = [np.asarray(r) for r in exclude]
+  if not rows or all(r.shape == rows[0].shape for r in rows):
+    ex = np.asarray(exclude) if rows else np.zeros((0, 0), np.int32)
+    # Empty rows carry no ids, so numpy's float default for `[]` says nothing about them.
+    return ex.astype(np.int32) if ex.ndim == 2 and ex.size == 0 else ex
+  if len(rows) != num_b:
+    raise ValueError(f"exclude needs one row per query: {num_b} queries, got {len(rows)} rows")
+  width = max(r.size for r in rows)
+  padded_BxM = np.full((num_b, width), -1, np.int64)
+  for b, r in enumerate(rows):
+    if r.ndim != 1 or (r.size and not np.issubdtype(r.dtype, np.integer)):
+      raise ValueError(f"exclude[{b}] must be a list of int corpus rows, got {r.dtype} {r.shape}")
+    padded_BxM[b, :r.size] = r
+  return padded_BxM
+
+
 def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int | None = None,
          approximate: bool = False, recall_target: float = 0.95, mesh=None,
          items_axes: Sequence[str] | str | None = None):
@@ -370,9 +391,11 @@ def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int |
   Args:
     queries: [B, E] float32 or bfloat16 (scores always accumulate in float32).
     corpus: [N, E], same embedding width.
-    k: results per query (> 0). k > N pads the tail with (-inf, -1).
+    k: results per query (> 0), clamped to N: k > N returns N columns, so a huge k costs
+      memory for the corpus, never for k.
     exclude: per-query ids never returned: an int array [B, M] of corpus rows padded with -1,
-      or a bool mask [B, N] (True = excluded).
+      a list of B per-query id lists of any lengths (padded with -1 on the host), or a bool
+      mask [B, N] (True = excluded).
     valid: bool [N]; False rows (padding) are never returned.
     block_size: corpus rows per fused score tile, rounded up to a multiple of 256
       (default 4096; with approximate=True, rows per streamed block).
@@ -384,6 +407,7 @@ def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int |
 
   Scores sort descending; equal scores sort by ascending index. Corpus rows holding NaN/inf
   and -inf scores are never returned; a query holding NaN/inf returns (-inf, -1) throughout.
+  Zero queries give empty [0, min(k, N)] results.
   """
   q_BxE = jnp.asarray(queries)
   c_NxE = jnp.asarray(corpus)
@@ -396,10 +420,11 @@ def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int |
       raise ValueError(f"{name} must be floating point, got {x.dtype}")
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
     raise ValueError(f"k must be a positive int, got {k!r}")
-  k = int(k)
   num_b, num_n = q_BxE.shape[0], c_NxE.shape[0]
   if num_n == 0:
     raise ValueError("corpus is empty")
+  # No query can hold more than N distinct rows; the clamp keeps k = 10**9 from sizing buffers.
+  k = min(int(k), num_n)
   dtype = jnp.promote_types(q_BxE.dtype, c_NxE.dtype)
   q_BxE, c_NxE = q_BxE.astype(dtype), c_NxE.astype(dtype)
 
@@ -411,13 +436,15 @@ def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int |
 
   excl_BxM = mask_BxN = None
   if exclude is not None:
-    ex = jnp.asarray(exclude) if not isinstance(exclude, np.ndarray) else exclude
+    ex = _host_exclude(exclude, num_b)
+    if ex.ndim == 2 and ex.shape[0] != num_b:
+      raise ValueError(f"exclude needs one row per query: {num_b} queries, got {ex.shape[0]} rows")
     if ex.dtype == np.bool_:
       if ex.shape != (num_b, num_n):
         raise ValueError(f"exclude mask must be bool [{num_b}, {num_n}], got {ex.shape}")
       mask_BxN = jnp.asarray(ex)
     elif jnp.issubdtype(ex.dtype, jnp.integer):
-      if ex.ndim != 2 or ex.shape[0] != num_b:
+      if ex.ndim != 2:
         raise ValueError(f"exclude ids must be int [{num_b}, M] padded with -1, got {ex.shape}")
       if _is_concrete(ex) and ex.size:
         ex_np = np.asarray(ex)
@@ -441,6 +468,9 @@ def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int |
   static = dict(k=k, block=block, approximate=bool(approximate),
                 recall_target=float(recall_target))
 
+  if num_b == 0:
+    # The kernel tiles queries; with none there is nothing to tile (and no shape to compile).
+    return jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32)
   if mesh is None:
     return _topk_single(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, **static)
 
@@ -490,6 +520,152 @@ MANIFEST = "manifest.json"
 
 class IndexFormatError(ValueError):
   """An ItemIndex directory is missing, truncated, corrupted or of another format version."""
+
+
+class IndexExistsError(FileExistsError):
+  """`ItemIndex.save` was pointed at something other than an ItemIndex; it is left untouched."""
+
+
+class IndexWriteError(OSError):
+  """Writing an ItemIndex failed (full disk, permissions); what was at the path is unchanged."""
+
+
+# Every file the format holds. Loading refuses any other name, so a manifest cannot make `load`
+# open a path of its choosing.
+_INDEX_FILES = ("vectors.npy", "item_ids.npy", "titles.json", "user_vectors.npy", "user_ids.npy",
+                "user_seen_indptr.npy", "user_seen_indices.npy")
+_ID_KINDS = "iuUS"  # raw ids: ints or strings, as `load` can trust them
+
+
+def _one_line(text) -> str:
+  return " ".join(str(text).split())
+
+
+def _non_finite_rows(x_NxE) -> int:
+  return int(np.count_nonzero(~np.isfinite(x_NxE).all(axis=1)))
+
+
+def _is_count(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _write_npy(path, arr) -> None:
+  """np.save's format through plain file writes: a full disk then raises OSError(ENOSPC) (numpy's
+  tofile reports only "N requested and M written", without errno or file name)."""
+  import os
+  arr = np.ascontiguousarray(arr)
+  with open(path, "wb") as f:
+    np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
+    f.write(arr.reshape(-1).view(np.uint8))
+    f.flush()
+    # Delayed-allocation file systems report ENOSPC at writeback; fsync brings it here.
+    os.fsync(f.fileno())
+
+
+def _read_json(path):
+  import json
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _existing_target(path) -> str | None:
+  """What `save` finds at `path`: None (nothing), "empty" (an empty directory) or "index" (an
+  ItemIndex holding only its own files); anything else raises IndexExistsError."""
+  import os
+  refuse = "refusing to replace it with an ItemIndex; save to a new or empty directory"
+  if os.path.islink(path):
+    raise IndexExistsError(f"{path} is a symbolic link; {refuse}")
+  if not os.path.exists(path):
+    return None
+  if not os.path.isdir(path):
+    raise IndexExistsError(f"{path} exists and is not a directory; {refuse}")
+  entries = sorted(os.listdir(path))
+  if not entries:
+    return "empty"
+  try:
+    manifest = _read_json(os.path.join(path, MANIFEST))
+  except (OSError, ValueError):
+    manifest = None
+  if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+          and isinstance(manifest.get("files"), dict)):
+    raise IndexExistsError(f"{path} is a non-empty directory without an ItemIndex manifest; {refuse}")
+  own = set(manifest["files"]) | {MANIFEST}
+  foreign = [e for e in entries
+             if e not in own or os.path.islink(os.path.join(path, e))
+             or not os.path.isfile(os.path.join(path, e))]
+  if foreign:
+    raise IndexExistsError(f"{path} holds an ItemIndex and {len(foreign)} other entries "
+                           f"({', '.join(foreign[:3])}); {refuse}")
+  return "index"
+
+
+def _write_error(e: OSError, path: str, needed: int) -> IndexWriteError:
+  """One line naming the index path (and for a full disk, how many bytes its arrays need)."""
+  import errno
+  import os
+  import shutil
+  if e.errno == errno.ENOSPC:
+    try:
+      free = f", {shutil.disk_usage(os.path.dirname(path)).free:,} free"
+    except OSError:
+      free = ""
+    message = (f"cannot write ItemIndex {path}: no space left on device (its arrays need "
+               f"{needed:,} bytes{free})")
+  else:
+    where = f" ({e.filename})" if e.filename else ""
+    message = f"cannot write ItemIndex {path}: {_one_line(e.strerror or e)}{where}"
+  error = IndexWriteError(message)
+  error.errno = e.errno
+  return error
+
+
+def _check_manifest(manifest, mpath) -> dict:
+  """The manifest's `files` table once every key, type and file name is what `save` writes."""
+  import os
+  if not isinstance(manifest, dict):
+    raise IndexFormatError(f"{mpath}: expected a JSON object, got {type(manifest).__name__}")
+  if manifest.get("format") != FORMAT_NAME:
+    raise IndexFormatError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+  version = manifest.get("version")
+  if not _is_count(version) or version != FORMAT_VERSION:
+    raise IndexFormatError(f"{mpath}: format version {version!r}; this jaxrec reads "
+                           f"version {FORMAT_VERSION} (re-export the index with `jaxrec export`)")
+  for key in ("num_items", "dim"):
+    if not _is_count(manifest.get(key)):
+      raise IndexFormatError(f"{mpath}: {key} must be a non-negative int, got {manifest.get(key)!r}")
+  if not isinstance(manifest.get("metadata", {}), dict):
+    raise IndexFormatError(f"{mpath}: metadata must be an object, got "
+                           f"{type(manifest['metadata']).__name__}")
+  files = manifest.get("files")
+  if not isinstance(files, dict):
+    raise IndexFormatError(f"{mpath}: files must be an object of file name -> entry, got "
+                           f"{type(files).__name__}")
+  for fname, entry in files.items():
+    if os.path.isabs(fname) or ".." in fname.replace("\\", "/").split("/"):
+      raise IndexFormatError(f"{mpath}: file {fname!r} lies outside the index directory")
+    if fname not in _INDEX_FILES:
+      raise IndexFormatError(f"{mpath}: unknown file {fname!r} (an ItemIndex holds "
+                             f"{', '.join(_INDEX_FILES)})")
+    if not isinstance(entry, dict):
+      raise IndexFormatError(f"{mpath}: files[{fname!r}] must be an object, got "
+                             f"{type(entry).__name__}")
+    shape, dtype, size, digest = (entry.get(key) for key in ("shape", "dtype", "bytes", "sha256"))
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+      raise IndexFormatError(f"{mpath}: files[{fname!r}].shape must be a list of non-negative "
+                             f"ints, got {shape!r}")
+    if not isinstance(dtype, str) or not _is_count(size) or not isinstance(digest, str):
+      raise IndexFormatError(f"{mpath}: files[{fname!r}] needs dtype (string), bytes (int) and "
+                             f"sha256 (string); got {dtype!r}, {size!r}, {digest!r}")
+  for required in ("vectors.npy", "item_ids.npy", "titles.json"):
+    if required not in files:
+      raise IndexFormatError(f"{mpath} lists no {required}")
+  for needs, what in (("user_ids.npy", "user_vectors.npy"), ("user_vectors.npy", "user_ids.npy"),
+                      ("user_seen_indices.npy", "user_seen_indptr.npy"),
+                      ("user_seen_indptr.npy", "user_seen_indices.npy"),
+                      ("user_vectors.npy", "user_seen_indptr.npy")):
+    if what in files and needs not in files:
+      raise IndexFormatError(f"{mpath} lists {what} without {needs}")
+  return files
 
 
 def _sha256(path):
@@ -600,9 +776,12 @@ class ItemIndex:
     """Top-k items per query -> (scores [B, K] float32, raw item ids [B, K]).
 
     `exclude` / `include` are raw item ids: one list for every query or one list per query.
-    `include` restricts the candidates. Slots no item fills have score -inf and id -1 (or ""
-    for string ids). A 1-D query gives 1-D results.
+    `include` restricts the candidates. k is clamped to the most candidates any query has (the
+    catalog less its exclusions), so K <= k; slots no item fills have score -inf and id -1 (or
+    "" for string ids). A 1-D query gives 1-D results.
     """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+      raise ValueError(f"k must be a positive int, got {k!r}")
     q = np.asarray(query_vectors, np.float32)
     single = q.ndim == 1
     q_BxE = q[None] if single else q
@@ -619,14 +798,26 @@ class ItemIndex:
       if exclude is not None:
         for b, rows in enumerate(self._per_query_rows(exclude, num_b, "exclude")):
           mask_BxN[b, rows] = True
-    scores_BxK, rows_BxK = (np.asarray(x) for x in topk(q_BxE, self.vectors, k, exclude=mask_BxN))
+    k = min(int(k), num_n)
+    if mask_BxN is not None and num_b:
+      k = min(k, int(num_n - mask_BxN.sum(axis=1).min()))
+    if k == 0:  # every item excluded: nothing to search
+      scores_BxK = np.zeros((num_b, 0), np.float32)
+      rows_BxK = np.zeros((num_b, 0), np.int32)
+    else:
+      scores_BxK, rows_BxK = (np.asarray(x) for x in topk(q_BxE, self.vectors, k,
+                                                          exclude=mask_BxN))
     fill = "" if self.item_ids.dtype.kind in "US" else -1
     ids_BxK = np.where(rows_BxK >= 0, self.item_ids[np.maximum(rows_BxK, 0)], fill)
     return (scores_BxK[0], ids_BxK[0]) if single else (scores_BxK, ids_BxK)
 
   def recommend(self, user_raw_id, k: int = 10, exclude_seen: bool = True):
-    """[(item_id, title, score)] for a stored user, best first, known items left out."""
+    """[(item_id, title, score)] for a stored user, best first, known items left out; at most
+    k, fewer when the catalog less the known items is smaller."""
     row = self.user_row(user_raw_id)
+    if not np.isfinite(self.user_vectors[row]).all():
+      raise ValueError(f"user {user_raw_id!r} has a NaN or inf query vector (row {row} of "
+                       f"user_vectors); re-export the index from a healthy checkpoint")
     exclude = None
     if exclude_seen and self.user_seen is not None:
       indptr, indices = self.user_seen
@@ -656,25 +847,41 @@ class ItemIndex:
     return arrays
 
   def save(self, path: str) -> None:
-    """Write the index as one directory; a crash never leaves a half-written `path`."""
+    """Write the index as one directory; a failed save leaves whatever was at `path` as it was.
+
+    `path` may be absent, an empty directory or an ItemIndex (replaced whole: the new index is
+    written into a temporary sibling and renamed in, then the old one, and nothing else, is
+    removed). Anything else there (a file, a directory holding other things) raises
+    IndexExistsError. Non-finite vectors raise ValueError; an OSError while writing (a full disk)
+    raises IndexWriteError naming `path`.
+    """
     import json
     import os
     import shutil
     import uuid
     path = os.path.abspath(path)
+    arrays = self._arrays()
+    for name in ("vectors", "user_vectors"):
+      if name in arrays and (bad := _non_finite_rows(arrays[name])):
+        raise ValueError(f"{bad} of {len(arrays[name])} rows of {name} hold NaN or inf; refusing to "
+                         f"write {os.path.join(path, name + '.npy')}")
+    for name in ("item_ids", "user_ids"):
+      if name in arrays and arrays[name].dtype.kind not in _ID_KINDS:
+        raise ValueError(f"{name} has dtype {arrays[name].dtype}; use int or str ids")
+    _existing_target(path)  # refuse before the (possibly long) write
+    needed = sum(arr.nbytes for arr in arrays.values())
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
+    tmp = None
     try:
+      os.makedirs(parent, exist_ok=True)
+      tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+      os.makedirs(tmp)
       files = {}
-      for name, arr in self._arrays().items():
-        if arr.dtype == object:
-          raise ValueError(f"{name} has dtype object; use int or str ids")
+      for name, arr in arrays.items():
         fname = f"{name}.npy"
-        np.save(os.path.join(tmp, fname), arr, allow_pickle=False)
+        _write_npy(os.path.join(tmp, fname), arr)
         files[fname] = {"shape": list(arr.shape), "dtype": arr.dtype.str}
-      with open(os.path.join(tmp, "titles.json"), "w") as f:
+      with open(os.path.join(tmp, "titles.json"), "w", encoding="utf-8") as f:
         json.dump(self.titles, f, ensure_ascii=False)
       files["titles.json"] = {"shape": [len(self.titles)], "dtype": "json"}
       for fname, entry in files.items():
@@ -682,52 +889,64 @@ class ItemIndex:
         entry.update(bytes=os.path.getsize(full), sha256=_sha256(full))
       manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "num_items": len(self),
                   "dim": int(self.vectors.shape[1]), "metadata": self.metadata, "files": files}
-      with open(os.path.join(tmp, MANIFEST), "w") as f:
+      with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-      # rename(2) cannot replace a non-empty directory: move the old one aside first.
-      old = None
-      if os.path.exists(path):
+      # Checked again: the write may have taken a while.
+      if _existing_target(path) == "index":
+        # rename(2) cannot replace a non-empty directory: move the old index aside first.
         old = f"{tmp}.old"
         os.rename(path, old)
-      os.rename(tmp, path)
-      if old:
+        try:
+          os.rename(tmp, path)
+        except OSError:
+          os.rename(old, path)
+          raise
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
+      else:
+        os.rename(tmp, path)  # replaces an empty directory; fails on anything else
+      tmp = None
+    except IndexExistsError:
       raise
+    except OSError as e:
+      raise _write_error(e, path, needed) from e
+    finally:
+      if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
 
   @classmethod
   def load(cls, path: str, *, verify_checksums: bool = True) -> "ItemIndex":
-    """Read an index saved by `save`; any missing, truncated or foreign file raises
-    IndexFormatError naming it."""
+    """Read an index saved by `save`. A missing, truncated, corrupted or foreign file, a manifest
+    off the schema or naming a path outside `path`, and non-finite vectors raise
+    IndexFormatError naming the file."""
     import json
     import os
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.isdir(path):
+    if not os.path.exists(path):
       raise IndexFormatError(f"no ItemIndex directory at {path}")
-    if not os.path.exists(mpath):
+    if not os.path.isdir(path):
+      raise IndexFormatError(f"{path} is a file, not an ItemIndex directory")
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.lexists(mpath):
       raise IndexFormatError(f"{mpath} is missing: not an ItemIndex directory (or an interrupted save)")
+    if not os.path.isfile(mpath):
+      raise IndexFormatError(f"{mpath} is not a regular file")
     try:
-      with open(mpath) as f:
-        manifest = json.load(f)
+      manifest = _read_json(mpath)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise IndexFormatError(f"{mpath} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT_NAME:
-      raise IndexFormatError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-      raise IndexFormatError(f"{mpath}: format version {manifest.get('version')!r}; this jaxrec reads "
-                             f"version {FORMAT_VERSION} (re-export the index with `jaxrec export`)")
-    files = manifest.get("files", {})
-    for required in ("vectors.npy", "item_ids.npy", "titles.json"):
-      if required not in files:
-        raise IndexFormatError(f"{mpath} lists no {required}")
+      raise IndexFormatError(f"{mpath} is not valid JSON: {_one_line(e)}") from e
+    files = _check_manifest(manifest, mpath)
+    root = os.path.realpath(path)
     loaded = {}
     for fname, entry in files.items():
       full = os.path.join(path, fname)
-      if not os.path.exists(full):
+      if os.path.commonpath([root, os.path.realpath(full)]) != root:
+        raise IndexFormatError(f"{full} is a link to {os.path.realpath(full)}, outside the index "
+                               f"directory")
+      if not os.path.lexists(full):
         raise IndexFormatError(f"{full} is missing (listed in {MANIFEST})")
+      if not os.path.isfile(full):
+        raise IndexFormatError(f"{full} is not a regular file (listed in {MANIFEST})")
       size = os.path.getsize(full)
       if size != entry["bytes"]:
         raise IndexFormatError(f"{full} has {size} bytes, manifest says {entry['bytes']} (truncated?)")
@@ -735,30 +954,57 @@ class ItemIndex:
         raise IndexFormatError(f"{full} fails its sha256 checksum (corrupted)")
       try:
         if fname.endswith(".json"):
-          with open(full) as f:
-            value = json.load(f)
+          value = _read_json(full)
+          if not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
+            raise IndexFormatError(f"{full}: expected a JSON list of strings")
           shape = [len(value)]
         else:
           value = np.load(full, allow_pickle=False)
+          if not isinstance(value, np.ndarray):
+            raise IndexFormatError(f"{full}: not a .npy array")
           shape = list(value.shape)
           if value.dtype.str != entry["dtype"]:
             raise IndexFormatError(f"{full}: dtype {value.dtype.str}, manifest says {entry['dtype']}")
       except IndexFormatError:
         raise
       except Exception as e:  # numpy/json parse errors of a damaged file
-        raise IndexFormatError(f"{full} cannot be read: {e}") from e
+        raise IndexFormatError(f"{full} cannot be read: {_one_line(e)}") from e
       if shape != entry["shape"]:
         raise IndexFormatError(f"{full}: shape {shape}, manifest says {entry['shape']}")
-      loaded[fname[:fname.rindex(".")]] = value
-    if loaded["vectors"].shape != (manifest["num_items"], manifest["dim"]):
-      raise IndexFormatError(f"{path}/vectors.npy: shape {loaded['vectors'].shape} does not match "
-                             f"num_items={manifest['num_items']}, dim={manifest['dim']}")
+      loaded[fname] = value
+    cls._check_arrays(loaded, manifest, path)
     seen = None
-    if "user_seen_indptr" in loaded:
-      seen = (loaded["user_seen_indptr"], loaded["user_seen_indices"])
+    if "user_seen_indptr.npy" in loaded:
+      seen = (loaded["user_seen_indptr.npy"], loaded["user_seen_indices.npy"])
     try:
-      return cls(loaded["vectors"], loaded["item_ids"], loaded["titles"], manifest.get("metadata"),
-                 user_vectors=loaded.get("user_vectors"), user_ids=loaded.get("user_ids"),
-                 user_seen=seen)
+      return cls(loaded["vectors.npy"], loaded["item_ids.npy"], loaded["titles.json"],
+                 manifest.get("metadata"), user_vectors=loaded.get("user_vectors.npy"),
+                 user_ids=loaded.get("user_ids.npy"), user_seen=seen)
     except ValueError as e:
-      raise IndexFormatError(f"{path}: inconsistent contents: {e}") from e
+      raise IndexFormatError(f"{path}: inconsistent contents: {_one_line(e)}") from e
+
+  @staticmethod
+  def _check_arrays(loaded, manifest, path) -> None:
+    """Shapes, dtypes and finiteness across files, each failure naming its file."""
+    import os
+    num_n, dim = manifest["num_items"], manifest["dim"]
+    rows = lambda fname: loaded[fname].shape[0] if fname in loaded and loaded[fname].ndim else 0
+    num_u, num_t = rows("user_ids.npy"), rows("user_seen_indices.npy")
+    expected = {"vectors.npy": ((num_n, dim), "f"), "item_ids.npy": ((num_n,), _ID_KINDS),
+                "titles.json": ((num_n,), None), "user_vectors.npy": ((num_u, dim), "f"),
+                "user_ids.npy": ((num_u,), _ID_KINDS), "user_seen_indptr.npy": ((num_u + 1,), "iu"),
+                "user_seen_indices.npy": ((num_t,), "iu")}
+    for fname, value in loaded.items():
+      shape, kinds = expected[fname]
+      full = os.path.join(path, fname)
+      got = (len(value),) if fname.endswith(".json") else value.shape
+      if got != shape:
+        raise IndexFormatError(f"{full}: shape {list(got)}, expected {list(shape)} for "
+                               f"num_items={num_n}, dim={dim}, {num_u} users")
+      if kinds == "f" and value.dtype != np.float32:
+        raise IndexFormatError(f"{full}: dtype {value.dtype}, expected float32")
+      if kinds and kinds != "f" and value.dtype.kind not in kinds:
+        expect = "integer or string ids" if kinds == _ID_KINDS else "integer"
+        raise IndexFormatError(f"{full}: dtype {value.dtype}, expected {expect}")
+      if kinds == "f" and (bad := _non_finite_rows(value)):
+        raise IndexFormatError(f"{full}: {bad} of {len(value)} rows hold NaN or inf")

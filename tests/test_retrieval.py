@@ -24,6 +24,7 @@ def reference(q_BxE, c_NxE, k, *, exclude=None, valid=None):
   """Brute force: float64 scores (exact for dyadic data), sort by (-score, index)."""
   s_BxN = q_BxE.astype(np.float64) @ c_NxE.astype(np.float64).T
   num_b, num_n = s_BxN.shape
+  k = min(k, num_n)  # topk's contract: never more columns than corpus rows
   keep_BxN = ~np.isnan(s_BxN)
   if valid is not None:
     keep_BxN &= valid[None, :]
@@ -56,7 +57,7 @@ def assert_exact(got, want):
     (5, 1000, 16, 10, 128),     # N not a multiple of the block
     (7, 257, 64, 33, 64),
     (3, 50, 8, 50, None),       # k = N
-    (3, 50, 8, 64, 16),         # k > N: tail padded with -inf / -1
+    (3, 50, 8, 64, 16),         # k > N: clamped to N columns
     (4, 1, 8, 3, None),         # N = 1
     (1, 300, 4, 7, 300),        # one block exactly
 ])
@@ -184,7 +185,7 @@ def test_works_inside_jit():
     (dict(k=2, queries=np.zeros((8,), np.float32)), "2-D"),
     (dict(k=2, exclude=np.array([[0, 10]] * 3)), r"exclude\[0, 1\] = 10"),
     (dict(k=2, exclude=np.array([[-2]] * 3)), r"exclude\[0, 0\] = -2"),
-    (dict(k=2, exclude=np.array([[0]] * 2)), "exclude ids must be int"),
+    (dict(k=2, exclude=np.array([[0]] * 2)), "exclude needs one row per query: 3 queries, got 2"),
     (dict(k=2, exclude=np.zeros((3, 9), bool)), "exclude mask must be bool"),
     (dict(k=2, valid=np.ones(9, bool)), "valid must be bool"),
 ])
@@ -296,10 +297,12 @@ def test_index_search_include_exclude_per_query():
   rng = np.random.default_rng(14)
   index = make_index(rng)
   q = dyadic(rng, (2, 8))
-  include = [[1001, 1002, 1003], [1010, 1011]]
+  include = [[1001, 1002, 1003], [1010, 1011, 1012]]
+  # k = 4 is clamped to 3, the most candidates a query has; query 0 fills only 2 slots.
   s, ids = index.search(q, 4, include=include, exclude=[[1002], []])
+  assert ids.shape == s.shape == (2, 3)
   assert set(ids[0][:2]) == {1001, 1003} and ids[0][2] == -1 and s[0][2] == -np.inf
-  assert set(ids[1][:2]) == {1010, 1011} and np.all(ids[1][2:] == -1)
+  assert set(ids[1]) == {1010, 1011, 1012}
   s1, ids1 = index.search(q[0], 3)  # a single query gives 1-D results
   assert ids1.shape == (3,) and s1.shape == (3,)
   with pytest.raises(KeyError, match="unknown item id 99"):
@@ -434,3 +437,321 @@ def test_non_finite_queries_return_nothing():
   v, i = (np.asarray(x) for x in topk(q, c, 5))
   assert np.all(i[1:] == -1) and np.all(v[1:] == -np.inf)
   assert_exact((v[:1], i[:1]), reference(q[:1], c, 5))
+
+
+# -- odd input the kernel meets ------------------------------------------------------------------
+
+
+def test_zero_queries_give_empty_results():
+  c = dyadic(np.random.default_rng(23), (30, 8))
+  q = np.zeros((0, 8), np.float32)
+  for kwargs in (dict(), dict(exclude=np.zeros((0, 3), np.int32)),
+                 dict(exclude=np.zeros((0, 30), bool)), dict(exclude=[]),
+                 dict(mesh=mesh_of((8,), ("items",)))):
+    v, i = topk(q, c, 5, **kwargs)
+    assert v.shape == i.shape == (0, 5) and v.dtype == jnp.float32 and i.dtype == jnp.int32
+  assert topk(q, c, 99)[0].shape == (0, 30)
+
+
+def test_k_beyond_the_corpus_is_clamped_not_allocated():
+  rng = np.random.default_rng(24)
+  q, c = dyadic(rng, (3, 8)), dyadic(rng, (40, 8))
+  for mesh in (None, mesh_of((8,), ("items",))):
+    got = topk(q, c, 10**9, mesh=mesh)  # a [3, 10**9] buffer would need 12 GB
+    assert got[0].shape == (3, 40)
+    assert_exact(got, reference(q, c, 40))
+
+
+def test_exclude_accepts_ragged_per_query_lists():
+  rng = np.random.default_rng(25)
+  q, c = dyadic(rng, (3, 8)), dyadic(rng, (200, 8))
+  best = reference(q, c, 3)[1]
+  ragged = [best[0, :1].tolist(), [], np.asarray(best[2])]
+  padded = np.full((3, 3), -1, np.int32)
+  padded[0, :1], padded[2] = best[0, :1], best[2]
+  assert_exact(topk(q, c, 6, exclude=ragged), reference(q, c, 6, exclude=padded))
+  # Another ragged list of the same widest row reuses the compiled kernel.
+  compiled = retrieval._topk_single._cache_size()
+  topk(q, c, 6, exclude=[[1, 2, 3], [4], []])
+  assert retrieval._topk_single._cache_size() == compiled
+  assert_exact(topk(q, c, 6, exclude=[[], [], []]), reference(q, c, 6))
+  # Today's rectangular forms still work.
+  assert_exact(topk(q, c, 6, exclude=padded.tolist()), reference(q, c, 6, exclude=padded))
+  mask = np.zeros((3, 200), bool)
+  mask[1, best[1]] = True
+  assert_exact(topk(q, c, 6, exclude=mask.tolist()), reference(q, c, 6, exclude=mask))
+
+
+@pytest.mark.parametrize("exclude,match", [
+    ([[0], []], "exclude needs one row per query: 3 queries, got 2 rows"),
+    ([[0], [], [1], [2, 3]], "exclude needs one row per query: 3 queries, got 4 rows"),
+    ([[0], [], [0.5, 1.5]], r"exclude\[2\] must be a list of int corpus rows"),
+    ([[0], [], [99]], r"exclude ids must be in \[0, 10\)"),
+])
+def test_bad_ragged_exclude_raises_one_line(exclude, match):
+  with pytest.raises(ValueError, match=match) as e:
+    topk(np.zeros((3, 8), np.float32), np.zeros((10, 8), np.float32), 2, exclude=exclude)
+  assert "\n" not in str(e.value)
+
+
+# -- ItemIndex: never losing work, never trusting the manifest ---------------------------------
+
+
+def _one_line_naming(excinfo, path):
+  message = str(excinfo.value)
+  assert "\n" not in message and str(path) in message, message
+
+
+def test_index_save_refuses_an_existing_file(tmp_path):
+  target = tmp_path / "notes.txt"
+  target.write_text("mine")
+  with pytest.raises(retrieval.IndexExistsError, match="exists and is not a directory") as e:
+    make_index(np.random.default_rng(26)).save(str(target))
+  _one_line_naming(e, target)
+  assert target.read_text() == "mine"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_index_save_refuses_a_directory_that_is_not_an_index(tmp_path):
+  work = tmp_path / "run"
+  (work / "checkpoints" / "20").mkdir(parents=True)
+  (work / "checkpoints" / "20" / "state").write_bytes(b"weights")
+  (work / "metrics.json").write_text("{}")
+  with pytest.raises(retrieval.IndexExistsError, match="without an ItemIndex manifest") as e:
+    make_index(np.random.default_rng(27)).save(str(work))
+  _one_line_naming(e, work)
+  assert (work / "checkpoints" / "20" / "state").read_bytes() == b"weights"
+  assert sorted(p.name for p in work.iterdir()) == ["checkpoints", "metrics.json"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary left behind
+
+
+def test_index_save_refuses_an_index_holding_other_files(tmp_path):
+  make_index(np.random.default_rng(28), num_n=10).save(str(tmp_path / "idx"))
+  (tmp_path / "idx" / "notes.txt").write_text("mine")
+  with pytest.raises(retrieval.IndexExistsError, match=r"1 other entries \(notes.txt\)"):
+    make_index(np.random.default_rng(28), num_n=20).save(str(tmp_path / "idx"))
+  assert len(retrieval.ItemIndex.load(str(tmp_path / "idx"))) == 10
+  assert (tmp_path / "idx" / "notes.txt").read_text() == "mine"
+
+
+def test_index_save_into_an_empty_directory_and_over_an_index_touches_nothing_else(tmp_path):
+  (tmp_path / "idx").mkdir()
+  (tmp_path / "neighbour.txt").write_text("mine")
+  make_index(np.random.default_rng(29), num_n=10).save(str(tmp_path / "idx"))
+  assert len(retrieval.ItemIndex.load(str(tmp_path / "idx"))) == 10
+  make_index(np.random.default_rng(29), num_n=20).save(str(tmp_path / "idx"))
+  assert len(retrieval.ItemIndex.load(str(tmp_path / "idx"))) == 20
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["idx", "neighbour.txt"]
+
+
+def test_index_save_on_a_full_disk_names_the_path_and_keeps_the_old_index(tmp_path, monkeypatch):
+  import errno
+  path = tmp_path / "idx"
+  make_index(np.random.default_rng(30), num_n=10).save(str(path))
+  before = {p.name: p.read_bytes() for p in path.iterdir()}
+  new = make_index(np.random.default_rng(31), num_n=20)
+  written = []
+  real_write = retrieval._write_npy
+
+  def write_until_full(file, arr):
+    if len(written) == 2:  # the third array hits a full disk halfway
+      with open(file, "wb") as f:
+        f.write(b"\0" * (arr.nbytes // 2))
+      raise OSError(errno.ENOSPC, "No space left on device")
+    written.append(file)
+    real_write(file, arr)
+
+  monkeypatch.setattr(retrieval, "_write_npy", write_until_full)
+  with pytest.raises(retrieval.IndexWriteError, match="no space left on device") as e:
+    new.save(str(path))
+  _one_line_naming(e, path)
+  needed = sum(a.nbytes for a in new._arrays().values())
+  assert f"need {needed:,} bytes" in str(e.value) and e.value.errno == errno.ENOSPC
+  assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # the temporary is gone
+  assert len(retrieval.ItemIndex.load(str(path))) == 10
+
+
+def test_index_save_other_os_errors_name_the_path(tmp_path, monkeypatch):
+  import errno
+
+  def denied(file, arr):
+    raise PermissionError(errno.EACCES, "Permission denied", file)
+
+  monkeypatch.setattr(retrieval, "_write_npy", denied)
+  with pytest.raises(retrieval.IndexWriteError, match="Permission denied") as e:
+    make_index(np.random.default_rng(32)).save(str(tmp_path / "idx"))
+  _one_line_naming(e, tmp_path / "idx")
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("which", ["vectors", "user_vectors"])
+def test_index_save_refuses_non_finite_vectors(tmp_path, which):
+  index = make_index(np.random.default_rng(33))
+  getattr(index, which)[[1, 3], 0] = np.nan
+  getattr(index, which)[3, 1] = np.inf
+  with pytest.raises(ValueError, match=f"2 of .* rows of {which} hold NaN or inf") as e:
+    index.save(str(tmp_path / "idx"))
+  _one_line_naming(e, tmp_path / "idx" / f"{which}.npy")
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_recommend_refuses_a_non_finite_user_vector():
+  index = make_index(np.random.default_rng(34))
+  index.user_vectors[2, 0] = np.nan
+  with pytest.raises(ValueError, match="user 12 has a NaN or inf query vector"):
+    index.recommend(12)
+
+
+def test_index_search_and_recommend_clamp_k_to_the_candidates():
+  index = make_index(np.random.default_rng(35), num_n=60)
+  q = dyadic(np.random.default_rng(36), (2, 8))
+  s, ids = index.search(q, 10**9)  # a [2, 10**9] result would need 8 GB
+  assert s.shape == ids.shape == (2, 60) and np.all(ids >= 1000)
+  assert index.search(q, 10**9, exclude=[[1000, 1001], [1002]])[1].shape == (2, 59)
+  assert index.search(q, 5, exclude=index.item_ids.tolist())[1].shape == (2, 0)
+  recs = index.recommend(13, k=10**9)
+  assert len(recs) == 60 - 4  # user 13 knows 4 items
+  with pytest.raises(ValueError, match="k must be a positive int"):
+    index.search(q, 0)
+
+
+def _rewrite(idx, fname, value, *, fix_manifest=True):
+  """Replace one file of a saved index, and make the manifest agree with it (size, checksum)."""
+  import json
+  full = idx / fname
+  if fname.endswith(".json"):
+    full.write_text(json.dumps(value))
+  else:
+    np.save(full, value)
+  if fix_manifest:
+    mpath = idx / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    entry = manifest["files"][fname]
+    entry.update(bytes=full.stat().st_size, sha256=retrieval._sha256(full))
+    if not fname.endswith(".json"):
+      entry.update(shape=list(value.shape), dtype=value.dtype.str)
+    else:
+      entry.update(shape=[len(value)])
+    mpath.write_text(json.dumps(manifest))
+
+
+def _edit_manifest(manifest, how):
+  files = manifest["files"]
+  if how == "not an object":
+    return [manifest]
+  if how == "num_items a string":
+    manifest["num_items"] = "60"
+  elif how == "version true":
+    manifest["version"] = True
+  elif how == "no files":
+    del manifest["files"]
+  elif how == "entry a string":
+    files["vectors.npy"] = "vectors"
+  elif how == "shape a string":
+    files["vectors.npy"]["shape"] = "60x8"
+  elif how == "bytes a string":
+    files["vectors.npy"]["bytes"] = "many"
+  elif how == "unknown file":
+    files["extra.npy"] = dict(files["vectors.npy"])
+  elif how == "parent path":
+    files["../outside.npy"] = dict(files["vectors.npy"])
+  elif how == "absolute path":
+    files["/etc/passwd"] = dict(files["vectors.npy"])
+  elif how == "users without ids":
+    del files["user_ids.npy"]
+  elif how == "no titles":
+    del files["titles.json"]
+  return manifest
+
+
+@pytest.mark.parametrize("how,match", [
+    ("not an object", "expected a JSON object, got list"),
+    ("num_items a string", "num_items must be a non-negative int, got '60'"),
+    ("version true", "format version True"),
+    ("no files", "files must be an object"),
+    ("entry a string", r"files\['vectors.npy'\] must be an object"),
+    ("shape a string", r"files\['vectors.npy'\].shape must be a list"),
+    ("bytes a string", r"files\['vectors.npy'\] needs dtype \(string\), bytes \(int\)"),
+    ("unknown file", "unknown file 'extra.npy'"),
+    ("parent path", "'../outside.npy' lies outside the index directory"),
+    ("absolute path", "'/etc/passwd' lies outside the index directory"),
+    ("users without ids", "lists user_vectors.npy without user_ids.npy"),
+    ("no titles", "lists no titles.json"),
+])
+def test_index_load_validates_the_manifest_schema(tmp_path, how, match):
+  import json
+  idx = tmp_path / "idx"
+  make_index(np.random.default_rng(37)).save(str(idx))
+  # A file outside the index that a traversing manifest could point at, checksum and all.
+  np.save(tmp_path / "outside.npy", np.zeros((60, 8), np.float32))
+  mpath = idx / "manifest.json"
+  mpath.write_text(json.dumps(_edit_manifest(json.loads(mpath.read_text()), how)))
+  with pytest.raises(retrieval.IndexFormatError, match=match) as e:
+    retrieval.ItemIndex.load(str(idx))
+  _one_line_naming(e, mpath)
+
+
+def test_index_load_refuses_a_symlink_out_of_the_index(tmp_path):
+  idx = tmp_path / "idx"
+  make_index(np.random.default_rng(38)).save(str(idx))
+  outside = tmp_path / "elsewhere.npy"
+  (idx / "vectors.npy").rename(outside)
+  (idx / "vectors.npy").symlink_to(outside)
+  with pytest.raises(retrieval.IndexFormatError, match="outside the index directory") as e:
+    retrieval.ItemIndex.load(str(idx))
+  _one_line_naming(e, idx / "vectors.npy")
+
+
+@pytest.mark.parametrize("fname", ["titles.json", "vectors.npy", "manifest.json"])
+def test_index_load_refuses_a_directory_where_a_file_belongs(tmp_path, fname):
+  idx = tmp_path / "idx"
+  make_index(np.random.default_rng(39)).save(str(idx))
+  (idx / fname).unlink()
+  (idx / fname).mkdir()
+  with pytest.raises(retrieval.IndexFormatError, match="is not a regular file") as e:
+    retrieval.ItemIndex.load(str(idx))
+  _one_line_naming(e, idx / fname)
+
+
+def test_index_load_refuses_a_file_for_a_directory(tmp_path):
+  (tmp_path / "idx").write_text("not an index")
+  with pytest.raises(retrieval.IndexFormatError, match="is a file, not an ItemIndex directory"):
+    retrieval.ItemIndex.load(str(tmp_path / "idx"))
+
+
+@pytest.mark.parametrize("fname,value,match", [
+    ("item_ids.npy", np.arange(59), r"item_ids.npy: shape \[59\], expected \[60\]"),
+    ("vectors.npy", np.zeros((60, 8)), "vectors.npy: dtype float64, expected float32"),
+    ("vectors.npy", np.zeros((60, 7), np.float32), r"vectors.npy: shape \[60, 7\], expected \[60, 8\]"),
+    ("user_ids.npy", np.linspace(0, 1, 5), "user_ids.npy: dtype float64, expected integer or string"),
+    ("user_seen_indptr.npy", np.zeros(3, np.int64), r"user_seen_indptr.npy: shape \[3\], expected \[6\]"),
+    ("titles.json", {"a": "b"}, "titles.json: expected a JSON list of strings"),
+    ("titles.json", ["t"] * 59, r"titles.json: shape \[59\], expected \[60\]"),
+])
+def test_index_load_checks_arrays_against_each_other(tmp_path, fname, value, match):
+  idx = tmp_path / "idx"
+  make_index(np.random.default_rng(40)).save(str(idx))
+  _rewrite(idx, fname, value)
+  with pytest.raises(retrieval.IndexFormatError, match=match) as e:
+    retrieval.ItemIndex.load(str(idx))
+  _one_line_naming(e, idx / fname)
+
+
+@pytest.mark.parametrize("fname", ["vectors.npy", "user_vectors.npy"])
+def test_index_load_refuses_non_finite_vectors(tmp_path, fname):
+  idx = tmp_path / "idx"
+  index = make_index(np.random.default_rng(41))
+  index.save(str(idx))
+  bad = np.load(idx / fname)
+  bad[[0, 2, 4], 1] = [np.nan, np.inf, -np.inf]
+  _rewrite(idx, fname, bad)
+  with pytest.raises(retrieval.IndexFormatError, match=f"3 of {len(bad)} rows hold NaN or inf") as e:
+    retrieval.ItemIndex.load(str(idx))
+  _one_line_naming(e, idx / fname)
+
+
+def test_index_format_error_is_public():
+  import jaxrec
+  assert jaxrec.IndexFormatError is retrieval.IndexFormatError
+  assert issubclass(jaxrec.IndexFormatError, ValueError)
