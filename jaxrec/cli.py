@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     from jaxrec.trainer import TrainingStopped
     code = e.exit_code if isinstance(e, TrainingStopped) else 2 if isinstance(e, (UsageError, ConfigError)) else 1
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "jaxrec.mesh" in sys.modules:  # a multi-process run must not wait at exit for a process that died
+      from jaxrec.mesh import stop_if_peer_lost
+      stop_if_peer_lost(f"jaxrec {args.command}: error: ", message, code)
     print(f"jaxrec {args.command}: error: {message}", file=sys.stderr)
     return code
 

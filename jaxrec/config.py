@@ -177,6 +177,12 @@ class MeshConfig:
   coordinator_address: str = ""  # multi-process: host:port of process 0
   num_processes: int = 1
   process_id: int = -1
+  # Seconds without a heartbeat before a process counts as dead and every other process stops. JAX's
+  # own 100 s leaves survivors hanging in collectives for minutes; 10 s still outlasts a busy host.
+  heartbeat_timeout_s: int = 10
+  # Seconds for all processes to join the coordinator at start-up (JAXREC_INIT_TIMEOUT overrides);
+  # pods that pull containers or schedule hosts one by one need minutes.
+  init_timeout_s: int = 300
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 
 import jax
 import numpy as np
@@ -72,15 +73,46 @@ def _wait_for_coordinator(address: str, timeout_s: int, pid: int, num: int) -> N
       time.sleep(0.5)
 
 
+# Messages of a collective or a coordination call whose peer process is gone.
+_LOST_PEER_SIGNS = ("Gloo", "Connection reset by peer", "Connection closed by peer", "heartbeat timeout",
+                    "stopped sending heartbeats", "Socket closed", "Broken pipe")
+
+
+def stop_if_peer_lost(prefix: str, message: str, code: int) -> None:
+  """Ends this process at once when its multi-process run failed because another process is gone.
+
+  A collective whose peer died fails at once (gloo: "Connection reset by peer"). A normal exit would
+  then run jax.distributed.shutdown, whose barrier waits for every process until the heartbeat
+  timeout and then aborts with a C++ stack; so print one line naming the cause and skip it. Other
+  errors return and exit normally: the barrier keeps process 0's coordination service up while the
+  others still close their checkpoints.
+  """
+  if not jax.distributed.is_initialized() or not any(sign in message for sign in _LOST_PEER_SIGNS):
+    return
+  print(f"{prefix}process {jax.process_index()} of {jax.process_count()} lost contact with another process "
+        f"({message}); stopping without waiting for it: see the other processes' logs for the first failure",
+        file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
 def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int | None = None) -> bool:
   """Starts jax.distributed when config or environment asks for several processes.
 
   Environment (set by launch/*.sh): JAXREC_COORDINATOR, JAXREC_NUM_PROCESSES, JAXREC_PROCESS_ID.
   Returns True when this is a multi-process run. A coordinator that never answers fails after
-  ``timeout_s`` with an error naming the address, before any compute.
+  ``timeout_s`` (default: JAXREC_INIT_TIMEOUT, else mesh.init_timeout_s) with an error naming the
+  address, before any compute. Once running, a process that dies stops the others: at once when they
+  fail in a collective, else after mesh.heartbeat_timeout_s.
   """
+  if cfg.heartbeat_timeout_s < 1 or cfg.init_timeout_s < 1:
+    raise MeshError(f"mesh.heartbeat_timeout_s={cfg.heartbeat_timeout_s} and mesh.init_timeout_s={cfg.init_timeout_s} "
+                    "must both be at least 1 second")
   if os.environ.get("JAXREC_TPU_POD") and not jax.distributed.is_initialized():
-    jax.distributed.initialize()  # TPU VMs describe the slice to JAX themselves
+    # TPU VMs describe the slice to JAX themselves.
+    jax.distributed.initialize(initialization_timeout=cfg.init_timeout_s,
+                               heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
     return True
   address = cfg.coordinator_address or os.environ.get("JAXREC_COORDINATOR", "")
   num = cfg.num_processes if cfg.num_processes > 1 else int(os.environ.get("JAXREC_NUM_PROCESSES", "1"))
@@ -92,7 +124,7 @@ def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int | None = None) 
                     "(mesh.coordinator_address / mesh.process_id or JAXREC_COORDINATOR / JAXREC_PROCESS_ID)")
   if jax.distributed.is_initialized():
     return True
-  timeout_s = timeout_s or int(os.environ.get("JAXREC_INIT_TIMEOUT", "120"))
+  timeout_s = timeout_s or int(os.environ.get("JAXREC_INIT_TIMEOUT", "0")) or cfg.init_timeout_s
   local = os.environ.get("JAXREC_LOCAL_DEVICES")
   if local:
     jax.config.update("jax_num_cpu_devices", int(local))
@@ -101,10 +133,18 @@ def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int | None = None) 
     # XLA's client aborts the whole process when the coordinator is unreachable, so check first.
     _wait_for_coordinator(address, timeout_s, pid, num)
   bind = address if address.startswith("127.") or address.startswith("localhost") else None
-  log.info("jax.distributed: process %d of %d, coordinator %s", pid, num, address)
+  log.info("jax.distributed: process %d of %d, coordinator %s, heartbeat timeout %ds", pid, num, address,
+           cfg.heartbeat_timeout_s)
   try:
+    # A process whose heartbeats stop for heartbeat_timeout_s counts as dead: the service then fails
+    # every other process (XLA logs "Terminating process because the JAX distributed service detected
+    # fatal errors" and aborts), so no process outlives a lost peer by much more than that. The
+    # client's missed_heartbeat_callback cannot print a friendlier line instead: jaxlib cannot hand the
+    # absl::Status it passes to Python (std::bad_cast), so jax.distributed.initialize's own arguments
+    # are all there is. Processes inside a collective learn sooner, from its error (stop_if_peer_lost).
     jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid,
-                               coordinator_bind_address=bind, initialization_timeout=timeout_s)
+                               coordinator_bind_address=bind, initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
   except Exception as e:  # surface one line naming the address instead of a gRPC stack
     raise MeshError(f"could not join the coordinator at {address} as process {pid} of {num} within {timeout_s}s: {e}") from e
   return True

@@ -1,13 +1,21 @@
-"""Two processes x 4 CPU devices on 127.0.0.1 train exactly like one process x 8 devices."""
+"""Two processes x 4 CPU devices on 127.0.0.1 train exactly like one process x 8 devices, and a run
+whose process dies stops everywhere within seconds."""
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
+import pytest
+
+from jaxrec.config import MeshConfig
+from jaxrec.mesh import MeshError, maybe_initialize_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -18,9 +26,12 @@ def _train_cmd(workdir, *overrides):
   return [sys.executable, "-m", "jaxrec.cli", "train", "--config", TINY, "--workdir", str(workdir), *ARGS, *overrides]
 
 
+LAUNCHER = str(ROOT / "launch" / "local.sh")
+
+
 def _multi_and_single(tmp_path, *overrides):
   env = dict(os.environ, JAXREC_LOG_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
-  multi = subprocess.run(["bash", str(ROOT / "launch" / "local.sh"), "2", "4",
+  multi = subprocess.run(["bash", LAUNCHER, "2", "4",
                           *_train_cmd(tmp_path / "multi", *overrides)],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert multi.returncode == 0, multi.stdout[-2000:] + multi.stderr[-3000:]
@@ -65,3 +76,140 @@ def test_unreachable_coordinator_fails_with_a_clear_error(tmp_path):
   assert proc.returncode != 0
   assert "could not join the coordinator at 127.0.0.1:9 as process 1 of 2 within 10s" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_heartbeat_and_join_timeouts_must_be_positive():
+  with pytest.raises(MeshError, match=r"mesh.heartbeat_timeout_s=0 and mesh.init_timeout_s=300 must both be at least 1"):
+    maybe_initialize_distributed(MeshConfig(heartbeat_timeout_s=0))
+
+
+# A stand-in worker: records its pid and a child's, then process FAIL_ID fails; the others wait long.
+FAKE_WORKER = """
+sleep 600 &
+echo "$$ $!" > "$PID_DIR/process_$JAXREC_PROCESS_ID"
+if [ "$JAXREC_PROCESS_ID" = "$FAIL_ID" ]; then sleep 0.5; exit 7; fi
+wait
+"""
+
+
+@pytest.fixture
+def launched():
+  """Starts launchers; whatever a failing test leaves running is killed with its whole tree."""
+  procs = []
+
+  def launch(args, **kwargs):
+    procs.append(subprocess.Popen(["bash", LAUNCHER, *args], cwd=ROOT, text=True, **kwargs))
+    return procs[-1]
+  yield launch
+  for proc in procs:
+    if proc.poll() is None:
+      for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+      proc.kill()
+      proc.wait()
+
+
+def _fake_run(launched, tmp_path, num, fail_id):
+  env = dict(os.environ, JAXREC_LOG_DIR=str(tmp_path), PID_DIR=str(tmp_path), FAIL_ID=str(fail_id), JAXREC_STOP_GRACE="5")
+  return launched([str(num), "1", "bash", "-c", FAKE_WORKER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _recorded_pids(tmp_path, num):
+  deadline = time.monotonic() + 20
+  while len(list(tmp_path.glob("process_?"))) < num or any(not f.read_text().strip() for f in tmp_path.glob("process_?")):
+    assert time.monotonic() < deadline, "the stand-in workers did not start"
+    time.sleep(0.1)
+  return [int(pid) for f in tmp_path.glob("process_?") for pid in f.read_text().split()]
+
+
+def _alive(pids):
+  return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("fail_id", [0, 2])
+def test_launcher_stops_every_process_and_names_the_one_that_failed(tmp_path, launched, fail_id):
+  started = time.monotonic()
+  launcher = _fake_run(launched, tmp_path, 3, fail_id)
+  stdout, stderr = launcher.communicate(timeout=60)
+  assert launcher.returncode == 7, stderr
+  assert time.monotonic() - started < 20
+  line = re.compile(rf"launch/local.sh: process {fail_id} of 3 \(pid \d+\) exited with status 7\b.*; stopping the others")
+  assert line.search(stderr), stderr
+  assert "no such job" not in stderr and "unbound variable" not in stderr and "Killed" not in stderr
+  assert _alive(_recorded_pids(tmp_path, 3)) == []  # workers and what they started, not only wrapper shells
+
+
+def test_launcher_stops_every_process_when_it_is_terminated(tmp_path, launched):
+  launcher = _fake_run(launched, tmp_path, 2, -1)
+  pids = _recorded_pids(tmp_path, 2)
+  launcher.send_signal(signal.SIGTERM)
+  _, stderr = launcher.communicate(timeout=30)
+  assert launcher.returncode == 143
+  assert "launch/local.sh: received SIGTERM; stopping all 2 processes" in stderr
+  assert _alive(pids) == []
+
+
+def _jaxrec_processes(root: psutil.Process):
+  return [p for p in root.children(recursive=True) if "jaxrec.cli" in " ".join(p.cmdline())]
+
+
+def _wait_for_training(log: Path, timeout_s=300):
+  deadline = time.monotonic() + timeout_s
+  while not (log.exists() and "training steps" in log.read_text()):
+    assert time.monotonic() < deadline, log.read_text() if log.exists() else f"no {log}"
+    time.sleep(0.2)
+  time.sleep(1)  # into the steps' collectives
+
+
+LONG_RUN = ["train.steps=100000", "train.eval_every=0"]
+
+
+@pytest.mark.slow
+def test_launcher_stops_a_training_run_whose_worker_was_killed(tmp_path, launched):
+  env = dict(os.environ, JAXREC_LOG_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
+  launcher = launched(["2", "4", *_train_cmd(tmp_path / "run", *LONG_RUN)], env=env, stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE)
+  _wait_for_training(tmp_path / "process_1.log")
+  workers = _jaxrec_processes(psutil.Process(launcher.pid))
+  assert len(workers) == 2
+  victim = next(p for p in workers if p.environ().get("JAXREC_PROCESS_ID") == "1")
+  killed = time.monotonic()
+  victim.kill()
+  _, stderr = launcher.communicate(timeout=120)
+  assert time.monotonic() - killed < 40
+  assert launcher.returncode == 137, stderr[-3000:]
+  assert re.search(r"launch/local.sh: process 1 of 2 \(pid \d+\) exited with status 137 \(killed by SIGKILL\)", stderr)
+  assert _alive([p.pid for p in workers]) == []
+
+
+@pytest.mark.slow
+def test_a_process_whose_peer_died_stops_within_30s_with_one_clear_line(tmp_path):
+  # Without a launcher to stop it, the survivor must notice on its own: from the failed collective,
+  # or from the coordination service's heartbeat timeout (mesh.heartbeat_timeout_s=10).
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  workers = []
+  for pid in range(2):
+    env = dict(os.environ, JAXREC_COORDINATOR=f"127.0.0.1:{port}", JAXREC_NUM_PROCESSES="2", JAXREC_PROCESS_ID=str(pid),
+               JAXREC_LOCAL_DEVICES="4", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    log = open(tmp_path / f"process_{pid}.log", "w")
+    workers.append(subprocess.Popen(_train_cmd(tmp_path / "run", *LONG_RUN), env=env, cwd=ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True))
+  try:
+    _wait_for_training(tmp_path / "process_1.log")
+    workers[0].kill()  # process 0 also hosts the coordination service
+    killed = time.monotonic()
+    code = workers[1].wait(timeout=60)
+    assert time.monotonic() - killed < 30
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        os.killpg(worker.pid, signal.SIGKILL)
+  output = (tmp_path / "process_1.log").read_text()
+  assert code != 0
+  # The collective's error is turned into one line; XLA's heartbeat abort names the cause itself.
+  assert ("jaxrec train: error: process 1 of 2 lost contact with another process" in output
+          or "This most likely indicates that another task died" in output), output[-3000:]
+  assert "Traceback" not in output
