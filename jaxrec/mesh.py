@@ -73,9 +73,9 @@ def _wait_for_coordinator(address: str, timeout_s: int, pid: int, num: int) -> N
       time.sleep(0.5)
 
 
-# Messages of a collective or a coordination call whose peer process is gone.
-_LOST_PEER_SIGNS = ("Gloo", "Connection reset by peer", "Connection closed by peer", "heartbeat timeout",
-                    "stopped sending heartbeats", "Socket closed", "Broken pipe")
+# Messages of a collective (gloo's TCP transport) or a coordination call whose peer process is gone.
+_LOST_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "Broken pipe",
+                    "Socket closed", "Read error", "Write error", "heartbeat timeout", "stopped sending heartbeats")
 
 
 def stop_if_peer_lost(prefix: str, message: str, code: int) -> None:
