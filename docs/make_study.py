@@ -19,6 +19,7 @@ DOCS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(DOCS))
 
 from jaxrec import study  # noqa: E402
+from jaxrec.report import tables  # noqa: E402
 
 # RecBole-GNN's published ML-1M table (random 8:1:1 per user, full ranking, rating >= 3 kept).
 PUBLISHED = (("BPR", 0.1776, 0.2401), ("LightGCN", 0.1861, 0.2538), ("XSimGCL", 0.2116, 0.2750))
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
   parser.add_argument("--ease", help="JSON from benchmarks/peers/ease_reference.py")
   args = parser.parse_args(argv)
   out = os.path.abspath(args.study)
-  results = study.read_csv(os.path.join(out, "results.csv"))
+  results = tables.read_csv(os.path.join(out, "results.csv"))
   with open(os.path.join(out, "results.md")) as f:
     table = f.read().split("\n", 2)[2]  # drop the "# Study" title
   with open(os.path.join(out, "commands.sh")) as f:

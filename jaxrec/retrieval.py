@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxrec.sharding import round_up
+
 NEG_INF = float("-inf")
 
 
@@ -127,10 +129,6 @@ GROUP = 16  # chunks per group
 ALIGN = 256  # fused tiles and the padded tail hold whole groups of any chunk size used
 
 
-def _round_up(x, m):
-  return -(-x // m) * m
-
-
 def _tile_maxima(q_ExT, c_CxE, ok_C, mask_TxC, chunk):
   """[C/chunk, T] chunk maxima of c @ q; rows with ok False / mask True score -inf."""
   s_CxT = jax.lax.dot_general(c_CxE, q_ExT, (((1,), (0,)), ((), ())),
@@ -156,7 +154,7 @@ def _super_block_topk(q_TxE, c_NxE, ok_N, all_ok, excl_TxM, mask_TxN, *, s0, s1,
   rows = s1 - s0
   num_full = rows // tile
   tail = rows - num_full * tile
-  tail_pad = _round_up(tail, ALIGN)
+  tail_pad = round_up(tail, ALIGN)
   num_g1 = (num_full * tile + tail_pad) // chunk
 
   def full_tiles(masked):
@@ -243,8 +241,8 @@ def _exact_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, tile, q_tile, s
   if valid_N is not None:
     ok_N &= valid_N
   all_ok = jnp.all(ok_N)
-  num_t = min(q_tile, _round_up(num_b, 8))
-  b_pad = _round_up(num_b, num_t) - num_b
+  num_t = min(q_tile, round_up(num_b, 8))
+  b_pad = round_up(num_b, num_t) - num_b
   pad_b = lambda x, v: None if x is None else jnp.pad(
       x, ((0, b_pad),) + ((0, 0),) * (x.ndim - 1), constant_values=v)
   q_BxE, excl_BxM, mask_BxN = pad_b(q_BxE, 0), pad_b(excl_BxM, -1), pad_b(mask_BxN, True)
@@ -273,10 +271,10 @@ def _plan(num_b, num_n, block_size, k, dim):
   on_cpu = jax.default_backend() == "cpu"
   # CPU: a [4096, 512] tile keeps the fused matmul near its best rate with the maxima in cache.
   # Accelerators want large matmuls and have the memory for them.
-  tile = _round_up(block_size, ALIGN) if block_size else (4096 if on_cpu else 32768)
-  tile = min(tile, _round_up(num_n, ALIGN))
+  tile = round_up(block_size, ALIGN) if block_size else (4096 if on_cpu else 32768)
+  tile = min(tile, round_up(num_n, ALIGN))
   q_tile = 512 if on_cpu else 8192
-  num_t = min(q_tile, _round_up(num_b, 8))
+  num_t = min(q_tile, round_up(num_b, 8))
   # The re-scoring gathers k * chunk rows of E floats per query; at k = 100, E = 384 that is
   # 2.4 MB per query with 16-row chunks, which cost as much as a third of the matmul on CPU.
   # 8-row chunks halve it for twice the chunk maxima (still a small fraction of the scores).

@@ -110,7 +110,8 @@ def constrain(x: jax.Array, mesh: Mesh, logical: Sequence[str | None], rules: di
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, resolve(logical, x.shape, mesh, rules)))
 
 
-def pad_to_multiple(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of ``multiple`` that is >= ``n`` (rows padded to a mesh axis, tiles)."""
   return -(-n // multiple) * multiple
 
 

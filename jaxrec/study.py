@@ -9,7 +9,8 @@ its own workdir under the study's output directory, so any cell can be rerun alo
 exists is read instead of retrained, so an interrupted study resumes where it stopped.
 
 Outputs under the study directory: ``cells.csv`` (one row per run), ``results.csv`` and
-``results.md`` (mean and sample standard deviation over seeds), ``commands.sh``, and PNG plots:
+``results.md`` (mean and sample standard deviation over seeds), ``commands.sh``, and PNG plots
+(tables and plots are drawn by ``jaxrec.report``):
 ``recall_<dataset>_<split>.png`` (Recall@10 overall/warm/cold per model) and
 ``efficiency_<dataset>_<split>.png`` (Recall@10 against the training fraction, overall and cold).
 The popularity baseline is not trained: its row is read from the ``popularity/`` keys that every
@@ -19,31 +20,23 @@ run reports for the same split.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import fnmatch
-import io
 import json
 import logging
-import math
 import os
 import shlex
 import sys
 import time
 from typing import Any, Sequence
 
-import numpy as np
-
 from jaxrec.config import Config, ConfigError, call_python_file, load_config, shipped_config_path, to_json
-from jaxrec.data.plot import GLYPHS, png_bytes, write_atomic
+from jaxrec.files import write_atomically, write_json_atomically
+from jaxrec.report.tables import POPULARITY, aggregate, markdown, metric_names, write_csv
 
 log = logging.getLogger("jaxrec.study")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-POPULARITY = "popularity"
-GROUPS = ("", "warm/", "cold/")
-METRICS = ("recall", "ndcg", "mrr", "hit")
-KS = (10, 50)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +212,8 @@ def run_cell(cell: Cell) -> tuple[dict[str, Any], bool]:
   from jaxrec.trainer import train
   start = time.perf_counter()
   result = train(cfg)
-  with open(os.path.join(workdir, "study_cell.json"), "w") as f:
-    json.dump({"cell": cell.id, "seconds": time.perf_counter() - start, "command": command(cell)}, f, indent=1)
+  write_json_atomically(os.path.join(workdir, "study_cell.json"),
+                        {"cell": cell.id, "seconds": time.perf_counter() - start, "command": command(cell)})
   return result, True
 
 
@@ -245,7 +238,7 @@ def reevaluate_cell(cell: Cell) -> dict[str, Any]:
   result["reevaluated_utc"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
   trainer.build_index(state, step).save(os.path.join(workdir, "index"))
   # Atomic: the old metrics survive a failure mid-write.
-  write_atomic(metrics_path, json.dumps(result, indent=1, sort_keys=True, default=float).encode())
+  write_json_atomically(metrics_path, result)
   return result
 
 
@@ -257,12 +250,7 @@ def _seconds(cell_dir: str) -> float:
     return float(json.load(f)["seconds"])
 
 
-# ---------------------------------------------------------------------------------------- tables
-
-
-def metric_names() -> list[str]:
-  names = [f"{g}{m}@{k}" for g in GROUPS for m in METRICS for k in KS]
-  return names + [f"coverage@{k}" for k in KS]
+# ---------------------------------------------------------------------------------------- collecting
 
 
 def cell_rows(cells: Sequence[Cell], results: dict[tuple, dict]) -> list[dict[str, Any]]:
@@ -288,262 +276,31 @@ def cell_rows(cells: Sequence[Cell], results: dict[tuple, dict]) -> list[dict[st
   return rows
 
 
-def aggregate(rows: Sequence[dict[str, Any]], model_order: Sequence[str]) -> list[dict[str, Any]]:
-  """Mean and sample standard deviation over seeds of every (dataset, split, model, fraction)."""
-  groups: dict[tuple, list[dict]] = {}
-  for row in rows:
-    groups.setdefault((row["dataset"], row["split"], row["model"], row["train_fraction"]), []).append(row)
-  rank = {name: i for i, name in enumerate([POPULARITY, *model_order])}
-  out = []
-  for (dataset, split, model, fraction), members in groups.items():
-    agg = {"dataset": dataset, "split": split, "model": model, "train_fraction": fraction, "n": len(members),
-           "seeds": " ".join(str(m["seed"]) for m in sorted(members, key=lambda m: m["seed"]))}
-    for name in ["seconds", *metric_names()]:
-      values = np.array([m[name] for m in members], np.float64)
-      values = values[np.isfinite(values)]
-      agg[f"{name}_mean"] = float(values.mean()) if len(values) else float("nan")
-      agg[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
-    out.append(agg)
-  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-  splits = list(dict.fromkeys(r["split"] for r in rows))
-  out.sort(key=lambda r: (datasets.index(r["dataset"]), splits.index(r["split"]), -r["train_fraction"],
-                          rank.get(r["model"], len(rank))))
-  return out
-
-
-def _write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
-  if not rows:
-    return
-  buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()), lineterminator="\n")
-  writer.writeheader()
-  for row in rows:
-    writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-  write_atomic(path, buffer.getvalue().encode())
-
-
-def read_csv(path: str) -> list[dict[str, Any]]:
-  """Rows of a results/cells CSV with numbers parsed back (``nan`` for an empty standard deviation)."""
-  with open(path) as f:
-    rows = list(csv.DictReader(f))
-  for row in rows:
-    for key, value in row.items():
-      if key in ("dataset", "split", "model", "seeds"):
-        continue
-      try:
-        row[key] = float(value)
-      except ValueError:
-        pass
-  return rows
-
-
-def _pm(row: dict, name: str, digits: int = 4) -> str:
-  mean, std = row[f"{name}_mean"], row[f"{name}_std"]
-  if not math.isfinite(mean):
-    return "–"
-  return f"{mean:.{digits}f} ± {std:.{digits}f}" if math.isfinite(std) else f"{mean:.{digits}f}"
-
-
-MAIN_COLUMNS = (("R@10", "recall@10"), ("N@10", "ndcg@10"), ("MRR@10", "mrr@10"), ("Hit@10", "hit@10"),
-                ("R@50", "recall@50"), ("N@50", "ndcg@50"), ("warm R@10", "warm/recall@10"),
-                ("cold R@10", "cold/recall@10"), ("cold N@10", "cold/ndcg@10"), ("cov@10", "coverage@10"))
-
-
-def markdown(results: Sequence[dict[str, Any]], labels: dict[str, str], title: str = "") -> str:
-  """Tables generated from ``results.csv`` rows: per (dataset, split), the models at each fraction."""
-  lines = [f"# {title}", ""] if title else []
-  sections = list(dict.fromkeys((r["dataset"], r["split"]) for r in results))
-  for dataset, split in sections:
-    part = [r for r in results if r["dataset"] == dataset and r["split"] == split]
-    lines += [f"### {dataset}, split `{split}`", ""]
-    has_cold = any(math.isfinite(r["cold/recall@10_mean"]) for r in part)
-    columns = [c for c in MAIN_COLUMNS if has_cold or not c[1].startswith(("warm/", "cold/"))]
-    lines.append("| model | train frac | seeds | " + " | ".join(c[0] for c in columns) + " | s/run |")
-    lines.append("|---|---:|---:|" + "---:|" * len(columns) + "---:|")
-    for r in part:
-      seconds = f"{r['seconds_mean']:.0f}" if math.isfinite(r["seconds_mean"]) else "–"
-      cells = " | ".join(_pm(r, c[1]) for c in columns)
-      lines.append(f"| {labels.get(r['model'], r['model'])} | {r['train_fraction']:g} | {int(r['n'])} | {cells} | {seconds} |")
-    lines.append("")
-  lines.append("Mean ± sample standard deviation over the seeds listed (one seed: no ±). R = Recall, N = NDCG, "
-               "cov = share of the catalog in anyone's top 10. Warm/cold restrict the ground truth to items "
-               "seen/unseen in training.")
-  return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------- plots
-
-_INK, _GRID, _WHITE = (40, 40, 40), (225, 225, 225), (255, 255, 255)
-PALETTE = ((120, 120, 120), (49, 104, 176), (230, 120, 30), (60, 160, 80), (200, 50, 60), (140, 90, 180),
-           (150, 110, 60))
-
-
-def _text(img: np.ndarray, x: int, y: int, text: str, color=_INK, scale: int = 2) -> None:
-  for i, ch in enumerate(text.upper()):
-    rows = GLYPHS.get(ch, ("   ",) * 5)
-    glyph = np.kron(np.array([[c == "#" for c in row] for row in rows]), np.ones((scale, scale), bool))
-    x0 = x + i * 4 * scale
-    h, w = glyph.shape
-    if 0 <= y and y + h <= img.shape[0] and 0 <= x0 and x0 + w <= img.shape[1]:
-      img[y:y + h, x0:x0 + w][glyph] = color
-
-
-def _line(img: np.ndarray, p0: tuple[float, float], p1: tuple[float, float], color, width: int = 3) -> None:
-  n = int(max(abs(p1[0] - p0[0]), abs(p1[1] - p0[1]))) + 1
-  xs = np.round(np.linspace(p0[0], p1[0], n)).astype(int)
-  ys = np.round(np.linspace(p0[1], p1[1], n)).astype(int)
-  r = width // 2
-  for dx in range(-r, r + 1):
-    for dy in range(-r, r + 1):
-      img[np.clip(ys + dy, 0, img.shape[0] - 1), np.clip(xs + dx, 0, img.shape[1] - 1)] = color
-
-
-def _box(img: np.ndarray, x0: int, y0: int, x1: int, y1: int, color) -> None:
-  img[max(min(y0, y1), 0):max(y0, y1), max(min(x0, x1), 0):max(x0, x1)] = color
-
-
-def _nice_top(value: float) -> float:
-  if not math.isfinite(value) or value <= 0:
-    return 1.0
-  step = 10 ** math.floor(math.log10(value))
-  for m in (1, 2, 2.5, 5, 10):
-    if m * step >= value:
-      return m * step
-  return 10 * step
-
-
-class _Panel:
-  """A plot area with a y axis from 0 to ``top`` and gridlines at quarters."""
-
-  def __init__(self, img, left, top, width, height, y_top, title):
-    self.img, self.left, self.top, self.width, self.height, self.y_top = img, left, top, width, height, y_top
-    for q in range(5):
-      y = self.y(q / 4 * y_top)
-      img[y, left:left + width] = _GRID
-      _text(img, max(0, left - 52), y - 5, f"{q / 4 * y_top:.3f}"[:5], scale=2)
-    img[top:top + height + 1, left] = _INK
-    img[top + height, left:left + width] = _INK
-    _text(img, left, max(0, top - 22), title, scale=2)
-
-  def y(self, value: float) -> int:
-    value = min(max(value, 0.0), self.y_top)
-    return int(round(self.top + self.height - value / self.y_top * self.height))
-
-
-def _legend(img, x, y, names, colors) -> None:
-  for i, (name, color) in enumerate(zip(names, colors)):
-    _box(img, x, y + i * 18, x + 14, y + i * 18 + 10, color)
-    _text(img, x + 20, y + i * 18, name, scale=2)
-
-
-def bar_image(models: Sequence[str], groups: Sequence[str], values: np.ndarray, errors: np.ndarray, title: str,
-              colors: Sequence[tuple] | None = None, width: int = 900, height: int = 420) -> np.ndarray:
-  """uint8 RGB: ``values[model, group]`` as grouped bars (one colour per model), error ticks = std."""
-  img = np.full((height, width, 3), 255, np.uint8)
-  colors = colors or [PALETTE[m % len(PALETTE)] for m in range(len(models))]
-  legend_w = 190
-  panel = _Panel(img, 70, 50, width - 70 - legend_w - 20, height - 50 - 50,
-                 _nice_top(float(np.nanmax(values + np.nan_to_num(errors), initial=0.0)) * 1.05), title)
-  n_groups, n_models = len(groups), len(models)
-  slot = panel.width / max(n_groups, 1)
-  bar = max(2, int(slot * 0.8 / max(n_models, 1)))
-  for g, group in enumerate(groups):
-    x_start = int(panel.left + g * slot + slot * 0.1)
-    for m in range(n_models):
-      v = values[m, g]
-      if not math.isfinite(v):
-        continue
-      x0 = x_start + m * bar
-      _box(img, x0, panel.y(v), x0 + bar - 2, panel.y(0), colors[m])
-      e = errors[m, g]
-      if math.isfinite(e) and e > 0:
-        cx = x0 + (bar - 2) // 2
-        img[panel.y(v + e):panel.y(v - e) + 1, cx] = _INK
-    _text(img, int(panel.left + g * slot + slot / 2 - 4 * len(group)), panel.top + panel.height + 12, group)
-  _legend(img, width - legend_w, 60, models, colors)
-  return img
-
-
-def lines_image(models: Sequence[str], xs: Sequence[float], panels: Sequence[tuple[str, np.ndarray]],
-                colors: Sequence[tuple] | None = None, width: int = 1000, height: int = 420) -> np.ndarray:
-  """uint8 RGB: side-by-side panels; in each, ``values[model, x]`` as a line per model over
-  categorical x positions (the training fractions, evenly spaced)."""
-  img = np.full((height, width, 3), 255, np.uint8)
-  colors = colors or [PALETTE[m % len(PALETTE)] for m in range(len(models))]
-  legend_w = 190
-  pw = (width - legend_w - 40) // max(len(panels), 1)
-  for p, (title, values) in enumerate(panels):
-    top_value = _nice_top(float(np.nanmax(np.where(np.isfinite(values), values, 0.0), initial=0.0)) * 1.05)
-    panel = _Panel(img, 70 + p * pw, 50, pw - 90, height - 50 - 50, top_value, title)
-    positions = [panel.left + int((i + 0.5) * panel.width / len(xs)) for i in range(len(xs))]
-    for i, x in enumerate(xs):
-      img[panel.top + panel.height:panel.top + panel.height + 5, positions[i]] = _INK
-      label = f"{x:g}"
-      _text(img, positions[i] - 4 * len(label), panel.top + panel.height + 12, label)
-    for m in range(len(models)):
-      color = colors[m]
-      points = [(positions[i], panel.y(values[m, i])) for i in range(len(xs)) if math.isfinite(values[m, i])]
-      for a, b in zip(points[:-1], points[1:]):
-        _line(img, a, b, color)
-      for x, y in points:
-        _box(img, x - 4, y - 4, x + 5, y + 5, color)
-  _text(img, 70, height - 20, "TRAINING FRACTION", scale=2)
-  _legend(img, width - legend_w, 60, models, colors)
-  return img
-
-
-def write_plots(results: Sequence[dict[str, Any]], out: str, model_order: Sequence[str]) -> list[str]:
-  """Per (dataset, split): the Recall@10 bars at the full training set, and the efficiency lines."""
-  written = []
-  order = [POPULARITY, *model_order]
-  color = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(order)}  # one colour per model in every plot
-  for dataset, split in dict.fromkeys((r["dataset"], r["split"]) for r in results):
-    part = [r for r in results if r["dataset"] == dataset and r["split"] == split]
-    models = [m for m in order if any(r["model"] == m for r in part)]
-    full = {r["model"]: r for r in part if r["train_fraction"] == max(x["train_fraction"] for x in part)}
-    groups = [g for g in GROUPS if any(math.isfinite(r[f"{g}recall@10_mean"]) for r in full.values())]
-    values = np.array([[full[m][f"{g}recall@10_mean"] if m in full else np.nan for g in groups] for m in models])
-    errors = np.array([[full[m][f"{g}recall@10_std"] if m in full else np.nan for g in groups] for m in models])
-    names = [g[:-1] if g else "overall" for g in groups]
-    path = os.path.join(out, f"recall_{dataset}_{split}.png")
-    write_atomic(path, png_bytes(bar_image(models, names, values, errors, f"RECALL@10 {dataset} {split}",
-                                           [color[m] for m in models])))
-    written.append(path)
-    fractions = sorted({r["train_fraction"] for r in part})
-    if len(fractions) > 1:
-      swept = [m for m in models if sum(r["model"] == m for r in part) > 1]
-      panels = []
-      for g in ("", "cold/"):
-        grid = np.array([[next((r[f"{g}recall@10_mean"] for r in part if r["model"] == m and r["train_fraction"] == f),
-                               np.nan) for f in fractions] for m in swept])
-        if np.isfinite(grid).any():
-          panels.append((f"RECALL@10 {'OVERALL' if not g else 'COLD'} {dataset} {split}", grid))
-      path = os.path.join(out, f"efficiency_{dataset}_{split}.png")
-      write_atomic(path, png_bytes(lines_image(swept, fractions, panels, [color[m] for m in swept])))
-      written.append(path)
-  return written
-
-
 # ---------------------------------------------------------------------------------------- main
 
 
 def write_outputs(study: Study, cells: Sequence[Cell], results: dict[tuple, dict], out: str) -> dict[str, Any]:
+  # matplotlib loads here, not with the module: every `jaxrec` command imports this file for its flags.
+  from jaxrec.report import plots
   model_order = list(dict.fromkeys(c.model.name for c in cells))
   labels = {c.model.name: c.model.label or c.model.name for c in cells}
   rows = cell_rows(cells, results)
   table = aggregate(rows, model_order)
-  _write_csv(os.path.join(out, "cells.csv"), rows)
-  _write_csv(os.path.join(out, "results.csv"), table)
-  write_atomic(os.path.join(out, "results.md"), markdown(table, labels, f"Study `{study.name}`").encode())
-  plots = write_plots(table, out, model_order) if table else []
-  return {"rows": rows, "results": table, "plots": plots}
+  write_csv(os.path.join(out, "cells.csv"), rows)
+  write_csv(os.path.join(out, "results.csv"), table)
+  write_atomically(os.path.join(out, "results.md"), markdown(table, labels, f"Study `{study.name}`"))
+  written = []
+  for name, figure in plots.study_figures(table, [POPULARITY, *model_order], labels).items():
+    written.append(os.path.join(out, name))
+    plots.save_png(figure, written[-1])
+  return {"rows": rows, "results": table, "plots": written}
 
 
 def write_commands(cells: Sequence[Cell], out: str) -> None:
   lines = ["#!/usr/bin/env bash", "# One `jaxrec train` per study cell (the runner calls jaxrec.train with the same config).",
            "set -euo pipefail"]
   lines += [f"# {cell.id}\n{command(cell)}" for cell in cells]
-  write_atomic(os.path.join(out, "commands.sh"), ("\n".join(lines) + "\n").encode())
+  write_atomically(os.path.join(out, "commands.sh"), "\n".join(lines) + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

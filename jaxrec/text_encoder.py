@@ -15,7 +15,6 @@ import importlib.resources
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Sequence
 
 import jax
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrec.files import atomic_file
 from jaxrec.models.encoder import BertConfig, BertEncoder, pool, uses_cpu_bf16_matmul
 from jaxrec.weights import ShardingSpec, WeightsError, check_vocab, find_weights_file, load_encoder, read_config
 
@@ -298,14 +298,6 @@ def encode_cached(encoder: TextEncoder, texts: Sequence[str], cache_dir: str | o
     raise ValueError(f"text encoder {encoder.path or '(in memory)'}: {len(bad)} of {len(texts)} texts encode to "
                      f"non-finite vectors (first: text {int(bad[0])}, {texts[bad[0]][:60]!r}); refusing to cache "
                      f"them in {file} (the weights or encoder.dtype may overflow)")
-  os.makedirs(cache_dir, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".text-emb-", suffix=".npy.tmp", dir=cache_dir)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, vecs, allow_pickle=False)
-    os.replace(tmp, file)  # atomic: a reader sees the old file or the whole new one
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic_file(file, size=vecs.nbytes) as f:  # a reader sees the old file or the whole new one
+    np.save(f, vecs, allow_pickle=False)
   return vecs

@@ -10,7 +10,6 @@ metrics, so the host never waits on the device in the hot loop.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ from jaxrec.config import Config, to_json
 from jaxrec.data import sources
 from jaxrec.data.dataset import Dataset, Split
 from jaxrec.data.pipeline import BatchBuilder, Sequences, history_mode, item_log_q, train_batches
+from jaxrec.files import write_json_atomically
 from jaxrec.flops import jaxpr_matmul_flops
 from jaxrec.mesh import MeshError, make_mesh, maybe_initialize_distributed
 from jaxrec.models.towers import Catalog, Users
@@ -181,7 +181,7 @@ class Trainer:
     worst = min(ds.num_items, cfg.train.batch_size * (cfg.data.history_len + 1))
     # The catalog softmax runs the item tower on every item, so its batches carry no distinct
     # items (capacity 0: the builder skips np.unique and the slot arrays).
-    self.unique_capacity = sharding.pad_to_multiple(worst, multiple) if cfg.train.negatives == "in_batch" else 0
+    self.unique_capacity = sharding.round_up(worst, multiple) if cfg.train.negatives == "in_batch" else 0
     # A live encoder is most of the step, so there a batch pads its distinct items only to the
     # smallest of encoder.shape_buckets capacities and its tokens to its longest text's length
     # bucket (one compile per pair met); other modes keep the one worst-case shape.
@@ -565,7 +565,7 @@ class Trainer:
     index = self.build_index(state, cfg.train.steps)
     if is_main:
       index.save(os.path.join(workdir, "index"))
-      _write_json(os.path.join(workdir, "metrics.json"), result)
+      write_json_atomically(os.path.join(workdir, "metrics.json"), result)
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(to_json(cfg))
       if writer is not None:
@@ -668,7 +668,7 @@ class Trainer:
 
 def _bucket_ladder(worst: int, count: int, multiple: int) -> tuple[int, ...]:
   """Shape buckets ``worst * i / count`` for i = 1..count, each rounded up to ``multiple``."""
-  return tuple(sorted({sharding.pad_to_multiple(-(-worst * i // count), multiple) for i in range(1, count + 1)}))
+  return tuple(sorted({sharding.round_up(-(-worst * i // count), multiple) for i in range(1, count + 1)}))
 
 
 def _process_local(sharding_: NamedSharding, local: np.ndarray, stacked: bool) -> jax.Array:
@@ -786,13 +786,6 @@ def _progress(cfg: Config, start: int):
 def _summary_writer(path: str):
   from tensorboardX import SummaryWriter
   return SummaryWriter(path)
-
-
-def _write_json(path: str, data: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1, sort_keys=True, default=float)
-  os.replace(tmp, path)
 
 
 def train(cfg: Config) -> dict[str, Any]:

@@ -8,7 +8,6 @@ and writes ``stats.json`` and ``item_popularity.png`` to ``--out`` (default
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Sequence
@@ -16,8 +15,10 @@ from typing import Sequence
 import numpy as np
 
 from jaxrec.config import load_config, override
-from jaxrec.data import plot, sources
+from jaxrec.data import sources
 from jaxrec.data.dataset import Dataset, Split
+from jaxrec.files import write_json_atomically
+from jaxrec.report import plots
 
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 
@@ -72,9 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   stats = compute(dataset, split)
   out = args.out or os.path.join(cfg.workdir, "data_stats")
   per_item = np.bincount(dataset.items, minlength=dataset.num_items)
-  png = plot.png_bytes(plot.popularity_image(per_item, split.cold_items))
-  plot.write_atomic(os.path.join(out, "stats.json"), (json.dumps(stats, indent=2) + "\n").encode())
-  plot.write_atomic(os.path.join(out, "item_popularity.png"), png)
+  write_json_atomically(os.path.join(out, "stats.json"), stats)
+  plots.save_png(plots.item_popularity(per_item, split.cold_items), os.path.join(out, "item_popularity.png"))
   print(_report(stats))
   print(f"wrote {os.path.join(out, 'stats.json')} and {os.path.join(out, 'item_popularity.png')}")
   return 0

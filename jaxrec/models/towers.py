@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrec.config import ModelConfig
+from jaxrec.sharding import round_up
 
 
 class Table(nnx.Variable):
@@ -97,10 +98,6 @@ class Catalog:
   text_NxD: np.ndarray | None  # float32 cached text vectors (frozen encoder), else None
 
 
-def padded_rows(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
 def id_table(rows: int, cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Embed:
   """An id embedding table [rows, id_dim], sharded by rows (``id_rows``)."""
   return nnx.Embed(rows, cfg.id_dim, param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
@@ -118,7 +115,7 @@ class ItemTower(nnx.Module):
       in_dim += text_dim
       self.text = None if catalog.text_NxD is None else Table(jnp.asarray(catalog.text_NxD, jnp.float32))
     if self.use_ids:
-      rows = padded_rows(catalog.num_id_rows, row_multiple)  # padding rows are never indexed
+      rows = round_up(catalog.num_id_rows, row_multiple)  # padding rows are never indexed
       self.id_row = Table(jnp.asarray(catalog.id_row, jnp.int32))
       self.ids = id_table(rows, cfg, rngs=rngs)
       in_dim += cfg.id_dim
@@ -176,11 +173,11 @@ class QueryTower(nnx.Module):
     self.use_history_ids = cfg.history_ids
     if self.use_history_ids:
       self.history_row = Table(jnp.asarray(catalog.id_row, jnp.int32))
-      self.history_ids = id_table(padded_rows(catalog.num_id_rows, row_multiple), cfg, rngs=rngs)
+      self.history_ids = id_table(round_up(catalog.num_id_rows, row_multiple), cfg, rngs=rngs)
       in_dim += cfg.id_dim
     if self.use_ids:
       # Row 0 is the shared row for users unknown at training time.
-      self.ids = id_table(padded_rows(users.num_users + 1, row_multiple), cfg, rngs=rngs)
+      self.ids = id_table(round_up(users.num_users + 1, row_multiple), cfg, rngs=rngs)
       in_dim += cfg.id_dim
     self.features = nnx.Dict({name: CategoricalBag(values, users.feature_sizes[name], cfg.feature_dim, cfg, rngs=rngs)
                               for name, values in sorted(users.features.items())})

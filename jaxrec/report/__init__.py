@@ -1,0 +1,1 @@
+"""Tables and plots of finished runs: the study's CSV/Markdown tables and charts, and data stats' chart."""
