@@ -71,6 +71,7 @@ def test_peer_side_reports_finite_throughput_and_quality(smoke, config, peer):
   assert math.isfinite(result["ratio"]) and result["ratio"] > 0
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_smoke_runs_jaxrec_in_bf16_and_probes_the_peer_in_both_precisions(tmp_path):
   out = tmp_path / "full.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -93,6 +94,7 @@ def test_full_fine_tuning_smoke_runs_jaxrec_in_bf16_and_probes_the_peer_in_both_
   assert math.isfinite(result["peer_result"]["final_loss"]) and math.isfinite(result["ratio"])
 
 
+@pytest.mark.slow
 def test_gpu_suite_runs_every_cell_at_toy_size_on_any_backend(tmp_path):
   # The accelerator suite's own logic (cells, overrides, summary) at toy size on CPU with a tiny
   # BERT; its sizes and timings are for one GPU and are recorded in benchmarks/README.md.

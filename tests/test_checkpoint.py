@@ -38,6 +38,7 @@ def _final_params(workdir, step):
   return jax.tree.map(np.asarray, state["params"])
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   common = ["train.steps=40", "checkpoint.every=20", "checkpoint.async_save=false"]
   straight = _cli(tmp_path / "straight", *common)
@@ -58,6 +59,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resumes(tmp_path):
   proc = _cli(tmp_path, "train.steps=1000000", wait=False)
   deadline = time.time() + 300
@@ -77,6 +79,7 @@ def test_sigterm_saves_the_current_step_and_resumes(tmp_path):
   assert len(json.loads((tmp_path / "metrics.json").read_text())["train/losses"]) == saved + 3
 
 
+@pytest.mark.slow
 def test_damaged_latest_step_falls_back_with_a_warning(tmp_path, caplog):
   cfg = load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path}", "train.steps=20", "checkpoint.every=10"])
   Trainer(cfg).run()
@@ -90,6 +93,7 @@ def test_damaged_latest_step_falls_back_with_a_warning(tmp_path, caplog):
   assert "checkpoint step 20" in caplog.text and "unreadable" in caplog.text
 
 
+@pytest.mark.slow
 def test_restore_onto_other_meshes_gives_identical_values(tmp_path):
   base = [f"workdir={tmp_path}", "train.steps=4"]
   Trainer(load_config(TINY, base + ["mesh.data=4", "mesh.fsdp=2"])).run()
@@ -114,6 +118,7 @@ def test_incompatible_checkpoint_lists_the_mismatched_parameters(tmp_path):
   assert "missing" not in message  # only the real differences are listed
 
 
+@pytest.mark.slow
 def test_best_validation_step_is_kept_beside_the_latest(tmp_path):
   cfg = load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path}", "train.steps=12", "train.eval_every=4",
                            "checkpoint.every=4", "checkpoint.keep=1", "checkpoint.best_metric=recall@10",
@@ -126,6 +131,7 @@ def test_best_validation_step_is_kept_beside_the_latest(tmp_path):
   assert latest == [12]
 
 
+@pytest.mark.slow
 def test_failed_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
   import orbax.checkpoint as ocp
   cfg = load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path}", "train.steps=10", "checkpoint.every=5",

@@ -35,6 +35,7 @@ def trained(tmp_path_factory):
   return workdir, proc
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_index_and_prints_a_table(trained):
   workdir, proc = trained
   metrics = json.loads((workdir / "metrics.json").read_text())
@@ -46,6 +47,7 @@ def test_train_writes_metrics_index_and_prints_a_table(trained):
   assert "popularity" in proc.stdout and "R@10" in proc.stdout
 
 
+@pytest.mark.slow
 def test_recommend_prints_history_and_titles(trained):
   workdir, _ = trained
   proc = jaxrec("recommend", "--workdir", str(workdir), "--user", "3", "--k", "5", check=True)
@@ -56,6 +58,7 @@ def test_recommend_prints_history_and_titles(trained):
   assert all("#" in line for line in recs)  # synthetic titles end in "#<item id>"
 
 
+@pytest.mark.slow
 def test_evaluate_restores_the_latest_checkpoint(trained):
   workdir, _ = trained
   proc = jaxrec("evaluate", "--workdir", str(workdir), check=True)
@@ -65,6 +68,7 @@ def test_evaluate_restores_the_latest_checkpoint(trained):
   assert again["recall@10"] == pytest.approx(final["recall@10"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_unknown_user(trained):
   workdir, _ = trained
   _one_line_error(jaxrec("recommend", "--workdir", str(workdir), "--user", "no-such-user"), 2,

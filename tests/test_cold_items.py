@@ -26,6 +26,7 @@ def test_pure_id_tower_gives_every_cold_item_the_same_vector():
   np.testing.assert_array_equal(vectors, np.broadcast_to(vectors[0], vectors.shape))
 
 
+@pytest.mark.slow
 def test_own_cold_item_rows_give_every_item_its_own_untrained_id_row():
   # model.cold_item_rows=own: the full-vocabulary id table of TFRS's and TorchRec's examples. Each
   # cold item keeps its own random row, which no step trains.

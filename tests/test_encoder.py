@@ -67,6 +67,7 @@ def test_pool_mean_cls_and_normalisation():
     pool(hidden, mask, "max")
 
 
+@pytest.mark.slow
 def test_padding_does_not_change_real_tokens():
   module = BertEncoder(TINY, rngs=nnx.Rngs(0))
   ids = jnp.array([[2, 7, 9, 3]])
@@ -80,6 +81,7 @@ def test_padding_does_not_change_real_tokens():
 
 
 @pytest.mark.parametrize("mode,dtype", [("mean", "float32"), ("cls", "float32"), ("mean", "bfloat16")])
+@pytest.mark.slow
 def test_a_token_stream_encodes_and_differentiates_as_one_padded_row_per_text(mode, dtype):
   # Three texts end to end in a stream of 16 (three padding tokens), and a fourth text slot that
   # holds no text; the same texts padded one per row of 6.
@@ -182,6 +184,7 @@ def _lora_pair(cfg, lora_ffn):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16 on CPU: adapters added to float32 projections
 @pytest.mark.parametrize("lora_ffn", [False, True])
+@pytest.mark.slow
 def test_lora_zero_b_equals_frozen_then_only_adapters_train(lora_ffn, dtype):
   frozen, adapted = _lora_pair(BertConfig(**{**TINY.__dict__, "dtype": dtype}), lora_ffn)
   ids = jnp.array([[2, 7, 9, 11, 3, 0], [2, 4, 5, 3, 0, 0]])
@@ -256,6 +259,7 @@ def test_bf16_matmul_is_the_float32_product_of_bf16_operands_forward_and_backwar
   assert float(jnp.abs(y - exact(x, w)).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_cpu_bfloat16_encoder_runs_bf16_matmuls_and_its_gradients_track_float32():
   cfg16 = BertConfig(**{**TINY.__dict__, "dtype": "bfloat16"})
   exact, fast = BertEncoder(TINY, rngs=nnx.Rngs(0)), BertEncoder(cfg16, rngs=nnx.Rngs(0))

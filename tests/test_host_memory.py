@@ -81,6 +81,7 @@ def test_restart_runs_the_same_command_again_with_the_tunable():
 
 
 @needs_thp
+@pytest.mark.slow
 def test_the_tunable_cuts_the_page_faults_of_a_fresh_64_mib_xla_output():
   # XLA:CPU allocates each call's 64 MiB output afresh and glibc maps it anew: 16,384 faults of
   # 4 KiB, or 32 of 2 MiB with huge pages (a few more where the kernel falls back to small pages).

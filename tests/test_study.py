@@ -30,6 +30,7 @@ def tiny_study(tmp_path_factory):
   return out, argv
 
 
+@pytest.mark.slow
 def test_every_cell_trains_and_the_tables_hold_numbers(tiny_study):
   out, _ = tiny_study
   cells = tables.read_csv(out / "cells.csv")
@@ -62,6 +63,7 @@ def test_every_cell_trains_and_the_tables_hold_numbers(tiny_study):
   assert (out / "commands.sh").read_text().count("jaxrec train --config configs/tiny.py") == 7
 
 
+@pytest.mark.slow
 def test_plots_are_pngs_of_the_figure_size(tiny_study):
   out, _ = tiny_study
   assert sorted(p.name for p in out.glob("*.png")) == ["efficiency_synthetic_cold.png", "recall_synthetic_cold.png"]
@@ -77,6 +79,7 @@ def _bars(ax) -> list[list[float]]:
   return [[bar.get_height() for bar in c] for c in ax.containers if isinstance(c, BarContainer)]
 
 
+@pytest.mark.slow
 def test_study_figures_label_their_axes_and_plot_the_results(tiny_study):
   out, _ = tiny_study
   results = tables.read_csv(out / "results.csv")
@@ -123,6 +126,7 @@ def test_efficiency_lines_use_a_log_axis_when_fractions_span_a_decade():
   assert not fig.legends  # one model: nothing to tell apart
 
 
+@pytest.mark.slow
 def test_a_second_run_reads_finished_cells_instead_of_training(tiny_study):
   out, argv = tiny_study
   stamps = {p: os.path.getmtime(p) for p in out.rglob("metrics.json")}
@@ -131,6 +135,7 @@ def test_a_second_run_reads_finished_cells_instead_of_training(tiny_study):
   assert {p: os.path.getmtime(p) for p in out.rglob("metrics.json")} == stamps
 
 
+@pytest.mark.slow
 def test_a_cell_whose_config_changed_is_refused(tiny_study):
   out, argv = tiny_study
   with pytest.raises(study.StudyError, match="holds a run of a different config"):
@@ -146,6 +151,7 @@ def test_bad_study_files_fail_before_training(tmp_path):
     study.main(["--config", TINY, "--out", str(tmp_path / "o"), "train.stpes=3"])
 
 
+@pytest.mark.slow
 def test_reevaluate_recomputes_metrics_from_the_checkpoint_and_keeps_training_stats(tiny_study):
   import json
   out, argv = tiny_study

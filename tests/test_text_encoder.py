@@ -96,6 +96,7 @@ def test_bucketing_compiles_a_handful_of_shapes(tmp_path):
   np.testing.assert_allclose(vecs[:5], single, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_encode_tokens_is_jittable_and_differentiable(tmp_path):
   from flax import nnx
   enc = TextEncoder.from_pretrained(tiny_bert.write(tmp_path / "tiny"))

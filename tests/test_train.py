@@ -40,6 +40,7 @@ def _losses(trainer, steps):
   return np.array(out), state
 
 
+@pytest.mark.slow
 def test_same_losses_on_every_mesh_shape():
   steps = 20
   reference, ref_state = _losses(_trainer("mesh.num_devices=1"), steps)
@@ -51,6 +52,7 @@ def test_same_losses_on_every_mesh_shape():
                  state["params"], ref_state["params"])
 
 
+@pytest.mark.slow
 def test_parameter_shardings_follow_the_rules_table():
   trainer = _trainer("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
   state = trainer.init_state()
@@ -88,6 +90,7 @@ def test_batch_not_divisible_by_data_parallel_size_fails_before_compute():
     _trainer("mesh.data=5")
 
 
+@pytest.mark.slow
 def test_bfloat16_towers_track_float32_on_a_fixed_batch():
   """Mixed precision policy: towers may compute in bf16; logits/softmax stay float32.
   Documented tolerance: 2% relative on the loss of a fixed batch and init."""
@@ -104,6 +107,7 @@ def test_bfloat16_towers_track_float32_on_a_fixed_batch():
   assert np.isfinite(float(metrics["loss"]))
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once_across_varying_batches():
   trainer = _trainer("mesh.data=8")
   state = trainer.init_state()
@@ -113,6 +117,7 @@ def test_train_step_compiles_once_across_varying_batches():
   assert trainer._train_step._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_its_exit_code_or_is_skipped(tmp_path):
   from jaxrec.trainer import EXIT_NONFINITE, TrainingStopped
   cfg = load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path}", "train.steps=20", "checkpoint.every=5",
@@ -126,6 +131,7 @@ def test_nonfinite_loss_stops_with_its_exit_code_or_is_skipped(tmp_path):
   assert result["steps"] == 3
 
 
+@pytest.mark.slow
 def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_bitwise_unchanged(tmp_path):
   cfg = load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path}", "model.temperature=1e-30"])
   trainer = Trainer(cfg)
@@ -166,6 +172,7 @@ def test_rules_table_overrides_and_divisibility_fallback():
   assert spec == jax.sharding.PartitionSpec("tensor")
 
 
+@pytest.mark.slow
 def test_several_steps_per_call_train_exactly_like_one(tmp_path):
   # Ten steps in calls of four: 4 + 4 + a last call of the 2 left over.
   base = ["mesh.num_devices=1", "train.steps=10", "checkpoint.async_save=false"]
@@ -192,6 +199,7 @@ def _live(encoder_dir, *overrides):
   return ["model.use_text=true", "encoder.mode=full", f"encoder.path={encoder_dir}", *overrides]
 
 
+@pytest.mark.slow
 def test_live_encoder_shape_buckets_leave_the_losses_unchanged(tmp_path, tiny_bert_dir):
   base = _live(tiny_bert_dir, "mesh.num_devices=1", "train.steps=8", "checkpoint.async_save=false",
                "train.batch_size=16", "data.history=recent",  # batches of 29-41 distinct items of 90
@@ -211,6 +219,7 @@ def test_live_encoder_shape_buckets_leave_the_losses_unchanged(tmp_path, tiny_be
   np.testing.assert_allclose(bucketed.run()["train/losses"], reference, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_token_stream_trains_the_padded_rows_model_on_fewer_tokens(tmp_path, tiny_bert_dir):
   base = _live(tiny_bert_dir, "mesh.num_devices=1", "train.steps=8", "checkpoint.async_save=false",
                "train.batch_size=16", "data.history=recent", "encoder.pooling=cls")
@@ -240,6 +249,7 @@ def test_a_token_stream_trains_the_padded_rows_model_on_fewer_tokens(tmp_path, t
 # On CPU bf16 means bf16 matmul operands with float32 results and gradients (a custom vjp); the
 # sharded case runs it with the batch and the weights split across devices.
 @pytest.mark.parametrize("mesh", [("mesh.num_devices=1",), ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")])
+@pytest.mark.slow
 def test_encoder_dtype_reaches_the_live_encoder_and_bf16_tracks_float32(tmp_path, tiny_bert_dir, mesh):
   base = _live(tiny_bert_dir, *mesh, "train.steps=6", "checkpoint.async_save=false",
                "train.batch_size=16", "encoder.shape_buckets=1")
@@ -260,6 +270,7 @@ def test_encoder_dtype_reaches_the_live_encoder_and_bf16_tracks_float32(tmp_path
 
 
 @pytest.mark.parametrize("token_stream", [True, False])
+@pytest.mark.slow
 def test_train_step_compiles_once_per_bucket_pair_met_and_once_without_a_live_encoder(tmp_path, tiny_bert_dir,
                                                                                        token_stream):
   live = _trainer(*_live(tiny_bert_dir, "mesh.data=8", "encoder.shape_buckets=8", "data.history=sampled",
@@ -289,6 +300,7 @@ def test_train_step_compiles_once_per_bucket_pair_met_and_once_without_a_live_en
   assert frozen._train_step._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_catalog_softmax_step_scores_every_trained_item_and_agrees_across_meshes():
   from jaxrec.losses import catalog_softmax
   trainer = _trainer("mesh.num_devices=1", "train.negatives=catalog", "model.id_dropout=0")
@@ -355,6 +367,7 @@ def test_clipping_with_the_steps_grad_norm_equals_optax_and_keeps_its_state():
   assert jax.tree.structure(ours) == jax.tree.structure(theirs)
 
 
+@pytest.mark.slow
 def test_query_tower_without_history_trains_on_user_ids_alone():
   # data.history_len=0 is the TFRS tutorial's query tower: the user's id (and features) only.
   trainer = _trainer("mesh.num_devices=1", "data.history_len=0", "train.warmup_steps=0", "train.learning_rate=0.01")
@@ -370,6 +383,7 @@ def test_query_tower_without_history_trains_on_user_ids_alone():
   assert 0.0 <= result["recall@10"] <= 1.0
 
 
+@pytest.mark.slow
 def test_no_history_also_runs_with_a_live_encoder(tmp_path, tiny_bert_dir):
   trainer = Trainer(load_config(TINY, _live(tiny_bert_dir, "mesh.num_devices=1", "data.history_len=0", "train.steps=2",
                                             "train.batch_size=8", "checkpoint.async_save=false",
@@ -416,6 +430,7 @@ def test_user_weighted_loss_is_the_weighted_mean_of_the_unweighted_rows():
   assert abs(float(got) - float(unweighted)) > 1e-4  # the weights change the loss
 
 
+@pytest.mark.slow
 def test_history_id_table_feeds_the_query_and_trains():
   trainer = _trainer("mesh.num_devices=1", "model.history_ids=true", "train.warmup_steps=0", "train.learning_rate=0.01")
   state = trainer.init_state()
@@ -447,6 +462,7 @@ def test_history_id_table_feeds_the_query_and_trains():
   np.testing.assert_allclose(losses, reference, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_item_bias_adds_a_learnt_per_item_term_to_the_cosine_score():
   import jax.numpy as jnp
   from jaxrec import losses
