@@ -1,15 +1,22 @@
 """Orbax checkpoints holding the train state, the data iterator and the config, per step.
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it once
-complete, so a crash mid-save leaves nothing that restore will pick up). Restore walks the
-steps newest first and falls back to an older one if the newest cannot be read.
+complete, so a crash mid-save leaves nothing that restore will pick up). A failed save, whether
+it fails at once or in the background, becomes one CheckpointError naming the step's path.
+Restore walks the steps newest first and falls back to an older one if the newest cannot be
+read; a trainer moves such a damaged step aside (``damaged/``), so the rerun can save it again.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
+import sys
+import time
+import warnings
 from typing import Any
 
 import grain
@@ -21,6 +28,25 @@ from jaxrec.config import CheckpointConfig
 log = logging.getLogger("jaxrec")
 
 
+def _drop_closed_loop_callbacks(previous):
+  """After a failed save or restore, orbax closes the operation's event loop while tensorstore
+  still completes the other reads and writes; each late completion then reports an unraisable
+  "Event loop is closed" with a traceback (dozens of them), and the writes never started warn at
+  exit that their coroutines were never awaited. They say nothing the CheckpointError or the
+  damaged-step warning does not."""
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  return hook
+
+
+sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+warnings.filterwarnings("ignore", r"coroutine '.*serialize.*' was never awaited", RuntimeWarning)
+
+
 class CheckpointError(RuntimeError):
   pass
 
@@ -30,6 +56,9 @@ class Checkpointer:
   def __init__(self, directory: str, cfg: CheckpointConfig, best_metric: str = ""):
     """``best_metric``: keep only the single best step by this metric (higher is better)."""
     self.directory = os.path.abspath(directory)
+    self._pending: tuple[int, int] | None = None  # (step, bytes) of the save that may still be running
+    # With best_metric, orbax drops a step that is not the best right after writing it.
+    self._keeps_every_save = not best_metric
     best = {"best_fn": lambda metrics: metrics[best_metric], "best_mode": "max"} if best_metric else {}
     options = ocp.CheckpointManagerOptions(max_to_keep=1 if best_metric else max(cfg.keep, 1),
                                            enable_async_checkpointing=cfg.async_save, create=True, **best)
@@ -46,24 +75,56 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iter: Any | None, config_json: str, losses: list[float] | None = None,
            force: bool = False, metrics: dict | None = None) -> bool:
-    """Saves asynchronously; ``losses`` (the loss of every step so far) travels with the state."""
+    """Saves asynchronously; ``losses`` (the loss of every step so far) travels with the state.
+
+    A failure of the previous asynchronous save surfaces here, naming that step."""
+    self.wait()
     args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(json.loads(config_json)),
             "losses": ocp.args.JsonSave({"losses": list(losses or [])})}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    needed = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
     try:
-      return self.manager.save(step, args=ocp.args.Composite(**args), force=force, metrics=metrics)
-    except OSError as e:
-      raise CheckpointError(f"could not write checkpoint {step} under {self.directory}: {e}; earlier checkpoints are intact") from e
+      saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force, metrics=metrics)
+    except Exception as e:
+      raise self._save_failed(step, needed, e) from e
+    if saved:
+      self._pending = (step, needed)
+    return saved
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the last save is on disk; raises CheckpointError if it failed."""
+    pending, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      if pending is None:
+        raise
+      raise self._save_failed(*pending, e) from e
+    if pending is not None and self._keeps_every_save and jax.process_index() == 0 \
+        and not os.path.isdir(self._step_path(pending[0])):
+      # orbax logs some background failures instead of raising them; the missing step tells
+      raise CheckpointError(f"could not write checkpoint {pending[0]} to {self._step_path(pending[0])}: the save "
+                            f"did not complete; earlier checkpoints are intact")
 
-  def restore(self, abstract_state: Any, data_iter: Any | None = None,
-              step: int | None = None) -> tuple[int, Any, list[float]]:
+  def _step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _save_failed(self, step: int, needed: int, error: BaseException) -> CheckpointError:
+    if is_no_space(error):
+      reason = f"no space left on device (the checkpoint needs {needed:,} bytes)"
+    else:
+      reason = _first_line(error)
+    return CheckpointError(f"could not write checkpoint {step} to {self._step_path(step)}: {reason}; "
+                           f"earlier checkpoints are intact")
+
+  def restore(self, abstract_state: Any, data_iter: Any | None = None, step: int | None = None,
+              move_damaged_aside: bool = False) -> tuple[int, Any, list[float]]:
     """Restores ``step`` (default: the newest readable one) onto ``abstract_state``'s shardings.
 
-    Returns ``(step, state, losses)``."""
+    ``move_damaged_aside``: the trainer that owns this directory moves unreadable steps into
+    ``damaged/`` (kept for inspection), so it saves those steps again instead of colliding
+    with them; readers such as evaluate leave the directory alone. Returns ``(step, state, losses)``."""
     candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
     if not candidates:
       raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -76,8 +137,14 @@ class Checkpointer:
       try:
         restored = self.manager.restore(s, args=ocp.args.Composite(**args))
       except Exception as e:  # a truncated or corrupted step: fall back to the previous one
-        errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", s, self.directory, errors[-1])
+        # tensorstore appends its JSON specs to the message: the first part says what is wrong
+        reason = re.sub(r" \[tensorstore_spec.*", "", str(e).splitlines()[0] if str(e) else "")
+        errors.append(f"step {s}: {type(e).__name__}: {reason}")
+        if move_damaged_aside:
+          log.warning("checkpoint step %d in %s is unreadable (%s); moved it to %s; trying an older one", s,
+                      self.directory, errors[-1], self._move_aside(s))
+        else:
+          log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", s, self.directory, errors[-1])
         continue
       return s, restored["state"], list(restored["losses"]["losses"])
     raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors))
@@ -108,9 +175,46 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return restored["config"]
 
+  def _move_aside(self, step: int) -> str:
+    """Moves a damaged step out of orbax's sight (process 0 moves; every process rereads the steps)."""
+    target = os.path.join(self.directory, "damaged", f"{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(self._step_path(step), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"jaxrec: checkpoint step {step} moved aside")
+    self.manager.reload()
+    return target
+
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.wait()
+    except CheckpointError:
+      try:  # the save error is the one to report, not a second one from shutting down after it
+        self.manager.close()
+      except Exception:
+        log.debug("closing the checkpoint manager after a failed save", exc_info=True)
+      raise
     self.manager.close()
+
+
+def is_no_space(error: BaseException) -> bool:
+  """ENOSPC anywhere in the chain, as an OSError or in tensorstore's text ([os_error_code='28'])."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    if re.search(r"No space left on device|os_error_code='?%d\b" % errno.ENOSPC, str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).splitlines()[0] if str(error) else ""
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _path_name(path) -> str:

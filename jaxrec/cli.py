@@ -196,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-  for noisy in ("absl", "tensorboardX", "orbax", "jax._src.xla_bridge"):
+  for noisy in ("absl", "tensorboardX", "orbax", "jax._src.xla_bridge", "asyncio"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.debug:  # orbax logs (through absl and asyncio) the traceback of a failed save or restore from
+      # each thread and task; jaxrec reports the failure in one line
+      logging.getLogger(noisy).addFilter(lambda record: record.levelno < logging.ERROR or not record.exc_info)
   try:
     return COMMANDS[args.command](args)
   except Exception as e:  # one clear line for the user; --debug for the stack

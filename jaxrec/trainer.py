@@ -28,11 +28,12 @@ from jaxrec.config import Config, to_json
 from jaxrec.data import sources
 from jaxrec.data.dataset import Dataset, Split
 from jaxrec.data.pipeline import BatchBuilder, Sequences, history_mode, item_log_q, train_batches
-from jaxrec.files import write_json_atomically
+from jaxrec.files import write_atomically, write_json_atomically
 from jaxrec.flops import jaxpr_matmul_flops
 from jaxrec.mesh import MeshError, make_mesh, maybe_initialize_distributed
 from jaxrec.models.towers import Catalog, Users
 from jaxrec.models.two_tower import TwoTower
+from jaxrec.workdir import holding_workdir_lock
 
 log = logging.getLogger("jaxrec")
 
@@ -450,6 +451,7 @@ class Trainer:
 
   # ---------------------------------------------------------------- loop
 
+  @holding_workdir_lock
   def run(self, resume: bool = True) -> dict[str, Any]:
     cfg = self.cfg
     workdir = os.path.abspath(cfg.workdir)
@@ -566,8 +568,7 @@ class Trainer:
     if is_main:
       index.save(os.path.join(workdir, "index"))
       write_json_atomically(os.path.join(workdir, "metrics.json"), result)
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(to_json(cfg))
+      write_atomically(os.path.join(workdir, "config.json"), to_json(cfg))
       if writer is not None:
         for key, value in result.items():
           if isinstance(value, float):
@@ -624,7 +625,7 @@ class Trainer:
     data_iter = iter(train_batches(self.batch_builder(), 0, self.cfg.train.steps, to_device=self.put_batch,
                                    steps_per_call=self.cfg.train.steps_per_call, num_threads=self.cfg.data.num_threads))
     if resume and ckpt.latest_step() is not None:
-      step, state, history = ckpt.restore(self.abstract_state(), data_iter)
+      step, state, history = ckpt.restore(self.abstract_state(), data_iter, move_damaged_aside=True)
       log.info("resuming from checkpoint step %d in %s", step, ckpt.directory)
       return state, step, data_iter, history[:step]
     if self.cfg.checkpoint.resume_from:

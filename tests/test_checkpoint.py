@@ -14,9 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrec.checkpoint import CheckpointError
+from jaxrec.checkpoint import CheckpointError, is_no_space
 from jaxrec.config import load_config
 from jaxrec.trainer import EXIT_PREEMPTED, Trainer
+from jaxrec.workdir import LOCK_NAME, WorkdirBusy, WorkdirLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -144,8 +145,52 @@ def test_failed_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, mo
     return real_save(self, step, *args, **kwargs)
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
-  with pytest.raises(CheckpointError, match="could not write checkpoint 10 .* No space left on device; earlier checkpoints are intact"):
+  with pytest.raises(CheckpointError, match=r"could not write checkpoint 10 to .*/checkpoints/10: no space left on device "
+                                            r"\(the checkpoint needs [\d,]+ bytes\); earlier checkpoints are intact"):
     Trainer(cfg).run()
   monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
   step, _ = Trainer(cfg).restore()
   assert step == 5
+
+
+def test_workdir_lock_refuses_a_second_holder_naming_the_first(tmp_path):
+  with WorkdirLock(tmp_path):
+    holder = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] and holder["started"].endswith(" UTC")
+    with pytest.raises(WorkdirBusy) as e:
+      WorkdirLock(tmp_path).acquire()  # flock conflicts between two opens even in one process
+    assert str(e.value).startswith(f"workdir {tmp_path} is in use by another trainer (host {holder['host']}, "
+                                   f"pid {os.getpid()}, started {holder['started']}); ")
+    assert "\n" not in str(e.value)
+  with WorkdirLock(tmp_path):  # released: the next holder gets it
+    pass
+
+
+def test_workdir_lock_of_a_dead_holder_is_taken_over_with_a_warning(tmp_path, caplog):
+  stale = {"host": "gone-host", "pid": 4242, "started": "2026-01-02 03:04:05 UTC"}
+  (tmp_path / LOCK_NAME).write_text(json.dumps(stale))  # a body, but no process holds its flock
+  with caplog.at_level(logging.WARNING, logger="jaxrec"), WorkdirLock(tmp_path):
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+  assert (f"taking over the stale lock {tmp_path / LOCK_NAME} of a trainer that is gone (host gone-host, pid 4242, "
+          f"started 2026-01-02 03:04:05 UTC)") in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="jaxrec"), WorkdirLock(tmp_path):  # a clean release leaves nothing stale
+    pass
+  assert "stale" not in caplog.text
+
+
+def test_workdir_lock_is_taken_by_process_zero_only(tmp_path):
+  with WorkdirLock(tmp_path / "run", hold=False):
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_space_is_recognised_in_orbax_and_tensorstore_errors():
+  import errno
+  assert is_no_space(OSError(errno.ENOSPC, "No space left on device"))
+  wrapped = RuntimeError("commit failed")
+  wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+  assert is_no_space(wrapped)
+  assert is_no_space(ValueError("OUT_OF_RANGE: Error writing \"a/0\" in OCDBT database: Failed to write 338240 bytes "
+                                "to file 4: No space left on device [os_error_code='28']"))
+  assert not is_no_space(ValueError("Failed to write 338240 bytes to file 4: File too large [os_error_code='27']"))
+  assert not is_no_space(OSError(errno.EIO, "Input/output error"))
