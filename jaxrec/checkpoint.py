@@ -168,8 +168,12 @@ class Checkpointer:
     problems += [f"{k}: missing from the checkpoint" for k in wanted if k not in saved]
     problems += [f"{k}: in the checkpoint but not in the model" for k in saved if k not in wanted]
     if problems:
+      # The first line is what the command line prints; the whole list follows it for --debug and the API.
+      shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
       raise CheckpointError(f"checkpoint step {step} in {self.directory} does not fit this config "
-                            f"({len(problems)} mismatched parameters): " + "; ".join(problems))
+                            f"({len(problems)} mismatched parameters: {shown}); train in a new --workdir "
+                            f"(checkpoint.resume_from cannot take weights of another shape either)\n"
+                            + "\n".join(problems))
 
   def saved_config(self, step: int) -> dict:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))

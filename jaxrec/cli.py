@@ -32,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=200")
 
-  common(sub.add_parser("train", help="train, evaluate and export; writes WORKDIR/metrics.json"))
+  p = sub.add_parser("train", help="train, evaluate and export; writes WORKDIR/metrics.json")
+  common(p)
+  p.add_argument("--resume-with-changes", action="store_true",
+                 help="resume this workdir's run although optimisation settings (learning rate, schedule, "
+                      "regularisation) changed; changes of data, model or seed are always refused")
   p = sub.add_parser("evaluate", help="full-ranking evaluation of a saved checkpoint")
   common(p, workdir_required=True)
   p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
@@ -92,7 +96,7 @@ def _print_metrics(result: dict, out=sys.stdout) -> None:
 def cmd_train(args) -> int:
   import jaxrec
   cfg = _load_config(args, from_workdir=False)
-  result = jaxrec.train(cfg)
+  result = jaxrec.train(cfg, resume_with_changes=args.resume_with_changes)
   print(f"\ntrained {result['steps']} steps, final loss {result['train/final_loss']:.4f}, "
         f"{result['train/examples_per_sec']:,.0f} examples/s")
   print(f"protocol: {result['protocol']}")
@@ -102,8 +106,8 @@ def cmd_train(args) -> int:
 
 
 def _trainer_for_workdir(args):
-  from jaxrec.trainer import Trainer
-  cfg = _load_config(args, from_workdir=True)
+  from jaxrec.trainer import Trainer, mesh_fitting_devices
+  cfg = mesh_fitting_devices(_load_config(args, from_workdir=True))
   if not os.path.isdir(os.path.join(cfg.workdir, "checkpoints")):
     raise UsageError(f"no checkpoints in workdir {cfg.workdir}")
   return Trainer(cfg)
@@ -124,6 +128,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
+  from jaxrec.retrieval import check_save_target
+  check_save_target(args.out)  # refuse a path export may not replace before restoring anything
   trainer = _trainer_for_workdir(args)
   step, state = trainer.restore(args.step)
   index = trainer.build_index(state, step)
@@ -148,11 +154,13 @@ def cmd_recommend(args) -> int:
     raise UsageError(f"unknown user id {args.user!r} (this dataset has {len(index.user_ids)} users, "
                      f"e.g. {', '.join(str(u) for u in index.user_ids[:3])})")
   seen = index.seen_items(user)
-  print(f"user {user}: {len(seen)} known items; most recent:")
-  for item_id, title in seen[-10:]:
+  # Known items are stored oldest first (in time order, or file order without timestamps).
+  print(f"user {user}: {len(seen)} known items; the {min(len(seen), 10)} most recent, newest first:")
+  for item_id, title in reversed(seen[-10:]):
     print(f"  [{item_id}] {title}")
-  print(f"top {args.k} recommendations:")
-  for rank, (item_id, title, score) in enumerate(index.recommend(user, args.k), 1):
+  recommended = index.recommend(user, args.k)  # k is clamped to the items the user has not seen
+  print(f"top {len(recommended)} recommendations:")
+  for rank, (item_id, title, score) in enumerate(recommended, 1):
     print(f"  {rank:2d}. [{item_id}] {title}  ({score:.3f})")
   return 0
 

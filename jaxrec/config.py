@@ -160,7 +160,7 @@ class TrainConfig:
   user_weight_power: float = 0.0
   steps_per_call: int = 1  # K: train steps run inside one jitted call (lax.scan over K batches); K > 1
   # removes per-step dispatch and transfer overhead for small models
-  log_every: int = 50
+  log_every: int = 10  # steps between the loss in the progress bar and TensorBoard's train/loss
   eval_every: int = 0  # 0 = evaluate at the end only
   progress: bool = True
   nan_policy: str = "stop"  # stop | skip

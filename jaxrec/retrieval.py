@@ -566,7 +566,7 @@ def _read_json(path):
     return json.load(f)
 
 
-def _existing_target(path) -> str | None:
+def check_save_target(path) -> str | None:
   """What `save` finds at `path`: None (nothing), "empty" (an empty directory) or "index" (an
   ItemIndex holding only its own files); anything else raises IndexExistsError."""
   import os
@@ -866,7 +866,7 @@ class ItemIndex:
     for name in ("item_ids", "user_ids"):
       if name in arrays and arrays[name].dtype.kind not in _ID_KINDS:
         raise ValueError(f"{name} has dtype {arrays[name].dtype}; use int or str ids")
-    _existing_target(path)  # refuse before the (possibly long) write
+    check_save_target(path)  # refuse before the (possibly long) write
     needed = sum(arr.nbytes for arr in arrays.values())
     parent = os.path.dirname(path)
     tmp = None
@@ -892,7 +892,7 @@ class ItemIndex:
         f.flush()
         os.fsync(f.fileno())
       # Checked again: the write may have taken a while.
-      if _existing_target(path) == "index":
+      if check_save_target(path) == "index":
         # rename(2) cannot replace a non-empty directory: move the old index aside first.
         old = f"{tmp}.old"
         os.rename(path, old)

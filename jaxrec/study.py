@@ -30,7 +30,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-from jaxrec.config import Config, ConfigError, call_python_file, load_config, shipped_config_path, to_json
+from jaxrec.config import Config, ConfigError, call_python_file, load_config, shipped_config_path
+from jaxrec.config_diff import ConfigDiff
 from jaxrec.files import write_atomically, write_json_atomically
 from jaxrec.report.tables import POPULARITY, aggregate, markdown, metric_names, write_csv
 
@@ -170,23 +171,9 @@ def command(cell: Cell) -> str:
 _NOT_COMPARED = ("workdir", "train.progress", "train.log_every", "train.profile")
 
 
-def _flat(config: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in config.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
-
-
 def _config_changes(saved: dict, cfg: Config) -> list[str]:
-  """Keys whose value differs between a cell's saved config and the study's. A field added to
-  Config since the run counts only when set away from its default; a removed field not at all."""
-  now, then = _flat(json.loads(to_json(cfg))), _flat(saved)
-  default = _flat(json.loads(to_json(Config())))
-  return sorted(k for k, v in now.items()
-                if k not in _NOT_COMPARED and then.get(k, default.get(k)) != v)
+  """Keys whose value differs between a cell's saved config and the study's."""
+  return sorted(k for k in ConfigDiff.between(saved, cfg).changes if k not in _NOT_COMPARED)
 
 
 def _check_saved_config(cell: Cell, cfg: Config, workdir: str) -> None:

@@ -222,8 +222,8 @@ class TextEncoder:
     longest = max((len(s) for s in tokens["input_ids"]), default=1)
     return self._pad(tokens, range(len(texts)), _bucket(longest, buckets), len(texts))
 
-  def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """float32 [N, D] sentence embeddings in input order."""
+  def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """float32 [N, D] sentence embeddings in input order; ``progress`` shows a bar of texts encoded."""
     if isinstance(texts, str):
       raise TypeError("encode takes a sequence of strings; wrap a single text in a list")
     if batch_size < 1:
@@ -245,8 +245,16 @@ class TextEncoder:
       # Dispatch is asynchronous: the host pads the next batch while this one computes.
       vecs = self._forward(state, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
       pending.append((rows, vecs))
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=len(texts), desc="encoding item texts", unit="text", dynamic_ncols=True)
     for rows, vecs in pending:
       out_NxD[rows] = np.asarray(vecs)[:len(rows)]
+      if bar is not None:
+        bar.update(len(rows))
+    if bar is not None:
+      bar.close()
     return out_NxD
 
 
@@ -265,7 +273,7 @@ def cache_key(encoder: TextEncoder, texts: Sequence[str]) -> str:
 
 
 def encode_cached(encoder: TextEncoder, texts: Sequence[str], cache_dir: str | os.PathLike | None = None,
-                  batch_size: int = 64) -> np.ndarray:
+                  batch_size: int = 64, progress: bool = False) -> np.ndarray:
   """``encoder.encode(texts)`` through an on-disk cache (default ``$JAXREC_CACHE`` or ~/.cache/jaxrec).
 
   The key covers the encoder's identity (weights, model directory, max length, pooling), every
@@ -292,7 +300,7 @@ def encode_cached(encoder: TextEncoder, texts: Sequence[str], cache_dir: str | o
         log.info("text embedding cache hit: %s (%d texts)", file, len(texts))
         return cached
   log.info("text embedding cache miss: encoding %d texts -> %s", len(texts), file)
-  vecs = encoder.encode(texts, batch_size=batch_size)
+  vecs = encoder.encode(texts, batch_size=batch_size, progress=progress)
   bad = np.flatnonzero(~np.isfinite(vecs).all(axis=1))
   if len(bad):
     raise ValueError(f"text encoder {encoder.path or '(in memory)'}: {len(bad)} of {len(texts)} texts encode to "

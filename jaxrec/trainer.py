@@ -23,16 +23,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrec import host_memory, losses, metrics, optim, sharding
-from jaxrec.checkpoint import Checkpointer
+from jaxrec.checkpoint import CheckpointError, Checkpointer
 from jaxrec.config import Config, to_json
+from jaxrec.config_diff import ConfigDiff
 from jaxrec.data import sources
 from jaxrec.data.dataset import Dataset, Split
 from jaxrec.data.pipeline import BatchBuilder, Sequences, history_mode, item_log_q, train_batches
-from jaxrec.files import write_atomically, write_json_atomically
 from jaxrec.flops import jaxpr_matmul_flops
 from jaxrec.mesh import MeshError, make_mesh, maybe_initialize_distributed
 from jaxrec.models.towers import Catalog, Users
 from jaxrec.models.two_tower import TwoTower
+from jaxrec.files import write_atomically, write_json_atomically
 from jaxrec.workdir import holding_workdir_lock
 
 log = logging.getLogger("jaxrec")
@@ -70,11 +71,14 @@ def _text_setup(cfg: Config, dataset: Dataset) -> TextSetup:
   live = cfg.encoder.mode in ("lora", "full")
   adapters = {"lora_rank": cfg.encoder.lora_rank, "lora_alpha": cfg.encoder.lora_alpha,
               "lora_ffn": cfg.encoder.lora_ffn} if cfg.encoder.mode == "lora" else {}
+  log.info("loading the text encoder %s (encoder.mode=%s)", cfg.encoder.path or "all-MiniLM-L6-v2 (packaged)",
+           cfg.encoder.mode)
   encoder = TextEncoder.from_pretrained(cfg.encoder.path or None, max_length=cfg.encoder.max_length or None,
                                         pooling=cfg.encoder.pooling, dtype=cfg.encoder.dtype, **adapters)
   if live:
     return TextSetup(dim=encoder.hidden_size, encoder=encoder, tokens=encoder.tokenize(list(dataset.item_text)))
-  vectors = encode_cached(encoder, list(dataset.item_text), cache_dir(cfg), batch_size=cfg.encoder.batch_size)
+  vectors = encode_cached(encoder, list(dataset.item_text), cache_dir(cfg), batch_size=cfg.encoder.batch_size,
+                          progress=cfg.train.progress and jax.process_index() == 0)
   return TextSetup(dim=int(vectors.shape[1]), vectors=np.asarray(vectors, np.float32))
 
 
@@ -112,8 +116,13 @@ class Trainer:
     if cfg.train.batch_size % jax.process_count():
       raise MeshError(f"train.batch_size={cfg.train.batch_size} is not divisible by {jax.process_count()} processes")
 
+    started = time.perf_counter()
+    log.info("loading data: source=%s%s", cfg.data.source, f" path={cfg.data.path}" if cfg.data.path else "")
     self.dataset, self.split = sources.load(cfg.data)
     ds, sp = self.dataset, self.split
+    log.info("loaded %s: %d users, %d items, %d interactions (train %d, valid %d, test %d) in %.1f s", ds.name,
+             ds.num_users, ds.num_items, ds.num_interactions, len(sp.train), len(sp.valid), len(sp.test),
+             time.perf_counter() - started)
     self.train_seqs = Sequences.from_interactions(ds, sp.train)
     self.history_mode = history_mode(cfg.data, ds.has_time)
     self.log_q = item_log_q(ds.items[sp.train], ds.num_items)
@@ -444,6 +453,10 @@ class Trainer:
     """The train state of a saved step of this workdir (default: the newest readable one)."""
     ckpt = Checkpointer(os.path.join(os.path.abspath(self.cfg.workdir), "checkpoints"), self.cfg.checkpoint)
     try:
+      saved = ckpt.steps()
+      if step is not None and step not in saved:
+        raise CheckpointError(f"no checkpoint of step {step} in {ckpt.directory}; saved steps: "
+                              f"{', '.join(map(str, saved)) or 'none'}")
       step, state, _ = ckpt.restore(self.abstract_state(), step=step)
     finally:
       ckpt.close()
@@ -452,13 +465,16 @@ class Trainer:
   # ---------------------------------------------------------------- loop
 
   @holding_workdir_lock
-  def run(self, resume: bool = True) -> dict[str, Any]:
+  def run(self, resume: bool = True, resume_with_changes: bool = False) -> dict[str, Any]:
+    """Trains (resuming this workdir's run when there is one), evaluates, exports the index and
+    writes ``metrics.json``. ``resume_with_changes`` lets a resumed run go on with changed
+    optimisation settings (``config_diff.ADJUSTABLE``); other changes are always refused."""
     cfg = self.cfg
     workdir = os.path.abspath(cfg.workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
-    state, start_step, data_iter, history = self._restore_or_init(ckpt, resume)
+    state, start_step, data_iter, history = self._restore_or_init(ckpt, resume, resume_with_changes)
     log.info("model: %s parameters; mesh %s; %d training examples", f"{self.num_params:,}", dict(self.mesh.shape),
              len(self.train_seqs))
     # Compile ahead of time so the per-device memory is known before the first step runs: the
@@ -478,6 +494,7 @@ class Trainer:
                    time.perf_counter() - started)
       return executables[steps, shape]
 
+    log.info("compiling the train step (%d step%s a call)", k, "s" if k > 1 else "")
     memory = executable(self.worst_shape).memory_analysis()
     if memory is not None:
       log.info("train step compiled: %.1f MiB temporaries, %.1f MiB arguments per device",
@@ -495,11 +512,10 @@ class Trainer:
     profiler = _Profiler(os.path.join(workdir, "profile"), start_step + 3 * k, 5 * k) if cfg.train.profile and is_main else None
     timer_start, examples, data_wait = time.perf_counter(), 0, 0.0
     every = cfg.checkpoint.every
+    if start_step < cfg.train.steps:
+      log.info("training steps %d-%d, batch %d", start_step + 1, cfg.train.steps, cfg.train.batch_size)
     try:
-      fault_step = int(os.environ.get("JAXREC_FAULT_KILL_AT_STEP", "-1"))
       for step in range(start_step, cfg.train.steps, k):
-        if step <= fault_step < step + k:  # fault-injection for preemption tests: die as a killed VM would
-          os.kill(os.getpid(), signal.SIGKILL)
         if profiler is not None:
           profiler.at(step)
         waited = time.perf_counter()
@@ -535,23 +551,48 @@ class Trainer:
         profiler.stop()
       if cfg.train.steps > start_step or ckpt.latest_step() is None:
         ckpt.save(cfg.train.steps, state, data_iter, to_json(cfg), history, force=True)
-    finally:
+    except BaseException:
       stop_signal.restore()
+      raise
+    finally:
       if progress is not None:
         progress.close()
       ckpt.close()
       if best is not None:
         best.close()
 
+    # SIGTERM/SIGINT stays a flag through evaluation and export: the final checkpoint is saved by
+    # now, so a preempted run stops between phases with exit 75 and its rerun only evaluates.
+    try:
+      return self._finish(state, history, stop_signal, start_step, elapsed, examples, data_wait, flops_done, writer)
+    finally:
+      stop_signal.restore()
+
+  def _finish(self, state, history, stop_signal, start_step, elapsed, examples, data_wait, flops_done,
+              writer) -> dict[str, Any]:
+    """After the last step: final evaluation, the item index, metrics.json and config.json."""
+    cfg = self.cfg
+    workdir = os.path.abspath(cfg.workdir)
+    is_main = jax.process_index() == 0
+
+    def stop_if_signalled(phase):
+      if stop_signal.raised is not None:
+        raise TrainingStopped(f"received {stop_signal.raised} {phase}; the final checkpoint (step {cfg.train.steps}) "
+                              f"is saved; rerun the same command to evaluate and export", EXIT_PREEMPTED)
+
+    stop_if_signalled("after training")
     # Bucketed shapes differ in work: the mean over the steps run, not the worst case's.
     flops_per_step = flops_done / max(cfg.train.steps - start_step, 1)
+    ms_per_step = 0.0
     if elapsed > 0 and cfg.train.steps > start_step:
       steps_done = cfg.train.steps - start_step
+      ms_per_step = 1e3 * elapsed / steps_done
       log.info("%.2f ms/step: %.1f%% waiting for data, the rest dispatching/computing; %.3f TFLOP/s achieved",
-               1e3 * elapsed / steps_done, 100 * data_wait / elapsed, flops_per_step * steps_done / elapsed / 1e12)
+               ms_per_step, 100 * data_wait / elapsed, flops_per_step * steps_done / elapsed / 1e12)
     log.info("final parameter checksum %s", parameter_checksum(state["params"]))
     log.info("evaluating on the %s split", cfg.eval.split)
     result = self.evaluate(state)
+    stop_if_signalled("during the final evaluation")
     result.update(sources_describe(self.dataset, self.split))
     result.update({
         "steps": cfg.train.steps,
@@ -559,14 +600,17 @@ class Trainer:
         "train/losses": history,
         "train/examples_per_sec": examples / elapsed if elapsed > 0 and examples else 0.0,
         "train/data_wait_fraction": data_wait / elapsed if elapsed > 0 else 0.0,
+        "train/ms_per_step": ms_per_step,
         **_utilisation(flops_per_step, (cfg.train.steps - start_step) / elapsed if elapsed > 0 else 0.0, self.mesh),
         "protocol": f"{self.split.protocol}; full ranking of {self.dataset.num_items} items, the user's known items "
                     f"excluded; evaluated on {cfg.eval.split}",
         "model/params": self.num_params,
     })
+    log.info("building the item index")
     index = self.build_index(state, cfg.train.steps)
     if is_main:
       index.save(os.path.join(workdir, "index"))
+      log.info("wrote %s", os.path.join(workdir, "index"))
       write_json_atomically(os.path.join(workdir, "metrics.json"), result)
       write_atomically(os.path.join(workdir, "config.json"), to_json(cfg))
       if writer is not None:
@@ -619,12 +663,13 @@ class Trainer:
       writer.add_scalar("train/loss", loss, done)
       writer.add_scalar("train/grad_norm", float(step_metrics["grad_norm"]), done)
 
-  def _restore_or_init(self, ckpt: Checkpointer, resume: bool):
+  def _restore_or_init(self, ckpt: Checkpointer, resume: bool, resume_with_changes: bool = False):
     """Restore order: this workdir's latest checkpoint, then checkpoint.resume_from, then scratch
     (with the pretrained text encoder's vectors when the model uses text)."""
     data_iter = iter(train_batches(self.batch_builder(), 0, self.cfg.train.steps, to_device=self.put_batch,
                                    steps_per_call=self.cfg.train.steps_per_call, num_threads=self.cfg.data.num_threads))
     if resume and ckpt.latest_step() is not None:
+      check_resumable(self.cfg, ckpt, resume_with_changes)
       step, state, history = ckpt.restore(self.abstract_state(), data_iter, move_damaged_aside=True)
       log.info("resuming from checkpoint step %d in %s", step, ckpt.directory)
       return state, step, data_iter, history[:step]
@@ -789,13 +834,69 @@ def _summary_writer(path: str):
   return SummaryWriter(path)
 
 
-def train(cfg: Config) -> dict[str, Any]:
-  """Public API: trains ``cfg``, evaluates, writes ``cfg.workdir``; returns the final metrics."""
-  return Trainer(cfg).run()
+def train(cfg: Config, *, resume_with_changes: bool = False) -> dict[str, Any]:
+  """Public API: trains ``cfg``, evaluates, writes ``cfg.workdir``; returns the final metrics.
+
+  A workdir with checkpoints resumes them; a changed config is refused unless its changes are
+  safe (``resume_with_changes=True`` for optimisation settings, see ``jaxrec.config_diff``)."""
+  _show_progress_logs()
+  checkpoints = os.path.join(os.path.abspath(cfg.workdir), "checkpoints")
+  if os.path.isdir(checkpoints):  # refuse a different experiment before loading data and compiling
+    ckpt = Checkpointer(checkpoints, cfg.checkpoint)
+    try:
+      check_resumable(cfg, ckpt, resume_with_changes, announce=False)
+    finally:
+      ckpt.close()
+  return Trainer(cfg).run(resume_with_changes=resume_with_changes)
+
+
+def check_resumable(cfg: Config, ckpt: Checkpointer, resume_with_changes: bool, announce: bool = True) -> None:
+  """Refuses to resume a different experiment (the newest step whose config reads is the reference)."""
+  for step in sorted(ckpt.steps(), reverse=True):
+    try:
+      saved = ckpt.saved_config(step)
+    except Exception:  # a damaged step: restore reports it and falls back
+      continue
+    diff = ConfigDiff.between(saved, cfg)
+    changed = diff.check_resume(cfg.workdir, resume_with_changes)
+    if changed and announce:
+      log.info("resuming with changed settings: %s", diff.describe(changed, 20))
+    return
+
+
+def _show_progress_logs() -> None:
+  """Python's default shows warnings only, so a ``jaxrec.train`` call would sit silent through loading,
+  encoding and compiling; unless the program set jaxrec's (or the root) level itself, jaxrec's own
+  logger passes its phase lines on, to a stderr handler of its own when no handler exists."""
+  jaxrec_log = logging.getLogger("jaxrec")
+  if jaxrec_log.getEffectiveLevel() <= logging.INFO:
+    return
+  jaxrec_log.setLevel(logging.INFO)
+  if not logging.getLogger().handlers and not jaxrec_log.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s jaxrec %(message)s", datefmt="%H:%M:%S"))
+    jaxrec_log.addHandler(handler)
+
+def mesh_fitting_devices(cfg: Config) -> Config:
+  """``cfg`` with a data-parallel mesh over the devices present when its own mesh needs devices this
+  process lacks: checkpoints restore onto any mesh, so evaluating or exporting a run trained on 8
+  devices needs no 8 devices."""
+  from jaxrec.mesh import mesh_shape
+  available = jax.device_count()
+  try:
+    if cfg.mesh.num_devices > available:
+      raise MeshError("too few devices")
+    mesh_shape(cfg.mesh, cfg.mesh.num_devices or available)
+    return cfg
+  except MeshError:
+    fitted = dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1, num_devices=0)
+    log.info("the run's mesh (data=%d fsdp=%d tensor=%d) does not fit the %d devices here; using data=%d",
+             cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, available, available)
+    return dataclasses.replace(cfg, mesh=fitted)
 
 
 def evaluate(cfg: Config, step: int | None = None, split: str | None = None) -> dict[str, Any]:
-  """Public API: full-ranking metrics of a saved checkpoint of ``cfg.workdir``."""
-  trainer = Trainer(cfg)
+  """Public API: full-ranking metrics of a saved checkpoint of ``cfg.workdir`` (on the devices present)."""
+  trainer = Trainer(mesh_fitting_devices(cfg))
   step, state = trainer.restore(step)
   return dict(trainer.evaluate(state, split), step=step)

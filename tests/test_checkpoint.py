@@ -23,10 +23,25 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 
 
-def _cli(workdir, *overrides, env_extra=None, wait=True):
+# The command, dying as a killed VM would once step ``sys.argv[1]`` has run.
+_DIE_AT_STEP = """
+import os, signal, sys
+from jaxrec import cli, trainer
+die_at, record = int(sys.argv.pop(1)), trainer.Trainer._record_step
+def record_or_die(self, step, *args, **kwargs):
+  if step == die_at:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return record(self, step, *args, **kwargs)
+trainer.Trainer._record_step = record_or_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _cli(workdir, *overrides, env_extra=None, wait=True, die_at_step=None):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
              **(env_extra or {}))
-  cmd = [sys.executable, "-m", "jaxrec.cli", "train", "--config", TINY, "--workdir", str(workdir), *overrides]
+  program = ["-m", "jaxrec.cli"] if die_at_step is None else ["-c", _DIE_AT_STEP, str(die_at_step)]
+  cmd = [sys.executable, *program, "train", "--config", TINY, "--workdir", str(workdir), *overrides]
   if not wait:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
   return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -45,7 +60,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
   straight = _cli(tmp_path / "straight", *common)
   assert straight.returncode == 0, straight.stderr[-2000:]
 
-  killed = _cli(tmp_path / "killed", *common, env_extra={"JAXREC_FAULT_KILL_AT_STEP": "23"})
+  killed = _cli(tmp_path / "killed", *common, die_at_step=23)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   assert not (tmp_path / "killed" / "metrics.json").exists()
   resumed = _cli(tmp_path / "killed", *common)

@@ -197,7 +197,7 @@ def test_encode_cached_refuses_to_store_non_finite_vectors(tmp_path, monkeypatch
   enc = TextEncoder.from_pretrained(path)
   real = enc.encode
 
-  def overflowing(texts, batch_size=64):
+  def overflowing(texts, batch_size=64, progress=False):
     vecs = real(texts, batch_size)
     vecs[1] = np.nan
     return vecs
@@ -306,3 +306,14 @@ def test_sentence_transformers_configs_are_read(tmp_path):
   with pytest.raises(WeightsError, match=r"1_Pooling/config.json: pooling \['pooling_mode_max_tokens'\] is not supported"):
     TextEncoder.from_pretrained(path)
   assert TextEncoder.from_pretrained(path, pooling="mean").pooling == "mean"  # an explicit choice wins
+
+
+def test_encode_shows_a_progress_bar_of_texts_only_when_asked(tmp_path, capsys):
+  enc = TextEncoder.from_pretrained(tiny_bert.write(tmp_path / "tiny"))
+  texts = [f"text number {i}" for i in range(70)]
+  quiet = enc.encode(texts, batch_size=16)
+  assert "encoding item texts" not in capsys.readouterr().err
+  shown = enc.encode(texts, batch_size=16, progress=True)
+  err = capsys.readouterr().err
+  assert "encoding item texts" in err and "70/70" in err
+  np.testing.assert_array_equal(shown, quiet)
