@@ -211,11 +211,17 @@ def main(argv: list[str] | None = None) -> int:
       logging.getLogger(noisy).addFilter(lambda record: record.levelno < logging.ERROR or not record.exc_info)
   try:
     return COMMANDS[args.command](args)
+  except KeyboardInterrupt:  # Ctrl-C outside the train loop (which saves and exits 75 itself)
+    if args.debug:
+      raise
+    print(f"jaxrec {args.command}: interrupted", file=sys.stderr)
+    return 130
   except Exception as e:  # one clear line for the user; --debug for the stack
     if args.debug:
       raise
-    from jaxrec.trainer import TrainingStopped
-    code = e.exit_code if isinstance(e, TrainingStopped) else 2 if isinstance(e, (UsageError, ConfigError)) else 1
+    # TrainingStopped carries its exit code; read it without importing the trainer (and JAX) here.
+    stopped = getattr(e, "exit_code", None)
+    code = stopped if isinstance(stopped, int) else 2 if isinstance(e, (UsageError, ConfigError)) else 1
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "jaxrec.mesh" in sys.modules:  # a multi-process run must not wait at exit for a process that died
       from jaxrec.mesh import stop_if_peer_lost

@@ -149,3 +149,13 @@ def test_config_paths_and_python_m_jaxrec_work_from_any_directory(tmp_path):
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "synthetic/cold/id/f0.5/s0" in proc.stdout.split()
+
+
+def test_ctrl_c_outside_the_train_loop_is_one_line_and_exit_130(monkeypatch, capsys):
+  from jaxrec import cli
+
+  def interrupted(args):
+    raise KeyboardInterrupt
+  monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
+  assert cli.main(["train"]) == 130
+  assert capsys.readouterr().err.strip() == "jaxrec train: interrupted"
