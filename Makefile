@@ -16,16 +16,20 @@ setup:
 demo: setup
 	$(BIN)/jaxrec train
 
-# One line per test file with its progress. Full-dataset tests run when JAXREC_DATA names a folder
-# holding ml-100k/, ml-1m/ and amazon-musical-instruments-5core/, and are skipped otherwise.
+# TEST_JOBS pytest workers, each taking whole test files (module fixtures are built once); one
+# line per test names its file. Full-dataset tests run when JAXREC_DATA names a folder holding
+# ml-100k/, ml-1m/ and amazon-musical-instruments-5core/, and are skipped otherwise.
+TEST_JOBS ?= 2
+PYTEST := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile -v
+
 test:
-	test -x $(BIN)/pytest || $(MAKE) setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest tests
+	$(BIN)/python -c "import pytest, xdist" 2>/dev/null || $(MAKE) setup
+	$(PYTEST) tests
 
 # The same without the tests marked slow (each over ~8 s on a 2-core CPU).
 test-quick:
-	test -x $(BIN)/pytest || $(MAKE) setup
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -m "not slow" tests
+	$(BIN)/python -c "import pytest, xdist" 2>/dev/null || $(MAKE) setup
+	$(PYTEST) -m "not slow" tests
 
 bench-deps: setup
 	$(BIN)/pip install -q -e ".[bench,tfds]"

@@ -649,8 +649,11 @@ class Trainer:
     done = step + 1
     if not bool(step_metrics["finite"]):
       if self.cfg.train.nan_policy == "stop":
-        raise TrainingStopped(f"loss is {loss} at step {done}; training stopped (train.nan_policy=stop); the last "
-                              f"good checkpoint is kept in {ckpt.directory}", EXIT_NONFINITE)
+        last = ckpt.latest_step()
+        kept = (f"the last good checkpoint (step {last}) is kept in {ckpt.directory}" if last is not None else
+                "no checkpoint was saved before it")
+        raise TrainingStopped(f"loss is {loss} at step {done}; training stopped (train.nan_policy=stop); {kept}",
+                              EXIT_NONFINITE)
       log.warning("non-finite loss at step %d: update skipped (train.nan_policy=skip)", done)
     history.append(loss)
     log_now = done % max(self.cfg.train.log_every, 1) == 0 or done == self.cfg.train.steps

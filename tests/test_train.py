@@ -125,6 +125,7 @@ def test_nonfinite_loss_stops_with_its_exit_code_or_is_skipped(tmp_path):
   with pytest.raises(TrainingStopped) as e:
     Trainer(cfg).run()
   assert e.value.exit_code == EXIT_NONFINITE and "train.nan_policy=stop" in str(e.value)
+  assert "at step 1;" in str(e.value) and "no checkpoint was saved before it" in str(e.value)  # none to cite
   skip = load_config(TINY, ["mesh.num_devices=1", f"workdir={tmp_path / 'skip'}", "train.steps=3",
                             "model.temperature=1e-30", "train.nan_policy=skip"])
   result = Trainer(skip).run()
