@@ -69,8 +69,12 @@ def _load_config(args, from_workdir: bool):
       raise UsageError(f"workdir not found: {args.workdir}")
     if not os.path.isfile(path):
       raise UsageError(f"no config.json in workdir {args.workdir}: train there first (jaxrec train --workdir {args.workdir})")
-    with open(path) as f:
-      cfg = from_dict(json.load(f))
+    try:
+      with open(path) as f:
+        cfg = from_dict(json.load(f))
+    except (ValueError, TypeError, AttributeError) as e:  # broken JSON, or JSON that is not a config
+      raise ConfigError(f"the workdir's config {path} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                        f"pass the run's config file with --config (and the same overrides) instead") from e
     cfg = validate(apply_overrides(cfg, overrides))
   else:
     cfg = load_config(args.config or (DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None), overrides)

@@ -71,3 +71,17 @@ def test_export_replaces_an_earlier_index_and_nothing_else(workdir):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert {k: v for k, v in snapshot(workdir).items() if not k.startswith("index")} == others
   assert len(ItemIndex.load(str(index_dir))) > 0
+
+
+@pytest.mark.parametrize("damage", ['{"train": {"steps": 4', '[1, 2]', '{"no_such_group": {}}'])
+def test_a_damaged_workdir_config_json_names_the_file(tmp_path, damage):
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  (workdir / "config.json").write_text(damage)
+  proc = subprocess.run([sys.executable, "-m", "jaxrec.cli", "evaluate", "--workdir", str(workdir)],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300,
+                        env=dict(os.environ, JAXREC_HUGE_PAGES="0", JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in proc.stderr
+  assert f"the workdir's config {workdir / 'config.json'} is damaged" in lines[0]

@@ -135,6 +135,7 @@ def test_metrics_report_ms_per_step_and_tensorboard_has_the_loss_curve(trained):
   events.Reload()
   steps = [event.step for event in events.Scalars("train/loss")]
   assert steps == [5, 10]  # tiny's train.log_every=5
+  assert jaxrec.config.TrainConfig().log_every == 10  # the default draws a curve, not a point per 50 steps
   assert [event.value for event in events.Scalars("train/loss")] == pytest.approx(
       [result["train/losses"][4], result["train/losses"][9]], rel=1e-6)
 
