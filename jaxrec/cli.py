@@ -110,7 +110,8 @@ def cmd_train(args) -> int:
 
 
 def _trainer_for_workdir(args):
-  from jaxrec.trainer import Trainer, mesh_fitting_devices
+  from jaxrec.mesh import mesh_fitting_devices
+  from jaxrec.trainer import Trainer
   cfg = mesh_fitting_devices(_load_config(args, from_workdir=True))
   if not os.path.isdir(os.path.join(cfg.workdir, "checkpoints")):
     raise UsageError(f"no checkpoints in workdir {cfg.workdir}")

@@ -6,6 +6,7 @@ leave. Meshes use Auto axis types so sharding constraints reshard (GSPMD) rather
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from jaxrec.config import MeshConfig
+from jaxrec.config import Config, MeshConfig
 from jaxrec.sharding import MESH_AXES
 
 log = logging.getLogger("jaxrec")
@@ -148,3 +149,20 @@ def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int | None = None) 
   except Exception as e:  # surface one line naming the address instead of a gRPC stack
     raise MeshError(f"could not join the coordinator at {address} as process {pid} of {num} within {timeout_s}s: {e}") from e
   return True
+
+
+def mesh_fitting_devices(cfg: Config) -> Config:
+  """``cfg`` with a data-parallel mesh over the devices present when its own mesh needs devices this
+  process lacks: checkpoints restore onto any mesh, so evaluating or exporting a run trained on 8
+  devices needs no 8 devices."""
+  available = jax.device_count()
+  try:
+    if cfg.mesh.num_devices > available:
+      raise MeshError("too few devices")
+    mesh_shape(cfg.mesh, cfg.mesh.num_devices or available)
+    return cfg
+  except MeshError:
+    fitted = dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1, num_devices=0)
+    log.info("the run's mesh (data=%d fsdp=%d tensor=%d) does not fit the %d devices here; using data=%d",
+             cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, available, available)
+    return dataclasses.replace(cfg, mesh=fitted)

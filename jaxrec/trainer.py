@@ -30,7 +30,7 @@ from jaxrec.data import sources
 from jaxrec.data.dataset import Dataset, Split
 from jaxrec.data.pipeline import BatchBuilder, Sequences, history_mode, item_log_q, train_batches
 from jaxrec.flops import jaxpr_matmul_flops
-from jaxrec.mesh import MeshError, make_mesh, maybe_initialize_distributed
+from jaxrec.mesh import MeshError, make_mesh, maybe_initialize_distributed, mesh_fitting_devices
 from jaxrec.models.towers import Catalog, Users
 from jaxrec.models.two_tower import TwoTower
 from jaxrec.files import write_atomically, write_json_atomically
@@ -879,24 +879,6 @@ def _show_progress_logs() -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s jaxrec %(message)s", datefmt="%H:%M:%S"))
     jaxrec_log.addHandler(handler)
-
-def mesh_fitting_devices(cfg: Config) -> Config:
-  """``cfg`` with a data-parallel mesh over the devices present when its own mesh needs devices this
-  process lacks: checkpoints restore onto any mesh, so evaluating or exporting a run trained on 8
-  devices needs no 8 devices."""
-  from jaxrec.mesh import mesh_shape
-  available = jax.device_count()
-  try:
-    if cfg.mesh.num_devices > available:
-      raise MeshError("too few devices")
-    mesh_shape(cfg.mesh, cfg.mesh.num_devices or available)
-    return cfg
-  except MeshError:
-    fitted = dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1, num_devices=0)
-    log.info("the run's mesh (data=%d fsdp=%d tensor=%d) does not fit the %d devices here; using data=%d",
-             cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, available, available)
-    return dataclasses.replace(cfg, mesh=fitted)
-
 
 def evaluate(cfg: Config, step: int | None = None, split: str | None = None) -> dict[str, Any]:
   """Public API: full-ranking metrics of a saved checkpoint of ``cfg.workdir`` (on the devices present)."""
