@@ -49,68 +49,6 @@ def _merge_topk(vals_BxK, idx_BxK, new_vals_BxJ, new_idx_BxJ, k):
   return top_vals_BxK, jnp.take_along_axis(cat_idx, pos_BxK, axis=1)
 
 
-def _score_block(q_BxE, c_CxE, start, *, valid_C, excl_BxM, mask_BxC):
-  """f32 scores of one corpus block with every exclusion applied (-inf)."""
-  s_BxC = jax.lax.dot_general(q_BxE, c_CxE, (((1,), (1,)), ((), ())),
-                              precision=jax.lax.Precision.HIGHEST,
-                              preferred_element_type=jnp.float32)
-  keep_BxC = ~jnp.isnan(s_BxC)
-  if valid_C is not None:
-    keep_BxC &= valid_C[None, :]
-  if mask_BxC is not None:
-    keep_BxC &= ~mask_BxC
-  s_BxC = jnp.where(keep_BxC, s_BxC, NEG_INF)
-  if excl_BxM is not None:
-    num_c = c_CxE.shape[0]
-    local_BxM = excl_BxM - start
-    # Out-of-block ids (and the -1 padding) go to an out-of-bounds column that `drop` ignores;
-    # negative columns would otherwise wrap around.
-    local_BxM = jnp.where((local_BxM >= 0) & (local_BxM < num_c), local_BxM, num_c)
-    rows_BxM = jnp.broadcast_to(jnp.arange(s_BxC.shape[0])[:, None], local_BxM.shape)
-    s_BxC = s_BxC.at[rows_BxM, local_BxM].set(NEG_INF, mode="drop")
-  return s_BxC
-
-
-def _block_topk(s_BxC, k, approximate, recall_target):
-  kk = min(k, s_BxC.shape[1])
-  if approximate:
-    return jax.lax.approx_max_k(s_BxC, kk, recall_target=recall_target)
-  return jax.lax.top_k(s_BxC, kk)
-
-
-def _stream_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approximate,
-                 recall_target, index_offset):
-  """Running top-k over corpus blocks; indices are `index_offset` + row."""
-  num_b = q_BxE.shape[0]
-  num_n = c_NxE.shape[0]
-  block = min(block, num_n)
-  num_full = num_n // block
-  tail = num_n - num_full * block
-
-  def update(carry, start, size, c_CxE, valid_C, mask_BxC):
-    vals_BxK, idx_BxK = carry
-    s_BxC = _score_block(q_BxE, c_CxE, start, valid_C=valid_C, excl_BxM=excl_BxM,
-                         mask_BxC=mask_BxC)
-    bv_BxJ, bi_BxJ = _block_topk(s_BxC, k, approximate, recall_target)
-    return _merge_topk(vals_BxK, idx_BxK, bv_BxJ, bi_BxJ + start + index_offset, k)
-
-  def body(j, carry):
-    start = j * block
-    c_CxE = jax.lax.dynamic_slice_in_dim(c_NxE, start, block, axis=0)
-    valid_C = None if valid_N is None else jax.lax.dynamic_slice_in_dim(valid_N, start, block)
-    mask_BxC = None if mask_BxN is None else jax.lax.dynamic_slice_in_dim(mask_BxN, start, block, 1)
-    return update(carry, start, block, c_CxE, valid_C, mask_BxC)
-
-  carry = (jnp.full((num_b, k), NEG_INF, jnp.float32), jnp.full((num_b, k), -1, jnp.int32))
-  carry = jax.lax.fori_loop(0, num_full, body, carry)
-  if tail:
-    start = num_full * block
-    carry = update(carry, start, tail, c_NxE[start:],
-                   None if valid_N is None else valid_N[start:],
-                   None if mask_BxN is None else mask_BxN[:, start:])
-  return carry
-
-
 # The exact kernel. A fused dot + max gives, per query, the maximum of every chunk of `chunk`
 # rows (8 or 16, see `_plan`; XLA:CPU fuses the reduce into the matmul, so the [C, T] score
 # tile never goes to memory and no per-tile selection runs). Selection then works on these
@@ -293,29 +231,20 @@ def _finalize(vals_BxK, idx_BxK):
   return vals_BxK, jnp.where(vals_BxK == NEG_INF, -1, idx_BxK).astype(jnp.int32)
 
 
-def _local_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approximate,
-                recall_target):
+def _local_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block):
   """Top-k of one device's corpus rows (local indices)."""
-  if approximate:
-    block = block or _default_block(q_BxE.shape[0], c_NxE.shape[0], k)
-    return _stream_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, k=k, block=block,
-                        approximate=True, recall_target=recall_target, index_offset=0)
   return _exact_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, k=k,
                      **_plan(q_BxE.shape[0], c_NxE.shape[0], block, k, q_BxE.shape[1]))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block", "approximate", "recall_target"))
-def _topk_single(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approximate,
-                 recall_target):
-  vals_BxK, idx_BxK = _local_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, k=k, block=block,
-                                  approximate=approximate, recall_target=recall_target)
+@functools.partial(jax.jit, static_argnames=("k", "block"))
+def _topk_single(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block):
+  vals_BxK, idx_BxK = _local_topk(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, k=k, block=block)
   return _finalize(vals_BxK, idx_BxK)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block", "approximate", "recall_target", "mesh",
-                                             "items_axes"))
-def _topk_sharded(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approximate,
-                  recall_target, mesh, items_axes):
+@functools.partial(jax.jit, static_argnames=("k", "block", "mesh", "items_axes"))
+def _topk_sharded(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, mesh, items_axes):
   """Local top-k per corpus shard in shard_map, then one merge of the S*K candidates."""
   num_n_local = c_NxE.shape[0] // math.prod(mesh.shape[a] for a in items_axes)
 
@@ -325,8 +254,7 @@ def _topk_sharded(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approx
     # Exclusion ids are global; shift them into this shard's row range.
     excl_local = None if excl_BxM is None else jnp.where(excl_BxM >= 0, excl_BxM - offset, -1)
     vals_BxK, idx_BxK = _local_topk(q_BxE, c_nxE, valid_n, excl_local, mask_Bxn, k=k,
-                                    block=block, approximate=approximate,
-                                    recall_target=recall_target)
+                                    block=block)
     idx_BxK = jnp.where(idx_BxK >= 0, idx_BxK + offset, -1)
     # Gathered in shard order = ascending index ranges, so the position tie-break of the final
     # top_k is the index tie-break.
@@ -347,13 +275,6 @@ def _topk_sharded(q_BxE, c_NxE, valid_N, excl_BxM, mask_BxN, *, k, block, approx
 
 # ----------------------------------------------------------------------------------------------
 # Public entry point
-
-
-def _default_block(num_b, num_n, k):
-  """Rows per corpus block: a [B, C] f32 score tile of about 64 MiB, at least a few K wide."""
-  rows = (64 << 20) // (4 * max(num_b, 1))
-  rows = max(rows, 8 * k, 1024)
-  return int(min(rows, num_n))
 
 
 def _is_concrete(x):
@@ -382,8 +303,7 @@ def _host_exclude(exclude, num_b):
 
 
 def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int | None = None,
-         approximate: bool = False, recall_target: float = 0.95, mesh=None,
-         items_axes: Sequence[str] | str | None = None):
+         mesh=None, items_axes: Sequence[str] | str | None = None):
   """Exact top-k of `queries @ corpus.T` -> (scores_BxK float32, indices_BxK int32).
 
   Args:
@@ -396,9 +316,7 @@ def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int |
       mask [B, N] (True = excluded).
     valid: bool [N]; False rows (padding) are never returned.
     block_size: corpus rows per fused score tile, rounded up to a multiple of 256
-      (default 4096; with approximate=True, rows per streamed block).
-    approximate: per-block selection by `jax.lax.approx_max_k` with `recall_target`
-      (expected recall of each block's top-k; TPU only, other backends compute it exactly).
+      (default 4096 on CPU, 32768 on accelerators).
     mesh: a `jax.sharding.Mesh`; the corpus rows are split over `items_axes` (default: all mesh
       axes), each device selects its local top-k, one merge gives the global result. Results
       equal the unsharded kernel's.
@@ -463,8 +381,7 @@ def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int |
   block = 0 if block_size is None else int(block_size)  # 0: the kernel's own choice
   if block_size is not None and block <= 0:
     raise ValueError(f"block_size must be positive, got {block_size}")
-  static = dict(k=k, block=block, approximate=bool(approximate),
-                recall_target=float(recall_target))
+  static = dict(k=k, block=block)
 
   if num_b == 0:
     # The kernel tiles queries; with none there is nothing to tile (and no shape to compile).
@@ -495,16 +412,14 @@ def topk(queries, corpus, k: int, *, exclude=None, valid=None, block_size: int |
                        items_axes=items_axes, **static)
 
 
-def topk_memory_analysis(queries, corpus, k: int, *, block_size: int | None = None,
-                         approximate: bool = False):
+def topk_memory_analysis(queries, corpus, k: int, *, block_size: int | None = None):
   """XLA's compiled memory statistics of the unsharded kernel for these (abstract) shapes.
 
   Accepts `jax.ShapeDtypeStruct`s, so the footprint of a large case can be checked without
   allocating it.
   """
   block = int(block_size) if block_size else 0
-  lowered = _topk_single.lower(queries, corpus, None, None, None, k=int(k), block=block,
-                               approximate=approximate, recall_target=0.95)
+  lowered = _topk_single.lower(queries, corpus, None, None, None, k=int(k), block=block)
   return lowered.compile().memory_analysis()
 
 
