@@ -2,6 +2,9 @@
 
 Dimension legend: B batch, L tokens, D encoder width, N texts.
 
+``TextTokenizer`` is a model directory's tokenizer side (config, tokenizer, max length, pooling),
+read without the weights; ``TextEncoder`` is one plus the loaded ``BertEncoder``.
+
 Encoding sorts texts by token count, cuts batches, and pads each batch to one of a few fixed
 lengths (``LENGTH_BUCKETS`` up to the model's max length) and a power-of-two row count, so XLA
 compiles a handful of shapes however many texts arrive (only the buckets the texts reach). ``encode_cached`` stores a catalog's
@@ -18,12 +21,11 @@ import os
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxrec.files import atomic_file
-from jaxrec.models.encoder import BertConfig, BertEncoder, pool, uses_cpu_bf16_matmul
+from jaxrec.models.encoder import BertConfig, BertEncoder, sentence_vectors, uses_cpu_bf16_matmul
 from jaxrec.weights import ShardingSpec, WeightsError, check_vocab, find_weights_file, load_encoder, read_config
 
 log = logging.getLogger("jaxrec")
@@ -95,13 +97,6 @@ def _dir_fingerprint(path: str) -> str:
   return h.hexdigest()
 
 
-def encode_tokens(module: BertEncoder, input_ids: jax.Array, attention_mask: jax.Array,
-                  token_type_ids: jax.Array | None = None, pooling: str = "mean", normalize: bool = True) -> jax.Array:
-  """Pooled sentence embeddings [B, D] float32; pure, so a train step can jit and differentiate it."""
-  hidden_BxLxD = module(input_ids, attention_mask, token_type_ids)
-  return pool(hidden_BxLxD, attention_mask, pooling, normalize)
-
-
 class _NoTorchNotice(logging.Filter):
   """Drops transformers' import-time "PyTorch was not found" advice: jaxrec uses only its tokenizers,
   so the line reads like a failure when nothing failed. Every other transformers record passes."""
@@ -127,59 +122,49 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
   return buckets[-1]
 
 
-class TextEncoder:
-  """A pretrained BERT-family encoder with its tokenizer, pooling and max length."""
+class TextTokenizer:
+  """The tokenizer side of a model directory: config, tokenizer, max length, lowercasing and pooling.
 
-  def __init__(self, module: BertEncoder, tokenizer: Any, *, max_length: int, pooling: str = "mean",
-               normalize: bool = True, lower_case: bool = False, identity: str = "", path: str = ""):
-    cfg = module.cfg
+  Reads config.json and the tokenizer files but not the weights, so a caller that loads the
+  weights itself (the trainer's live encoder, through ``jaxrec.weights.read_encoder_weights``)
+  reads them once. ``hf_tokenizer`` is the underlying transformers tokenizer.
+  """
+
+  def __init__(self, hf_tokenizer: Any, config: BertConfig, *, max_length: int, pooling: str = "mean",
+               lower_case: bool = False, path: str = ""):
     if pooling not in ("mean", "cls"):
       raise ValueError(f"pooling {pooling!r} must be 'mean' or 'cls'")
-    if not 2 <= max_length <= cfg.max_position_embeddings:
-      raise ValueError(f"max_length {max_length} must be in [2, {cfg.max_position_embeddings}] "
+    if not 2 <= max_length <= config.max_position_embeddings:
+      raise ValueError(f"max_length {max_length} must be in [2, {config.max_position_embeddings}] "
                        f"(the model's max_position_embeddings)")
-    self.module, self.tokenizer, self.config = module, tokenizer, cfg
-    self.max_length, self.pooling, self.normalize, self.path = max_length, pooling, normalize, path
+    self.hf_tokenizer, self.config, self.path = hf_tokenizer, config, path
+    self.max_length, self.pooling = max_length, pooling
     self.lower_case = lower_case  # sentence_bert_config's do_lower_case: lowercases before tokenizing
-    self.hidden_size = cfg.hidden_size
+    self.hidden_size = config.hidden_size
     self.length_buckets = tuple(b for b in LENGTH_BUCKETS if b < max_length) + (max_length,)
-    self.identity = hashlib.sha256(
-        f"{identity}|max_length={max_length}|pooling={pooling}|normalize={normalize}|lower_case={lower_case}"
-        # CPU bf16 names its numerics: vectors cached before attention's dots went bf16 must miss.
-        f"|dtype={cfg.dtype}{'|bf16 operands incl. attention, f32 results' if uses_cpu_bf16_matmul(cfg) else ''}"
-        .encode()).hexdigest()
-    graphdef = nnx.graphdef(module)
-
-    # One jit per encoder; XLA keeps one executable per (rows, length) bucket.
-    @jax.jit
-    def forward(state, ids_BxL, mask_BxL, types_BxL):
-      return encode_tokens(nnx.merge(graphdef, state), ids_BxL, mask_BxL, types_BxL, pooling, normalize)
-    self._forward = forward
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike | None = None, *, max_length: int | None = None,
-                      pooling: str | None = None, normalize: bool = True, sharding: ShardingSpec = None,
-                      seed: int = 0, **config_overrides: Any) -> "TextEncoder":
-    """Loads a local HF BERT-family directory; no path = the packaged all-MiniLM-L6-v2 (offline).
+                      pooling: str | None = None, **config_overrides: Any) -> "TextTokenizer":
+    """The tokenizer side of a local HF BERT-family directory; no path = the packaged all-MiniLM-L6-v2.
 
     ``max_length`` defaults to sentence_bert_config.json's max_seq_length, else the tokenizer's and
     model's limit; ``pooling`` to 1_Pooling/config.json's mode, else mean. ``config_overrides``
-    (``lora_rank``, ``lora_alpha``, ``lora_ffn``, ``dtype``) go to ``BertConfig``.
+    (``lora_rank``, ``lora_alpha``, ``lora_ffn``, ``dtype``) go to ``BertConfig`` (``.config``).
+    The directory must hold a weights file (checked, not read).
     """
     path = default_model_dir() if path is None else os.fspath(path)
     cfg = read_config(path, **config_overrides)  # checks config.json, weights file and architecture first
-    tokenizer = cls._load_tokenizer(path)
-    check_vocab(len(tokenizer), cfg, path)
+    hf_tokenizer = cls._load_tokenizer(path)
+    check_vocab(len(hf_tokenizer), cfg, path)
     st_config = _read_json(os.path.join(path, "sentence_bert_config.json")) or {}
     if max_length is None:
       max_length = st_config.get("max_seq_length") or min(
-          getattr(tokenizer, "model_max_length", cfg.max_position_embeddings), cfg.max_position_embeddings)
+          getattr(hf_tokenizer, "model_max_length", cfg.max_position_embeddings), cfg.max_position_embeddings)
     if pooling is None:
       pooling = _pooling_from_dir(path)
-    module, _ = load_encoder(path, sharding=sharding, seed=seed, **config_overrides)
-    identity = f"{_dir_fingerprint(path)}|{os.path.basename(find_weights_file(path))}"
-    return cls(module, tokenizer, max_length=int(max_length), pooling=pooling, normalize=normalize,
-               lower_case=bool(st_config.get("do_lower_case", False)), identity=identity, path=path)
+    return cls(hf_tokenizer, cfg, max_length=int(max_length), pooling=pooling,
+               lower_case=bool(st_config.get("do_lower_case", False)), path=path)
 
   @staticmethod
   def _load_tokenizer(path: str):
@@ -198,14 +183,14 @@ class TextEncoder:
     if bad:
       raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
     texts = [t.lower() for t in texts] if self.lower_case else list(texts)
-    return self.tokenizer(texts, padding=False, truncation=True, max_length=max_length,
-                          return_token_type_ids=True, return_attention_mask=False)
+    return self.hf_tokenizer(texts, padding=False, truncation=True, max_length=max_length,
+                             return_token_type_ids=True, return_attention_mask=False)
 
   def _pad(self, tokens: dict, rows: Sequence[int], length: int, num_rows: int) -> dict[str, np.ndarray]:
     ids = np.zeros((num_rows, length), np.int32)
     mask = np.zeros((num_rows, length), np.int32)
     types = np.zeros((num_rows, length), np.int32)
-    pad_id = self.tokenizer.pad_token_id or 0
+    pad_id = self.hf_tokenizer.pad_token_id or 0
     ids[:] = pad_id
     for r, i in enumerate(rows):
       seq = tokens["input_ids"][i]
@@ -222,6 +207,50 @@ class TextEncoder:
     longest = max((len(s) for s in tokens["input_ids"]), default=1)
     return self._pad(tokens, range(len(texts)), _bucket(longest, buckets), len(texts))
 
+
+class TextEncoder:
+  """A pretrained BERT-family encoder: a ``TextTokenizer`` (``.tokenizer``) and its module."""
+
+  def __init__(self, tokenizer: TextTokenizer, module: BertEncoder, *, normalize: bool = True, identity: str = ""):
+    cfg = module.cfg
+    if cfg != tokenizer.config:
+      raise ValueError(f"the module's config {cfg} is not the tokenizer's {tokenizer.config}")
+    self.tokenizer, self.module, self.config, self.normalize = tokenizer, module, cfg, normalize
+    self.path, self.max_length, self.pooling = tokenizer.path, tokenizer.max_length, tokenizer.pooling
+    self.lower_case, self.hidden_size, self.length_buckets = (tokenizer.lower_case, tokenizer.hidden_size,
+                                                              tokenizer.length_buckets)
+    max_length, pooling, lower_case = self.max_length, self.pooling, self.lower_case
+    self.identity = hashlib.sha256(
+        f"{identity}|max_length={max_length}|pooling={pooling}|normalize={normalize}|lower_case={lower_case}"
+        # CPU bf16 names its numerics: vectors cached before attention's dots went bf16 must miss.
+        f"|dtype={cfg.dtype}{'|bf16 operands incl. attention, f32 results' if uses_cpu_bf16_matmul(cfg) else ''}"
+        .encode()).hexdigest()
+    graphdef = nnx.graphdef(module)
+
+    # One jit per encoder; XLA keeps one executable per (rows, length) bucket.
+    @jax.jit
+    def forward(state, batch):
+      return sentence_vectors(nnx.merge(graphdef, state), batch, pooling, normalize)
+    self._forward = forward
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike | None = None, *, max_length: int | None = None,
+                      pooling: str | None = None, normalize: bool = True, sharding: ShardingSpec = None,
+                      seed: int = 0, **config_overrides: Any) -> "TextEncoder":
+    """Loads a local HF BERT-family directory; no path = the packaged all-MiniLM-L6-v2 (offline).
+
+    ``max_length``, ``pooling`` and ``config_overrides`` as in ``TextTokenizer.from_pretrained``;
+    ``sharding`` and ``seed`` (LoRA adapters' init) as in ``jaxrec.weights.load_encoder``.
+    """
+    tokenizer = TextTokenizer.from_pretrained(path, max_length=max_length, pooling=pooling, **config_overrides)
+    module, _ = load_encoder(tokenizer.path, sharding=sharding, seed=seed, **config_overrides)
+    identity = f"{_dir_fingerprint(tokenizer.path)}|{os.path.basename(find_weights_file(tokenizer.path))}"
+    return cls(tokenizer, module, normalize=normalize, identity=identity)
+
+  def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, np.ndarray]:
+    """``TextTokenizer.tokenize``: int32 ``input_ids``/``attention_mask``/``token_type_ids`` [N, L]."""
+    return self.tokenizer.tokenize(texts, max_length)
+
   def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """float32 [N, D] sentence embeddings in input order; ``progress`` shows a bar of texts encoded."""
     if isinstance(texts, str):
@@ -232,7 +261,7 @@ class TextEncoder:
     out_NxD = np.zeros((len(texts), self.hidden_size), np.float32)
     if not texts:
       return out_NxD
-    tokens = self._token_lists(texts, self.max_length)
+    tokens = self.tokenizer._token_lists(texts, self.max_length)
     lengths = np.array([len(s) for s in tokens["input_ids"]])
     order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a batch
     state = nnx.state(self.module)
@@ -241,10 +270,9 @@ class TextEncoder:
       rows = order[start:start + batch_size]
       length = _bucket(int(lengths[rows[0]]), self.length_buckets)
       num_rows = min(batch_size, 1 << (len(rows) - 1).bit_length())  # power-of-two row counts
-      batch = self._pad(tokens, rows, length, num_rows)
+      batch = self.tokenizer._pad(tokens, rows, length, num_rows)
       # Dispatch is asynchronous: the host pads the next batch while this one computes.
-      vecs = self._forward(state, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-      pending.append((rows, vecs))
+      pending.append((rows, self._forward(state, batch)))
     bar = None
     if progress:
       from tqdm.auto import tqdm

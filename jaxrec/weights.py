@@ -1,7 +1,9 @@
 """Hugging Face BERT checkpoint -> ``BertEncoder``: a declared key table, strict checks, direct placement.
 
 The module is built abstractly (``nnx.eval_shape``); every parameter is then filled from the
-checkpoint through ``KEY_TABLE`` (checkpoint key, module path, transform). All problems (missing
+checkpoint through ``KEY_TABLE`` (checkpoint key, module path, transform). ``read_encoder_weights``
+stops before the module: host arrays keyed by module path, for a caller that places them itself
+(the trainer, straight into its sharded state); ``load_encoder`` places them with ``place``. All problems (missing
 keys, wrong shapes, non-float or non-finite tensors, unexpected encoder keys) are collected and
 raised together in one ``WeightsError`` naming the directory. No parameter of the pretrained
 encoder is ever left at a random initial value; LoRA adapters are the only freshly initialised
@@ -256,10 +258,13 @@ def _init_adapters(cfg: BertConfig, seed: int) -> dict[tuple, jax.Array]:
 ShardingSpec = jax.sharding.Sharding | Callable[[tuple, tuple, tuple], jax.sharding.Sharding] | None
 
 
-def _place(value: np.ndarray | jax.Array, path: tuple, names: tuple, sharding: ShardingSpec) -> jax.Array:
+def place(value: np.ndarray | jax.Array, path: tuple, logical_names: tuple, sharding: ShardingSpec) -> jax.Array:
+  """``value`` as a jax.Array placed by ``sharding`` (see ``ShardingSpec``; None = the default device);
+  ``path`` and ``logical_names`` are the parameter's module path and axis names, which a sharding
+  function maps to its target."""
   if sharding is None:
     return jnp.asarray(value)
-  target = sharding(path, names, tuple(value.shape)) if callable(sharding) else sharding
+  target = sharding(path, logical_names, tuple(value.shape)) if callable(sharding) else sharding
   value = np.asarray(value)
   # make_array_from_callback works when the mesh spans processes: each fills only its own shards.
   return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
@@ -279,28 +284,14 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> BertConfig:
     raise WeightsError(str(e)) from None
 
 
-def load_encoder(path: str | os.PathLike, *, sharding: ShardingSpec = None, seed: int = 0,
-                 **config_overrides: Any) -> tuple[BertEncoder, LoadReport]:
-  """Loads a local HF BERT directory into a ``BertEncoder``; raises ``WeightsError`` listing every problem.
-
-  ``config_overrides`` set ``BertConfig`` fields that config.json does not hold (``lora_rank``,
-  ``lora_alpha``, ``lora_ffn``, ``dtype``); ``module.cfg`` is the resulting config. ``sharding`` is
-  one ``jax.sharding.Sharding`` for every parameter or a function ``(module_path,
-  logical_axis_names, shape) -> Sharding`` (e.g. built on ``jaxrec.sharding.resolve``); None puts
-  them on the default device. ``seed`` initialises LoRA adapters, the only parameters not read
-  from the checkpoint.
-  """
-  path = os.fspath(path)
-  cfg = read_config(path, **config_overrides)
+def _read_weights(path: str, cfg: BertConfig, variables: Mapping[tuple, Any]
+                  ) -> tuple[dict[tuple, np.ndarray], LoadReport]:
+  """``read_encoder_weights`` against the flat state ``variables`` of an abstract ``BertEncoder(cfg)``."""
   weights_file = find_weights_file(path)
   tensors = read_checkpoint(weights_file)
 
   problems: list[str] = []
   tensors = _strip_prefixes(tensors, problems)
-  abstract = abstract_encoder(cfg, seed)
-  graphdef, abstract_state = nnx.split(abstract)
-  variables = dict(nnx.to_flat_state(abstract_state))
-
   values: dict[tuple, np.ndarray] = {}
   used: set[str] = set()
   for key, module_path, transform in key_table(cfg.num_hidden_layers):
@@ -343,17 +334,49 @@ def load_encoder(path: str | os.PathLike, *, sharding: ShardingSpec = None, seed
   if not_filled:  # a table/module disagreement, not a checkpoint problem; still never random-init
     raise WeightsError(f"{weights_file}: module parameters with no checkpoint key: "
                        + ", ".join(".".join(map(str, p)) for p in not_filled))
-
-  adapters = _init_adapters(cfg, seed) if initialised else {}
-  flat = []
-  for module_path, var in variables.items():
-    value = values[module_path] if module_path in values else adapters[module_path]
-    names = var.get_metadata().get("out_sharding") or ()
-    flat.append((module_path, var.replace(_place(value, module_path, names, sharding))))
-  module = nnx.merge(graphdef, nnx.from_flat_state(flat))
   report = LoadReport(path=path, weights_file=weights_file, loaded=tuple(sorted(used)), unused=tuple(unused),
                       initialised=tuple(".".join(map(str, p)) for p in initialised))
   log.info("loaded %d tensors from %s%s%s", len(used), weights_file,
            f"; unused: {', '.join(unused)}" if unused else "",
            f"; freshly initialised LoRA adapters: {len(initialised)}" if initialised else "")
-  return module, report
+  return values, report
+
+
+def read_encoder_weights(path: str | os.PathLike, cfg: BertConfig) -> tuple[dict[tuple, np.ndarray], LoadReport]:
+  """A model directory's base weights, checked against ``BertEncoder(cfg)`` without building one.
+
+  Returns host numpy arrays keyed by module path exactly as ``nnx.to_flat_state(nnx.state(
+  BertEncoder(cfg)))`` names them (e.g. ``("layers", 0, "attention", "query", "kernel")``), already
+  transposed and cast to the parameter's dtype, and the ``LoadReport``. LoRA adapters are not in a
+  checkpoint, so none is returned; ``report.initialised`` names those ``cfg`` asks for. Every
+  problem is collected and raised once as a ``WeightsError``. ``cfg`` is usually
+  ``read_config(path, **overrides)``.
+  """
+  path = os.fspath(path)
+  variables = dict(nnx.to_flat_state(nnx.state(abstract_encoder(cfg))))  # shapes and dtypes only
+  return _read_weights(path, cfg, variables)
+
+
+def load_encoder(path: str | os.PathLike, *, sharding: ShardingSpec = None, seed: int = 0,
+                 **config_overrides: Any) -> tuple[BertEncoder, LoadReport]:
+  """Loads a local HF BERT directory into a ``BertEncoder``; raises ``WeightsError`` listing every problem.
+
+  ``config_overrides`` set ``BertConfig`` fields that config.json does not hold (``lora_rank``,
+  ``lora_alpha``, ``lora_ffn``, ``dtype``); ``module.cfg`` is the resulting config. ``sharding`` is
+  one ``jax.sharding.Sharding`` for every parameter or a function ``(module_path,
+  logical_axis_names, shape) -> Sharding`` (e.g. built on ``jaxrec.sharding.resolve``); None puts
+  them on the default device. ``seed`` initialises LoRA adapters, the only parameters not read
+  from the checkpoint.
+  """
+  path = os.fspath(path)
+  cfg = read_config(path, **config_overrides)
+  graphdef, abstract_state = nnx.split(abstract_encoder(cfg, seed))
+  variables = dict(nnx.to_flat_state(abstract_state))
+  values, report = _read_weights(path, cfg, variables)
+  adapters = _init_adapters(cfg, seed) if report.initialised else {}
+  flat = []
+  for module_path, var in variables.items():
+    value = values[module_path] if module_path in values else adapters[module_path]
+    names = var.get_metadata().get("out_sharding") or ()
+    flat.append((module_path, var.replace(place(value, module_path, names, sharding))))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat)), report

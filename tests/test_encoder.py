@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxrec.models.encoder import BertConfig, BertEncoder, ConfigFileError, LoRAParam, TokenStream, pool
+from jaxrec.models.encoder import sentence_vectors
 from jaxrec.models.encoder import _bf16_matmul, _CpuBf16Linear, _gelu
 
 TINY = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=24,
@@ -106,7 +107,7 @@ def test_a_token_stream_encodes_and_differentiates_as_one_padded_row_per_text(mo
 
   def stream_fn(state):
     stream = TokenStream.build(index, segments, positions)
-    return pool(nnx.merge(graphdef, state).encode_stream(ids, stream_types, stream, positions), stream.mask_SxL, mode)
+    return pool(nnx.merge(graphdef, state)(ids, token_type_ids_BxL=stream_types, stream=stream), stream.mask_SxL, mode)
 
   streamed = stream_fn(state)
   np.testing.assert_allclose(np.asarray(streamed[:3]), np.asarray(padded_fn(state)), atol=atol)
@@ -116,6 +117,36 @@ def test_a_token_stream_encodes_and_differentiates_as_one_padded_row_per_text(mo
   grad_stream = jax.grad(lambda s: (stream_fn(s)[:3] * weights).sum())(state)
   for a, b in zip(jax.tree.leaves(grad_padded), jax.tree.leaves(grad_stream)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=atol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sentence_vectors_takes_either_layout_and_they_agree(dtype):
+  # One forward serves both layouts: the same texts give the same vectors whichever way they come
+  # (bit for bit on XLA:CPU today; the tolerance leaves room for a backend that tiles [N, D] and
+  # [S, L, D] matmuls differently).
+  module = BertEncoder(BertConfig(**{**TINY.__dict__, "dtype": dtype}), rngs=nnx.Rngs(5))
+  texts, types = [[2, 7, 9, 3], [2, 11, 12, 13, 3]], [[0, 0, 1, 1], [0, 1, 1, 0, 0]]
+  padded = {"input_ids": jnp.array([t + [0] * (5 - len(t)) for t in texts]),
+            "attention_mask": jnp.array([[1] * len(t) + [0] * (5 - len(t)) for t in texts]),
+            "token_type_ids": jnp.array([t + [0] * (5 - len(t)) for t in types])}
+  stream = {"input_ids": jnp.array(sum(texts, []) + [0]), "token_type_ids": jnp.array(sum(types, []) + [0]),
+            "position_ids": jnp.array([0, 1, 2, 3, 0, 1, 2, 3, 4, 0]),
+            "segment_ids": jnp.array([0] * 4 + [1] * 5 + [-1]),
+            "stream_index": jnp.array([[0, 1, 2, 3, 10], [4, 5, 6, 7, 8]])}
+  for mode in ("mean", "cls"):
+    by_rows = sentence_vectors(module, padded, mode)
+    assert by_rows.shape == (2, TINY.hidden_size) and by_rows.dtype == jnp.float32
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(by_rows), axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(sentence_vectors(module, stream, mode)), np.asarray(by_rows), atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(sentence_vectors(module, padded, normalize=False)),
+                                np.asarray(pool(module(padded["input_ids"], padded["attention_mask"],
+                                                       padded["token_type_ids"]), padded["attention_mask"],
+                                                normalize=False)))
+  with pytest.raises(ValueError, match=r"padded rows \(input_ids, attention_mask, token_type_ids\).*got "
+                                       r"attention_mask, input_ids$"):
+    sentence_vectors(module, {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]})
+  with pytest.raises(ValueError, match="exactly one"):
+    module(padded["input_ids"])
 
 
 def test_token_types_matter_and_default_to_zero():

@@ -15,7 +15,8 @@ import pytest
 
 from fixtures import tiny_bert
 from jaxrec import text_encoder
-from jaxrec.text_encoder import TextEncoder, encode_cached, encode_tokens
+from jaxrec.models.encoder import sentence_vectors
+from jaxrec.text_encoder import TextEncoder, TextTokenizer, encode_cached
 from jaxrec.weights import WeightsError
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "fixtures", "minilm_reference.npz")
@@ -97,19 +98,47 @@ def test_bucketing_compiles_a_handful_of_shapes(tmp_path):
 
 
 @pytest.mark.slow
-def test_encode_tokens_is_jittable_and_differentiable(tmp_path):
+def test_sentence_vectors_is_jittable_and_differentiable(tmp_path):
   from flax import nnx
   enc = TextEncoder.from_pretrained(tiny_bert.write(tmp_path / "tiny"))
   batch = enc.tokenize(["the movie about love", "a sad story"])
-  out = nnx.jit(encode_tokens, static_argnames=("pooling", "normalize"))(
-      enc.module, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], pooling="mean", normalize=True)
+  out = nnx.jit(sentence_vectors, static_argnames=("pooling", "normalize"))(enc.module, batch, pooling="mean",
+                                                                              normalize=True)
   np.testing.assert_allclose(np.asarray(out), enc.encode(["the movie about love", "a sad story"]), atol=1e-6)
 
   def loss(module):
-    return encode_tokens(module, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[:, 0].sum()
+    return sentence_vectors(module, batch)[:, 0].sum()
   grads = nnx.grad(loss)(enc.module)
   norms = [float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)]
   assert all(np.isfinite(norms)) and max(norms) > 0
+
+
+def test_text_tokenizer_is_the_encoders_tokenizer_side_without_weights(tmp_path, monkeypatch):
+  path = tiny_bert.write(tmp_path / "st", config={**tiny_bert.CONFIG, "max_position_embeddings": 40})
+  with open(os.path.join(path, "sentence_bert_config.json"), "w") as f:
+    f.write('{"max_seq_length": 24, "do_lower_case": true}')
+  enc = TextEncoder.from_pretrained(path, lora_rank=2)
+  texts = ["THE Movie about love", "", " ".join(["war"] * 30), "a sad story"]
+
+  def no_weights(*args, **kwargs):
+    raise AssertionError("TextTokenizer read the weights")
+  monkeypatch.setattr(text_encoder, "load_encoder", no_weights)
+  monkeypatch.setattr("jaxrec.weights.read_checkpoint", no_weights)
+  tok = TextTokenizer.from_pretrained(path, lora_rank=2)
+  assert tok.config == enc.config and tok.config.lora_rank == 2
+  assert (tok.path, tok.pooling, tok.max_length, tok.lower_case) == (path, "mean", 24, True)
+  assert tok.hidden_size == enc.hidden_size == 8 and tok.length_buckets == enc.length_buckets == (16, 24)
+  for max_length in (None, 12):
+    mine, theirs = tok.tokenize(texts, max_length), enc.tokenize(texts, max_length)
+    assert set(mine) == set(theirs) == {"input_ids", "attention_mask", "token_type_ids"}
+    for name in mine:
+      assert mine[name].dtype == np.int32
+      np.testing.assert_array_equal(mine[name], theirs[name])
+  assert tok.tokenize(texts)["input_ids"].shape == (4, 24)
+  assert tok.tokenize(texts)["input_ids"][0, :3].tolist() == [2, 5, 7]  # lowercased: [CLS] the movie
+  assert TextTokenizer.from_pretrained(path, max_length=16, pooling="cls").length_buckets == (16,)
+  with pytest.raises(ValueError, match="max_length 41 must be in"):
+    TextTokenizer.from_pretrained(path, max_length=41)
 
 
 def test_identity_tracks_weights_max_length_and_pooling(tmp_path):
@@ -216,8 +245,8 @@ def test_importing_the_tokenizer_prints_no_pytorch_notice(tmp_path):
   root = os.path.dirname(os.path.dirname(text_encoder.__file__))
   env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
   code = ("import logging, sys\n"
-          "from jaxrec.text_encoder import TextEncoder\n"
-          "print(len(TextEncoder._load_tokenizer(sys.argv[1])))\n"
+          "from jaxrec.text_encoder import TextTokenizer\n"
+          "print(len(TextTokenizer._load_tokenizer(sys.argv[1])))\n"
           "logging.getLogger('transformers').warning('a real transformers warning')\n")
   run = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True, timeout=300,
                        cwd=tmp_path)

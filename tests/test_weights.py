@@ -15,7 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fixtures import tiny_bert
 from jaxrec.models.encoder import BertConfig, LoRAParam
-from jaxrec.weights import WeightsError, abstract_encoder, check_vocab, key_table, load_encoder, read_checkpoint
+from jaxrec.weights import (WeightsError, abstract_encoder, check_vocab, key_table, load_encoder, place,
+                            read_checkpoint, read_config, read_encoder_weights)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 IDS = np.array([[2, 5, 9, 13, 3, 0, 0], [2, 30, 39, 7, 11, 17, 3]])
@@ -189,6 +190,51 @@ def test_lora_adapters_are_the_only_fresh_params(tmp_path):
   assert all(float(jnp.abs(v).max()) == 0 for p, v in lora.items() if p[-1] == "b")
   assert all(float(jnp.abs(v).max()) > 0 for p, v in lora.items() if p[-1] == "a")
   np.testing.assert_array_equal(_run(adapted), _run(base))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"lora_rank": 2, "lora_ffn": True}, {"dtype": "bfloat16"}])
+def test_read_encoder_weights_are_the_loaded_modules_state_leaf_for_leaf(tmp_path, overrides):
+  path = tiny_bert.write(tmp_path / "tiny", prefix="bert.")
+  module, loaded_report = load_encoder(path, seed=3, **overrides)
+  values, report = read_encoder_weights(path, read_config(path, **overrides))
+  assert report == loaded_report
+  state = dict(nnx.to_flat_state(nnx.state(module)))
+  base = {p: v for p, v in state.items() if not isinstance(v, LoRAParam)}
+  assert set(values) == set(base) and len(values) == 5 + 16 * 2
+  assert ("layers", 0, "attention", "query", "kernel") in values
+  for p, v in base.items():
+    assert isinstance(values[p], np.ndarray) and values[p].dtype == v[...].dtype, p
+    np.testing.assert_array_equal(values[p], np.asarray(v[...]), err_msg=str(p))
+  np.testing.assert_array_equal(values[("layers", 1, "mlp", "ffn_in", "kernel")],
+                                tiny_bert.tensors()["encoder.layer.1.intermediate.dense.weight"].T)
+  assert len(report.initialised) == (16 if overrides.get("lora_rank") else 0)
+
+
+def test_read_encoder_weights_reports_every_problem_once(tmp_path):
+  weights = tiny_bert.tensors()
+  weights["encoder.layer.0.attention.self.key.weight"] = np.zeros((8, 5), np.float32)
+  del weights["embeddings.LayerNorm.bias"]
+  path = tiny_bert.write(tmp_path / "bad", weights=weights)
+  with pytest.raises(WeightsError, match=r"2 problem\(s\)") as err:
+    read_encoder_weights(path, read_config(path))
+  assert "missing key 'embeddings.LayerNorm.bias'" in str(err.value)
+  assert "encoder.layer.0.attention.self.key.weight: shape (5, 8) (transpose of (8, 5))" in str(err.value)
+
+
+def test_place_puts_a_value_by_sharding_or_function():
+  mesh = jax.make_mesh((8,), ("tensor",), axis_types=(jax.sharding.AxisType.Auto,))
+  value = np.arange(32, dtype=np.float32).reshape(4, 8)
+  plain = place(value, ("w",), ("embed", "mlp"), None)
+  np.testing.assert_array_equal(np.asarray(plain), value)
+  seen = []
+
+  def sharding(path, names, shape):
+    seen.append((path, names, shape))
+    return NamedSharding(mesh, P(None, "tensor"))
+  placed = place(value, ("w",), ("embed", "mlp"), sharding)
+  assert seen == [(("w",), ("embed", "mlp"), (4, 8))]
+  assert placed.sharding.spec == P(None, "tensor") and len(placed.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(placed), value)
 
 
 def test_placement_with_a_sharding_function(tmp_path):

@@ -1,8 +1,12 @@
 """BERT-family text encoder in Flax NNX, LoRA adapters, and sentence pooling.
 
+One forward serves texts as padded rows [B, L] and as a token stream [N] (``TokenStream``);
+``sentence_vectors`` is the pooled sentence vector of either layout.
+
 Dimension legend:
   B batch, L tokens, D encoder width (hidden_size), H attention heads, K head width (D // H),
-  F MLP width (intermediate_size), V vocab, P max positions, T token types, R LoRA rank.
+  F MLP width (intermediate_size), V vocab, P max positions, T token types, R LoRA rank,
+  S texts and N tokens of a token stream.
 
 The layout follows Hugging Face's ``BertModel`` (post-LayerNorm blocks, exact-erf GELU, learned
 absolute positions, token types) so that a checkpoint maps onto it one tensor at a time
@@ -16,7 +20,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -248,18 +252,18 @@ class BertEmbeddings(nnx.Module):
                                 embedding_init=_partitioned(_normal, (None, "embed")), rngs=rngs)
     self.norm = _layer_norm(cfg, rngs=rngs)
 
-  def __call__(self, input_ids_BxL: jax.Array, token_type_ids_BxL: jax.Array) -> jax.Array:
-    length = input_ids_BxL.shape[1]
+  def __call__(self, input_ids_BxL: jax.Array, token_type_ids_BxL: jax.Array,
+               position_ids_BxL: jax.Array | None = None, num_positions: int | None = None) -> jax.Array:
+    """Embeddings [B, L, D] of padded rows, token j of a row at position j; or, with ``position_ids``,
+    of tokens in any layout (a token stream [N] gives [N, D]) at those positions, all below
+    ``num_positions`` (default the table's size)."""
     x_BxLxD = self.word(input_ids_BxL) + _one_hot_rows(self.token_type, token_type_ids_BxL)
-    x_BxLxD = x_BxLxD + self.position(jnp.arange(length))[None]
+    if position_ids_BxL is None:  # every row holds positions 0..L-1: one slice, broadcast over rows
+      x_BxLxD = x_BxLxD + self.position(jnp.arange(input_ids_BxL.shape[1]))[None]
+    else:
+      rows = self.position.num_embeddings if num_positions is None else min(num_positions, self.position.num_embeddings)
+      x_BxLxD = x_BxLxD + _one_hot_rows(self.position, position_ids_BxL, rows)
     return self.norm(x_BxLxD)
-
-  def stream(self, input_ids_N: jax.Array, token_type_ids_N: jax.Array, position_ids_N: jax.Array,
-             num_positions: int) -> jax.Array:
-    """Embeddings [N, D] of a token stream whose positions (below ``num_positions``) are given."""
-    x_NxD = self.word(input_ids_N) + _one_hot_rows(self.token_type, token_type_ids_N)
-    x_NxD = x_NxD + _one_hot_rows(self.position, position_ids_N, min(num_positions, self.position.num_embeddings))
-    return self.norm(x_NxD)
 
 
 def _one_hot_rows(table: nnx.Embed, ids: jax.Array, rows: int | None = None) -> jax.Array:
@@ -294,8 +298,9 @@ _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 @dataclasses.dataclass(frozen=True)
 class TokenStream:
-  """S texts laid end to end as one stream of N tokens, and the maps between the stream and the
-  text layout [S, L] (text s, its token j), both ways; ``N`` / ``S * L`` mark padding.
+  """S texts laid end to end as one stream of N tokens, each token's position in its text, and the
+  maps between the stream and the text layout [S, L] (text s, its token j), both ways; ``N`` /
+  ``S * L`` mark padding.
 
   Everything in BERT but attention is per token, so it runs on the stream and computes on the
   texts' tokens only; attention runs in the text layout, where each text attends to itself.
@@ -303,13 +308,19 @@ class TokenStream:
 
   to_texts_SxL: jax.Array  # stream index of each text token, N where the text is shorter
   to_stream_N: jax.Array  # s * L + j of each stream token, S * L on padding
+  position_ids_N: jax.Array  # j of each stream token (anything below L on padding)
 
   @classmethod
   def build(cls, stream_index_SxL: jax.Array, segment_ids_N: jax.Array, position_ids_N: jax.Array) -> "TokenStream":
     """From ``stream_index_SxL`` and the stream's text slot (-1 on padding) and position per token."""
     texts, length = stream_index_SxL.shape
     to_stream_N = jnp.where(segment_ids_N >= 0, segment_ids_N * length + position_ids_N, texts * length)
-    return cls(stream_index_SxL, to_stream_N.astype(jnp.int32))
+    return cls(stream_index_SxL, to_stream_N.astype(jnp.int32), position_ids_N)
+
+  @property
+  def length(self) -> int:
+    """L, the text layout's width: every position in the stream is below it."""
+    return self.to_texts_SxL.shape[1]
 
   @property
   def mask_SxL(self) -> jax.Array:
@@ -426,26 +437,31 @@ class BertEncoder(nnx.Module):
     self.embeddings = BertEmbeddings(cfg, rngs=rngs)
     self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
 
-  def __call__(self, input_ids_BxL: jax.Array, attention_mask_BxL: jax.Array,
-               token_type_ids_BxL: jax.Array | None = None) -> jax.Array:
+  def __call__(self, input_ids_BxL: jax.Array, attention_mask_BxL: jax.Array | None = None,
+               token_type_ids_BxL: jax.Array | None = None, *, stream: TokenStream | None = None) -> jax.Array:
+    """Last hidden states [B, L, D] of texts in either layout, through one embedding and layer loop:
+
+    - padded rows: ``input_ids`` [B, L] with ``attention_mask`` [B, L];
+    - a token stream: ``input_ids`` [N] with ``stream`` (which holds the positions); the result is
+      in the stream's text layout [S, L, D], zeros past each text's end (``stream.mask_SxL``
+      marks its tokens). Equal to padded rows of the same texts, while the per-token work runs
+      on N tokens, not S * L.
+
+    ``token_type_ids`` (same layout as ``input_ids``) default to zeros.
+    """
+    if (attention_mask_BxL is None) == (stream is None):
+      raise ValueError("BertEncoder takes padded rows (attention_mask) or a token stream (stream), exactly one")
     if token_type_ids_BxL is None:
       token_type_ids_BxL = jnp.zeros_like(input_ids_BxL)
-    mask_bias_Bx1x1xL = _mask_bias(attention_mask_BxL)
-    x_BxLxD = self.embeddings(input_ids_BxL, token_type_ids_BxL)
+    if stream is None:
+      mask_bias_Bx1x1xL = _mask_bias(attention_mask_BxL)
+      x_BxLxD = self.embeddings(input_ids_BxL, token_type_ids_BxL)
+    else:  # x is [N, D] until the end; attention alone visits the text layout
+      mask_bias_Bx1x1xL = _mask_bias(stream.mask_SxL)
+      x_BxLxD = self.embeddings(input_ids_BxL, token_type_ids_BxL, stream.position_ids_N, stream.length)
     for layer in self.layers:
-      x_BxLxD = layer(x_BxLxD, mask_bias_Bx1x1xL)
-    return x_BxLxD
-
-  def encode_stream(self, input_ids_N: jax.Array, token_type_ids_N: jax.Array, stream: TokenStream,
-                    position_ids_N: jax.Array) -> jax.Array:
-    """Last hidden states of texts given as one token stream, in the text layout [S, L, D]
-    (zeros past each text's end; ``stream.mask_SxL`` marks its tokens). Equal to ``__call__`` on
-    the same texts padded one per row, while the per-token work runs on N tokens, not S * L."""
-    mask_bias_Sx1x1xL = _mask_bias(stream.mask_SxL)
-    x_NxD = self.embeddings.stream(input_ids_N, token_type_ids_N, position_ids_N, stream.to_texts_SxL.shape[1])
-    for layer in self.layers:
-      x_NxD = layer(x_NxD, mask_bias_Sx1x1xL, stream)
-    return stream.texts(x_NxD)
+      x_BxLxD = layer(x_BxLxD, mask_bias_Bx1x1xL, stream)
+    return x_BxLxD if stream is None else stream.texts(x_BxLxD)
 
 
 def pool(hidden_BxLxD: jax.Array, mask_BxL: jax.Array, mode: str = "mean", normalize: bool = True) -> jax.Array:
@@ -463,3 +479,35 @@ def pool(hidden_BxLxD: jax.Array, mask_BxL: jax.Array, mode: str = "mean", norma
     norm_Bx1 = jnp.linalg.norm(out_BxD, axis=-1, keepdims=True)
     out_BxD = out_BxD / jnp.maximum(norm_Bx1, 1e-12)  # torch.nn.functional.normalize's eps
   return out_BxD
+
+
+# The two layouts of ``sentence_vectors``' inputs, by key.
+PADDED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # each [S, L]
+STREAM_INPUTS = ("input_ids", "token_type_ids", "position_ids", "segment_ids", "stream_index")  # [N] x 4, [S, L]
+
+
+def sentence_vectors(module: BertEncoder, inputs: Mapping[str, jax.Array], pooling: str = "mean",
+                     normalize: bool = True) -> jax.Array:
+  """Pooled sentence embeddings [S, D] float32 of S texts in either layout; pure, so a train step
+  can jit and differentiate it.
+
+  ``inputs`` holds exactly the keys of one layout:
+
+  - padded rows ``PADDED_INPUTS``: ``input_ids``, ``attention_mask``, ``token_type_ids``, each [S, L];
+  - a token stream ``STREAM_INPUTS``: ``input_ids``, ``token_type_ids``, ``position_ids`` (j of each
+    token in its text) and ``segment_ids`` (its text s, -1 on padding), each [N], and
+    ``stream_index`` [S, L] (the stream index of text s's token j, N past its end). A text with no
+    tokens pools to zeros.
+  """
+  keys = set(inputs)
+  if keys == set(STREAM_INPUTS):
+    stream = TokenStream.build(inputs["stream_index"], inputs["segment_ids"], inputs["position_ids"])
+    hidden_SxLxD = module(inputs["input_ids"], token_type_ids_BxL=inputs["token_type_ids"], stream=stream)
+    mask_SxL = stream.mask_SxL
+  elif keys == set(PADDED_INPUTS):
+    mask_SxL = inputs["attention_mask"]
+    hidden_SxLxD = module(inputs["input_ids"], mask_SxL, inputs["token_type_ids"])
+  else:
+    raise ValueError(f"sentence_vectors takes padded rows ({', '.join(PADDED_INPUTS)}) or a token stream "
+                     f"({', '.join(STREAM_INPUTS)}); got {', '.join(sorted(keys)) or 'no inputs'}")
+  return pool(hidden_SxLxD, mask_SxL, pooling, normalize)

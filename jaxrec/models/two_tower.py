@@ -12,9 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrec.config import ModelConfig
-from jaxrec.models.encoder import BertConfig, BertEncoder, TokenStream, pool
+from jaxrec.models.encoder import PADDED_INPUTS, STREAM_INPUTS, BertConfig, BertEncoder, sentence_vectors
 from jaxrec.models.towers import Catalog, ItemTower, QueryTower, Table, Users
-from jaxrec.text_encoder import encode_tokens
 
 
 class TwoTower(nnx.Module):
@@ -27,8 +26,7 @@ class TwoTower(nnx.Module):
     self.pooling = pooling
     if encoder_cfg is not None:
       self.text_encoder = BertEncoder(encoder_cfg, rngs=rngs)
-      self.tokens = nnx.Dict({name: Table(jnp.asarray(tokens[name], jnp.int32))
-                              for name in ("input_ids", "attention_mask", "token_type_ids")})
+      self.tokens = nnx.Dict({name: Table(jnp.asarray(tokens[name], jnp.int32)) for name in PADDED_INPUTS})
     else:
       self.text_encoder = None
     self.item_tower = ItemTower(catalog, cfg, text_dim, row_multiple=row_multiple, rngs=rngs)
@@ -43,22 +41,25 @@ class TwoTower(nnx.Module):
 
   def encode_text(self, items_U: jax.Array) -> jax.Array:
     """Pooled, L2-normalised text vectors [U, D] of these items through the live encoder."""
-    return self.encode_tokens(self.tokens["input_ids"][...][items_U], self.tokens["attention_mask"][...][items_U],
-                              self.tokens["token_type_ids"][...][items_U])
+    return self.text_vectors({name: self.tokens[name][...][items_U] for name in PADDED_INPUTS})
+
+  def text_vectors(self, inputs: dict[str, jax.Array]) -> jax.Array:
+    """Pooled, L2-normalised text vectors [U, D] through the live encoder of tokens already looked
+    up, as padded rows [U, T] (any T up to the table's: padding is masked) or as one token stream
+    (row u the text that ``inputs["stream_index"][u]`` points at; zeros for a row with none): the
+    two key sets of ``jaxrec.models.encoder.sentence_vectors``."""
+    return sentence_vectors(self.text_encoder, inputs, self.pooling, normalize=True)
 
   def encode_tokens(self, input_ids_UxT: jax.Array, attention_mask_UxT: jax.Array,
                     token_type_ids_UxT: jax.Array) -> jax.Array:
-    """``encode_text`` of tokens already looked up (any T up to the table's: padding is masked)."""
-    return encode_tokens(self.text_encoder, input_ids_UxT, attention_mask_UxT, token_type_ids_UxT,
-                         self.pooling, normalize=True)
+    """Deprecated: ``text_vectors`` of padded rows; goes once trainer.py calls ``text_vectors``."""
+    return self.text_vectors(dict(zip(PADDED_INPUTS, (input_ids_UxT, attention_mask_UxT, token_type_ids_UxT))))
 
   def encode_stream(self, input_ids_N: jax.Array, token_type_ids_N: jax.Array, position_ids_N: jax.Array,
                     segment_ids_N: jax.Array, stream_index_UxT: jax.Array) -> jax.Array:
-    """``encode_tokens`` of texts given as one token stream (``BertEncoder.encode_stream``): [U, D],
-    row u the text whose tokens ``stream_index_UxT[u]`` points at (zeros for a row with none)."""
-    stream = TokenStream.build(stream_index_UxT, segment_ids_N, position_ids_N)
-    hidden_UxTxD = self.text_encoder.encode_stream(input_ids_N, token_type_ids_N, stream, position_ids_N)
-    return pool(hidden_UxTxD, stream.mask_SxL, self.pooling, normalize=True)
+    """Deprecated: ``text_vectors`` of a token stream; goes once trainer.py calls ``text_vectors``."""
+    return self.text_vectors(dict(zip(STREAM_INPUTS, (input_ids_N, token_type_ids_N, position_ids_N, segment_ids_N,
+                                                      stream_index_UxT))))
 
   def items(self, items_N: jax.Array, text_NxD: jax.Array | None = None,
             dropout_key: jax.Array | None = None) -> jax.Array:
