@@ -16,12 +16,13 @@ How it is fair: the benchmark builds every training batch once with jaxrec's own
 (user, positive item, last-L history, logQ) and writes them, with the catalog and user tables,
 to an .npz; each peer runs in its own virtualenv as a subprocess, trains on exactly those batches
 in the same order with the same batch size, model sizes, loss, optimiser and schedule, and
-returns its item and query vectors. Every side then gets the same full-ranking evaluation (the
-one Trainer.evaluate does: held-out split, known items excluded, jaxrec's top-k and metrics), so
-a faster side cannot hide a worse model. Throughput is steady state: the first ``--warmup`` steps
-(compilation, tracing, allocator warm-up) are excluded, the rest timed end to end including the
-per-step host-to-framework copy of the batch. Sides alternate for ``--rounds`` rounds, because
-the CPU is shared and its load drifts; the median round is reported.
+returns its item and query vectors. Every side then gets the same full-ranking evaluation
+(``jaxrec.evaluation``, the one jaxrec's own runs report: held-out split, known items excluded,
+jaxrec's top-k and metrics), so a faster side cannot hide a worse model. Throughput is steady
+state: the first ``--warmup`` steps (compilation, tracing, allocator warm-up) are excluded, the
+rest timed end to end including the per-step host-to-framework copy of the batch. Sides
+alternate for ``--rounds`` rounds, because the CPU is shared and its load drifts; the median
+round is reported.
 
     .venv/bin/python benchmarks/train_throughput.py                     # id + frozen (+ full)
     .venv/bin/python benchmarks/train_throughput.py --configs id --rounds 5
@@ -127,48 +128,28 @@ def make_config(setting: Setting, workdir: str, extra: tuple[str, ...] = ()):
   return cfg
 
 
-class Evaluation:
-  """Trainer.evaluate's protocol for any side's vectors: full ranking of the catalog for every
-  user with held-out items, the user's known items excluded, jaxrec's top-k and metrics."""
-
-  def __init__(self, trainer):
-    from jaxrec.data.pipeline import Sequences
-    cfg, ds, sp = trainer.cfg, trainer.dataset, trainer.split
-    held = sp.test if cfg.eval.split == "test" else sp.valid
-    known_idx = np.concatenate([sp.train, sp.valid]) if cfg.eval.split == "test" else sp.train
-    self.known = Sequences.from_interactions(ds, known_idx)
-    order = np.lexsort((ds.items[held], ds.users[held]))
-    self.truth_users, self.truth_items = ds.users[held][order], ds.items[held][order]
-    self.users = np.unique(self.truth_users)
-    if cfg.eval.max_users:
-      self.users = self.users[:cfg.eval.max_users]
-    self.history, self.mask = self.known.last_items(self.users, cfg.data.history_len)
-    self.ks, self.batch_size, self.num_items = cfg.eval.ks, cfg.eval.batch_size, ds.num_items
-    cold = sp.cold_items
-    self.groups = {"warm": ~cold, "cold": cold} if cold.any() else {}
-
-  def score(self, items_NxE: np.ndarray, queries_UxE: np.ndarray) -> dict[str, float]:
-    from jaxrec.metrics import RankingAccumulator
-    from jaxrec.retrieval import topk
-    from jaxrec.trainer import _padded_rows
-    acc = RankingAccumulator(self.ks, self.num_items, self.groups)
-    corpus = np.asarray(items_NxE, np.float32)
-    for start in range(0, len(self.users), self.batch_size):
-      users = self.users[start:start + self.batch_size]
-      lo, hi = np.searchsorted(self.truth_users, [users[0], users[-1] + 1])
-      _, ids = topk(np.asarray(queries_UxE[start:start + self.batch_size], np.float32), corpus, max(self.ks),
-                    exclude=_padded_rows(self.known, users))
-      acc.add(np.asarray(ids), users, self.truth_users[lo:hi], self.truth_items[lo:hi])
-    return acc.result()
+def evaluation_protocol(trainer):
+  """Trainer.evaluate's protocol (``jaxrec.evaluation``): the held-out split, every user with a
+  held-out item, their known items excluded."""
+  from jaxrec.evaluation import Protocol
+  cfg = trainer.cfg
+  return Protocol.of(trainer.dataset, trainer.split, cfg.eval.split, cfg.eval.max_users)
 
 
-def jaxrec_vectors(trainer, state, evaluation: Evaluation) -> tuple[np.ndarray, np.ndarray]:
+def score(cfg, protocol, items_NxE: np.ndarray, queries_UxE: np.ndarray) -> dict[str, float]:
+  """Full ranking of any side's vectors: jaxrec's top-k and metrics, as Trainer.evaluate ranks."""
+  from jaxrec.evaluation import full_ranking
+  return full_ranking(protocol, np.asarray(items_NxE, np.float32), np.asarray(queries_UxE, np.float32),
+                      ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
+
+
+def jaxrec_vectors(trainer, state, protocol) -> tuple[np.ndarray, np.ndarray]:
   text = trainer.catalog_text(state) if hasattr(trainer, "catalog_text") else None
   extra = {} if text is None else {"text_NxD": text}
   items = np.asarray(trainer.item_vectors(state, **extra))
-  queries = [np.asarray(trainer.query_vectors(state, evaluation.users[i:i + 512], evaluation.known,
+  queries = [np.asarray(trainer.query_vectors(state, protocol.users[i:i + 512], protocol.known,
                                               *([text] if text is not None else [])))
-             for i in range(0, len(evaluation.users), 512)]
+             for i in range(0, len(protocol.users), 512)]
   return items, np.concatenate(queries)
 
 
@@ -184,8 +165,9 @@ def catalog_text(cfg, dataset, tokens: bool) -> dict[str, np.ndarray]:
                              np.float32)}
 
 
-def peer_inputs(setting: Setting, cfg, trainer, batches: list[dict], evaluation: Evaluation, threads: int) -> dict:
+def peer_inputs(setting: Setting, cfg, trainer, batches: list[dict], protocol, threads: int) -> dict:
   ds = trainer.dataset
+  eval_history, eval_mask = protocol.known.last_items(protocol.users, cfg.data.history_len)
   trained = np.bincount(ds.items[trainer.split.train], minlength=ds.num_items) > 0
   m, t = cfg.model, cfg.train
   peer_cfg = {
@@ -198,7 +180,7 @@ def peer_inputs(setting: Setting, cfg, trainer, batches: list[dict], evaluation:
   }
   out = {"num_items": np.int64(ds.num_items), "num_users": np.int64(ds.num_users),
          "id_row": np.where(trained, np.cumsum(trained), 0).astype(np.int32), "num_id_rows": np.int64(trained.sum() + 1),
-         "eval_users": evaluation.users.astype(np.int32), "eval_history": evaluation.history, "eval_mask": evaluation.mask}
+         "eval_users": protocol.users.astype(np.int32), "eval_history": eval_history, "eval_mask": eval_mask}
   for key in ("user", "item", "history", "history_mask", "log_q"):
     out["batch_" + key] = np.stack([b[key] for b in batches])
   for name, values in ds.item_features.items():
@@ -311,15 +293,15 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
   builder = trainer.batch_builder()
   batches = [builder.map(b) for b in range(setting.steps)]
   calls = batches if trainer.cfg.train.steps_per_call == 1 else jaxrec_calls(trainer, setting.steps)
-  evaluation = Evaluation(trainer)
+  protocol = evaluation_protocol(trainer)
   result["data"] = {"name": trainer.dataset.name, "users": trainer.dataset.num_users, "items": trainer.dataset.num_items,
-                    "train_examples": len(trainer.split.train), "eval_users": len(evaluation.users)}
+                    "train_examples": len(trainer.split.train), "eval_users": len(protocol.users)}
   result["jaxrec_params"] = int(trainer.num_params)
   python, why = (None, "--peers excludes it") if setting.peer not in args.peers else find_python(
       setting.peer, args.tfrs_python if setting.peer == "tfrs" else args.torch_python)
   inputs = os.path.join(workdir, "peer_inputs.npz")
   if python:
-    np.savez(inputs, **peer_inputs(setting, cfg, trainer, batches, evaluation, args.peer_threads[-1]))
+    np.savez(inputs, **peer_inputs(setting, cfg, trainer, batches, protocol, args.peer_threads[-1]))
   else:
     result["peer_skipped"] = why
     log(f"[{setting.name}] {setting.peer} peer skipped: {why}")
@@ -365,11 +347,11 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
       log(f"[{setting.name}] round {r + 1}: {peer['peer']} {peer['examples_per_sec']:,.0f} examples/s "
           f"({peer['ms_per_step']:.2f} ms/step)")
   first = jax_runs[0]
-  items, queries = jaxrec_vectors(trainer, first["state"], evaluation)
+  items, queries = jaxrec_vectors(trainer, first["state"], protocol)
   result["jaxrec"] = {"examples_per_sec": statistics.median(r["examples_per_sec"] for r in jax_runs),
                       "rounds": [r["examples_per_sec"] for r in jax_runs],
                       "ms_per_step": statistics.median(r["ms_per_step"] for r in jax_runs),
-                      "final_loss": first["losses"][-1], "quality": quality(evaluation.score(items, queries)),
+                      "final_loss": first["losses"][-1], "quality": quality(score(cfg, protocol, items, queries)),
                       "shapes": first["shapes"]}
   if peer_runs:
     p = peer_runs[0]
@@ -379,7 +361,7 @@ def benchmark(setting: Setting, args, tmp: str, log) -> dict:
                              "rounds": [r["examples_per_sec"] for r in peer_runs],
                              "ms_per_step": statistics.median(r["ms_per_step"] for r in peer_runs),
                              "final_loss": p["losses"][-1],
-                             "quality": quality(evaluation.score(p["item_vectors"], p["query_vectors"]))}
+                             "quality": quality(score(cfg, protocol, p["item_vectors"], p["query_vectors"]))}
     result["ratio"] = result["jaxrec"]["examples_per_sec"] / result["peer_result"]["examples_per_sec"]
   return result
 
