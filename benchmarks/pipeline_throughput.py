@@ -40,7 +40,7 @@ def main(argv=None) -> None:
   pipeline = (args.batches - 1) * bs / (time.perf_counter() - start)
 
   start = time.perf_counter()
-  device_batches = [trainer.put_batch(b) for b in (trainer.batch_builder().map(i) for i in range(8))]
+  device_batches = [trainer.layout.put(b) for b in (trainer.batch_builder().map(i) for i in range(8))]
   transfer = 8 * bs / (time.perf_counter() - start)
   state = trainer.init_state()
   state, metrics = trainer.train_step(state, device_batches[0])

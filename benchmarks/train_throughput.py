@@ -129,7 +129,7 @@ def make_config(setting: Setting, workdir: str, extra: tuple[str, ...] = ()):
 
 
 def evaluation_protocol(trainer):
-  """Trainer.evaluate's protocol (``jaxrec.evaluation``): the held-out split, every user with a
+  """jaxrec's evaluation protocol (``jaxrec.evaluation``): the held-out split, every user with a
   held-out item, their known items excluded."""
   from jaxrec.evaluation import Protocol
   cfg = trainer.cfg
@@ -137,18 +137,17 @@ def evaluation_protocol(trainer):
 
 
 def score(cfg, protocol, items_NxE: np.ndarray, queries_UxE: np.ndarray) -> dict[str, float]:
-  """Full ranking of any side's vectors: jaxrec's top-k and metrics, as Trainer.evaluate ranks."""
+  """Full ranking of any side's vectors: jaxrec's top-k and metrics, as jaxrec's own evaluation ranks."""
   from jaxrec.evaluation import full_ranking
   return full_ranking(protocol, np.asarray(items_NxE, np.float32), np.asarray(queries_UxE, np.float32),
                       ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
 
 
 def jaxrec_vectors(trainer, state, protocol) -> tuple[np.ndarray, np.ndarray]:
-  text = trainer.catalog_text(state) if hasattr(trainer, "catalog_text") else None
-  extra = {} if text is None else {"text_NxD": text}
-  items = np.asarray(trainer.item_vectors(state, **extra))
-  queries = [np.asarray(trainer.query_vectors(state, protocol.users[i:i + 512], protocol.known,
-                                              *([text] if text is not None else [])))
+  model, params, tables = trainer.recommender, state["params"], state["tables"]
+  text = model.catalog_text(params, tables)
+  items = np.asarray(model.item_vectors(params, tables, text_NxD=text))
+  queries = [np.asarray(model.query_vectors(params, tables, protocol.users[i:i + 512], protocol.known, text))
              for i in range(0, len(protocol.users), 512)]
   return items, np.concatenate(queries)
 
@@ -212,13 +211,13 @@ def run_jaxrec(trainer, calls: list[dict], warmup: int) -> dict:
   k = trainer.cfg.train.steps_per_call  # the trainer's own loop runs K steps per jitted call
   step_fn = trainer.train_step if k == 1 else trainer.train_call
   state = trainer.init_state()
-  # With a live encoder the step has one shape per bucket combination (Trainer.batch_shape): each shape
+  # With a live encoder the step has one shape per bucket combination (BatchLayout.shape_of): each shape
   # the timed calls meet is compiled before the clock starts, on a throwaway copy of the state.
-  compiled = {trainer.batch_shape(c) for c in calls[:warmup // k]}
+  compiled = {trainer.layout.shape_of(c) for c in calls[:warmup // k]}
   for call in calls[warmup // k:]:
-    if trainer.batch_shape(call) not in compiled:
-      compiled.add(trainer.batch_shape(call))
-      jax.block_until_ready(step_fn(jax.tree.map(jax.numpy.copy, state), trainer.put_batch(call)))
+    if trainer.layout.shape_of(call) not in compiled:
+      compiled.add(trainer.layout.shape_of(call))
+      jax.block_until_ready(step_fn(jax.tree.map(jax.numpy.copy, state), trainer.layout.put(call)))
   jax.block_until_ready(state)
   losses = []
   t0 = time.perf_counter()
@@ -226,7 +225,7 @@ def run_jaxrec(trainer, calls: list[dict], warmup: int) -> dict:
     if c * k == warmup:
       jax.block_until_ready(state)
       t0 = time.perf_counter()
-    state, metrics = step_fn(state, trainer.put_batch(call))
+    state, metrics = step_fn(state, trainer.layout.put(call))
     losses.extend([metrics["loss"]] if k == 1 else [metrics["loss"][i] for i in range(k)])
   jax.block_until_ready(state)
   elapsed = time.perf_counter() - t0

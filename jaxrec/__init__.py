@@ -10,7 +10,7 @@ _PUBLIC = {
     "Config": "jaxrec.config",
     "ConfigError": "jaxrec.config",
     "train": "jaxrec.trainer",
-    "evaluate": "jaxrec.trainer",
+    "evaluate": "jaxrec.recommender",
     "TextEncoder": "jaxrec.text_encoder",
     "topk": "jaxrec.retrieval",
     "ItemIndex": "jaxrec.retrieval",

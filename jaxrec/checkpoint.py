@@ -125,17 +125,42 @@ class Checkpointer:
     ``move_damaged_aside``: the trainer that owns this directory moves unreadable steps into
     ``damaged/`` (kept for inspection), so it saves those steps again instead of colliding
     with them; readers such as evaluate leave the directory alone. Returns ``(step, state, losses)``."""
+
+    def args(_):
+      out = {"state": ocp.args.StandardRestore(abstract_state), "losses": ocp.args.JsonRestore()}
+      if data_iter is not None:
+        out["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      return out
+    s, restored = self._restore_newest(self.manager, abstract_state, args, step, move_damaged_aside)
+    return s, restored["state"], list(restored["losses"]["losses"])
+
+  def restore_part(self, abstract_part: Any, step: int | None = None) -> tuple[int, Any]:
+    """Restores only the top-level entries of the saved state that ``abstract_part`` names (e.g.
+    the parameters without the optimizer state): the rest is never read. Returns ``(step, part)``."""
+    # The state was saved by the standard handler; the pytree handler reads the same files and,
+    # unlike it, can leave entries of the saved tree unread.
+    reader = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                   item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_part)
+
+    def args(_):
+      return {"state": ocp.args.PyTreeRestore(abstract_part, restore_args=restore_args, partial_restore=True)}
+    try:
+      s, restored = self._restore_newest(reader, abstract_part, args, step, False, partial=True)
+    finally:
+      reader.close()
+    return s, restored["state"]
+
+  def _restore_newest(self, manager, abstract: Any, args, step: int | None, move_damaged_aside: bool,
+                      partial: bool = False) -> tuple[int, Any]:
     candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
     if not candidates:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     errors = []
     for s in candidates:
-      self._check_compatible(s, abstract_state)
-      args = {"state": ocp.args.StandardRestore(abstract_state), "losses": ocp.args.JsonRestore()}
-      if data_iter is not None:
-        args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      self._check_compatible(s, abstract, partial)
       try:
-        restored = self.manager.restore(s, args=ocp.args.Composite(**args))
+        restored = manager.restore(s, args=ocp.args.Composite(**args(s)))
       except Exception as e:  # a truncated or corrupted step: fall back to the previous one
         # tensorstore appends its JSON specs to the message: the first part says what is wrong
         reason = re.sub(r" \[tensorstore_spec.*", "", str(e).splitlines()[0] if str(e) else "")
@@ -146,11 +171,12 @@ class Checkpointer:
         else:
           log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one", s, self.directory, errors[-1])
         continue
-      return s, restored["state"], list(restored["losses"]["losses"])
+      return s, restored
     raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors))
 
-  def _check_compatible(self, step: int, abstract_state: Any) -> None:
-    """Raises one error listing every parameter whose saved shape differs from the model's.
+  def _check_compatible(self, step: int, abstract_state: Any, partial: bool = False) -> None:
+    """Raises one error listing every parameter whose saved shape differs from the model's
+    (``partial``: the model names a part of the saved state; the rest is not compared).
 
     An unreadable metadata file means a damaged step, which restore handles by falling back."""
     try:
@@ -164,6 +190,9 @@ class Checkpointer:
       return
     wanted = {_path_name(path): tuple(leaf.shape)
               for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    if partial:
+      parts = {name.split("/")[0] for name in wanted}
+      saved = {k: v for k, v in saved.items() if k.split("/")[0] in parts}
     problems = [f"{k}: checkpoint {saved[k]} vs model {v}" for k, v in wanted.items() if k in saved and saved[k] != v]
     problems += [f"{k}: missing from the checkpoint" for k in wanted if k not in saved]
     problems += [f"{k}: in the checkpoint but not in the model" for k in saved if k not in wanted]
@@ -230,8 +259,3 @@ def _path_name(path) -> str:
         parts.append(str(getattr(entry, attr)))
         break
   return "/".join(parts)
-
-
-def abstract_like(tree: Any) -> Any:
-  """ShapeDtypeStructs carrying each array's sharding: the restore target."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x, tree)

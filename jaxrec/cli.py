@@ -109,25 +109,26 @@ def cmd_train(args) -> int:
   return 0
 
 
-def _trainer_for_workdir(args):
+def _recommender_for_workdir(args):
+  """The workdir's model, set up to restore its parameters (no optimizer state, no training batches)."""
   from jaxrec.mesh import mesh_fitting_devices
-  from jaxrec.trainer import Trainer
+  from jaxrec.recommender import build
   cfg = mesh_fitting_devices(_load_config(args, from_workdir=True))
   if not os.path.isdir(os.path.join(cfg.workdir, "checkpoints")):
     raise UsageError(f"no checkpoints in workdir {cfg.workdir}")
-  return Trainer(cfg)
+  return build(cfg, restore_only=True)
 
 
 def cmd_evaluate(args) -> int:
-  trainer = _trainer_for_workdir(args)
-  step, state = trainer.restore(args.step)
-  result = trainer.evaluate(state, args.split)
+  from jaxrec.files import write_json_atomically
+  rec = _recommender_for_workdir(args)
+  step, params, tables = rec.restore(args.step)
+  result = rec.evaluate(params, tables, args.split)
   result["step"] = step
-  print(f"step {step}, {args.split or trainer.cfg.eval.split} split")
+  print(f"step {step}, {args.split or rec.cfg.eval.split} split")
   _print_metrics(result)
-  path = os.path.join(trainer.cfg.workdir, f"eval_step{step}.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1, sort_keys=True)
+  path = os.path.join(rec.cfg.workdir, f"eval_step{step}.json")
+  write_json_atomically(path, result)
   print(f"wrote {path}")
   return 0
 
@@ -135,9 +136,9 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
   from jaxrec.retrieval import check_save_target
   check_save_target(args.out)  # refuse a path export may not replace before restoring anything
-  trainer = _trainer_for_workdir(args)
-  step, state = trainer.restore(args.step)
-  index = trainer.build_index(state, step)
+  rec = _recommender_for_workdir(args)
+  step, params, tables = rec.restore(args.step)
+  index = rec.build_index(params, tables, step)
   index.save(args.out)
   print(f"exported step {step}: {len(index.item_ids)} items to {args.out}")
   return 0

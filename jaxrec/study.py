@@ -209,7 +209,7 @@ def reevaluate_cell(cell: Cell) -> dict[str, Any]:
   rewrites its metrics.json (training statistics kept) and exported index, without retraining.
   For changes to the evaluation protocol: the trained parameters are the same as a rerun's would
   be up to the float summation order of the training code that produced them."""
-  from jaxrec.trainer import Trainer
+  from jaxrec.recommender import build
   cfg = cell_config(cell)
   workdir = os.path.abspath(cfg.workdir)
   metrics_path = os.path.join(workdir, "metrics.json")
@@ -218,12 +218,12 @@ def reevaluate_cell(cell: Cell) -> dict[str, Any]:
   with open(metrics_path) as f:
     saved = json.load(f)
   _check_saved_config(cell, cfg, workdir)
-  trainer = Trainer(cfg)
-  step, state = trainer.restore(cfg.train.steps)
-  fresh = trainer.evaluate(state)
+  rec = build(cfg, restore_only=True)
+  step, params, tables = rec.restore(cfg.train.steps)
+  fresh = rec.evaluate(params, tables)
   result = dict(saved, **fresh)
   result["reevaluated_utc"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-  trainer.build_index(state, step).save(os.path.join(workdir, "index"))
+  rec.build_index(params, tables, step).save(os.path.join(workdir, "index"))
   # Atomic: the old metrics survive a failure mid-write.
   write_json_atomically(metrics_path, result)
   return result

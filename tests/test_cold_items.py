@@ -16,8 +16,8 @@ def _cold_vectors(*overrides):
   trainer = Trainer(load_config(TINY, ["mesh.num_devices=1", "train.steps=4", *overrides]))
   state = trainer.init_state()
   cold = trainer.split.cold_items
-  assert cold.sum() >= 2 and not trainer.item_trained[cold].any()
-  return np.asarray(trainer.item_vectors(state))[cold]
+  assert cold.sum() >= 2 and not trainer.recommender.item_trained[cold].any()
+  return np.asarray(trainer.recommender.item_vectors(state["params"], state["tables"]))[cold]
 
 
 def test_pure_id_tower_gives_every_cold_item_the_same_vector():
@@ -45,10 +45,10 @@ def test_own_cold_item_rows_give_every_item_its_own_untrained_id_row():
   before = table(state)
   builder = trainer.batch_builder()
   for b in range(3):
-    state, _ = trainer.train_step(state, trainer.put_batch(builder.map(b)))
+    state, _ = trainer.train_step(state, trainer.layout.put(builder.map(b)))
   after = table(state)
   np.testing.assert_array_equal(after[id_row[cold]], before[id_row[cold]])  # cold rows never move...
-  trained_rows = id_row[trainer.item_trained]
+  trained_rows = id_row[trainer.recommender.item_trained]
   assert not np.array_equal(after[trained_rows], before[trained_rows])  # ...trained ones do
   with pytest.raises(ConfigError, match="model.cold_item_rows"):
     load_config(TINY, ["model.cold_item_rows=random"])

@@ -84,6 +84,19 @@ def test_dir_lists_the_lazily_imported_public_names():
   assert names == sorted(names)
 
 
+def test_no_module_shadows_a_public_function():
+  # Importing jaxrec.X binds the submodule as the package's attribute X: a module named like a
+  # public function (train.py, evaluate.py) would turn `jaxrec.train(cfg)` into a module.
+  import importlib
+  import pkgutil
+  for module in pkgutil.walk_packages(jaxrec.__path__, "jaxrec."):
+    if not module.name.endswith("__main__"):
+      importlib.import_module(module.name)
+  for name in jaxrec.__all__:
+    if name[0].islower() and name != "__version__":
+      assert callable(getattr(jaxrec, name)) and not isinstance(getattr(jaxrec, name), type(jaxrec)), name
+
+
 def test_python_m_jaxrec_is_the_jaxrec_command(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "jaxrec", "config", "show", "--config", "configs/tiny.py", "nope=1"],

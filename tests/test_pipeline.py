@@ -2,8 +2,20 @@ import numpy as np
 import pytest
 
 from jaxrec.config import DataConfig, SyntheticConfig
-from jaxrec.data.pipeline import BatchBuilder, Sequences, item_log_q, train_batches
+from jaxrec.batch import BatchLayout
+from jaxrec.data import pipeline
+from jaxrec.data.pipeline import Sequences, item_log_q, train_batches
 from jaxrec.data.sources import load
+
+
+def BatchBuilder(seqs, log_q, batch_size, history_len, seed, *, unique_capacity=0, row_buckets=(), tokens=None,
+                 length_buckets=(), stream_buckets=(), user_weight_power=0.0, **options):
+  """A builder of the layout these arguments describe (the trainer derives it from the config)."""
+  layout = BatchLayout(batch_size, history_len, weighted=bool(user_weight_power), unique_capacity=unique_capacity,
+                       row_buckets=row_buckets, text="none" if tokens is None else "stream" if stream_buckets else "rows",
+                       token_width=0 if tokens is None else tokens["input_ids"].shape[1],
+                       length_buckets=length_buckets, stream_buckets=stream_buckets)
+  return pipeline.BatchBuilder(layout, seqs, log_q, seed, tokens=tokens, user_weight_power=user_weight_power, **options)
 
 
 def _setup():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxrec.config import load_config
+from jaxrec.step import loss_fn
 from jaxrec.trainer import Trainer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
@@ -18,7 +19,7 @@ def _trainer(*overrides):
 def test_train_step_decreases_the_loss_on_a_fixed_batch():
   trainer = _trainer("mesh.num_devices=1", "train.warmup_steps=0", "train.learning_rate=0.01")
   state = trainer.init_state()
-  batch = trainer.put_batch(trainer.batch_builder().map(0))
+  batch = trainer.layout.put(trainer.batch_builder().map(0))
   losses = []
   for _ in range(5):
     state, metrics = trainer.train_step(state, batch)
@@ -34,7 +35,7 @@ def _losses(trainer, steps):
   candidates = trainer.dataset.num_items if trainer.cfg.train.negatives == "catalog" else b
   out = []
   for i in range(steps):
-    state, metrics = trainer.train_step(state, trainer.put_batch(builder.map(i)))
+    state, metrics = trainer.train_step(state, trainer.layout.put(builder.map(i)))
     out.append(float(metrics["loss"]))
     assert tuple(np.asarray(metrics["logits_shape"])) == (b, candidates)
   return np.array(out), state
@@ -75,7 +76,7 @@ def test_parameter_shardings_follow_the_rules_table():
     assert specs[name] == spec, (name, specs[name])
   # Every parameter is covered by the table (no silently replicated large weight).
   assert all(n in specs for n in golden)
-  batch = trainer.put_batch(trainer.batch_builder().map(0))
+  batch = trainer.layout.put(trainer.batch_builder().map(0))
   in_shardings = jax.tree.map(lambda x: x.sharding, state)
   new_state, _ = trainer.train_step(state, batch)
   jax.tree.map(lambda s, x: (s == x.sharding) or pytest.fail(f"sharding changed: {s} -> {x.sharding}"),
@@ -99,11 +100,11 @@ def test_bfloat16_towers_track_float32_on_a_fixed_batch():
   state32, state16 = f32.init_state(), bf16.init_state()
   batch = f32.batch_builder().map(0)
   key = jax.random.key(0)
-  loss32, _ = f32.loss_fn(state32["params"], state32["tables"], f32.put_batch(batch), key)
-  loss16, _ = bf16.loss_fn(state16["params"], state16["tables"], bf16.put_batch(batch), key)
+  loss32, _ = loss_fn(state32["params"], state32["tables"], f32.layout.put(batch), key, f32.spec)
+  loss16, _ = loss_fn(state16["params"], state16["tables"], bf16.layout.put(batch), key, bf16.spec)
   assert loss16.dtype == np.float32
   np.testing.assert_allclose(float(loss16), float(loss32), rtol=2e-2)
-  _, metrics = bf16.train_step(state16, bf16.put_batch(batch))
+  _, metrics = bf16.train_step(state16, bf16.layout.put(batch))
   assert np.isfinite(float(metrics["loss"]))
 
 
@@ -113,8 +114,8 @@ def test_train_step_compiles_once_across_varying_batches():
   state = trainer.init_state()
   builder = trainer.batch_builder()
   for b in range(6):
-    state, _ = trainer.train_step(state, trainer.put_batch(builder.map(b)))
-  assert trainer._train_step._cache_size() == 1
+    state, _ = trainer.train_step(state, trainer.layout.put(builder.map(b)))
+  assert trainer.train_step._cache_size() == 1
 
 
 @pytest.mark.slow
@@ -138,7 +139,7 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_bitwise_unchange
   trainer = Trainer(cfg)
   state = trainer.init_state()
   before = jax.device_get({"params": state["params"], "opt": state["opt"]})
-  batch = trainer.put_batch(trainer.batch_builder().map(0))
+  batch = trainer.layout.put(trainer.batch_builder().map(0))
   state, metrics = trainer.train_step(state, batch)
   assert not bool(metrics["finite"]) and int(state["step"]) == 1
   after = jax.device_get({"params": state["params"], "opt": state["opt"]})
@@ -149,7 +150,7 @@ def test_a_nonfinite_step_leaves_parameters_and_optimizer_state_bitwise_unchange
   state = ok.init_state()
   before = jax.device_get({"params": state["params"], "opt": state["opt"]})
   for b in range(2):
-    state, metrics = ok.train_step(state, ok.put_batch(ok.batch_builder().map(b)))
+    state, metrics = ok.train_step(state, ok.layout.put(ok.batch_builder().map(b)))
     assert bool(metrics["finite"])
   after = jax.device_get({"params": state["params"], "opt": state["opt"]})
   for part in ("params", "opt"):
@@ -206,17 +207,17 @@ def test_live_encoder_shape_buckets_leave_the_losses_unchanged(tmp_path, tiny_be
                "train.batch_size=16", "data.history=recent",  # batches of 29-41 distinct items of 90
                "encoder.token_stream=false")
   fixed = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'fixed'}", "encoder.shape_buckets=1"]))
-  assert fixed.row_buckets == (fixed.unique_capacity,) and fixed.length_buckets == (32,)
+  assert fixed.layout.row_buckets == (fixed.layout.unique_capacity,) and fixed.layout.length_buckets == (32,)
   reference = fixed.run()["train/losses"]
   # Two steps per call: each call pads its two batches to the larger of their buckets.
   bucketed = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'bucketed'}", "encoder.shape_buckets=8",
                                                "train.steps_per_call=2"]))
   # The tiny world's texts are 21-24 tokens, all in one of the encoder's length buckets; a
   # 24-token bucket makes every batch cut its tokens (32 -> 24) as well as its rows.
-  bucketed.length_buckets = (24, 32)
+  bucketed.layout = dataclasses.replace(bucketed.layout, length_buckets=(24, 32))
   builder = bucketed.batch_builder()
-  shapes = {bucketed.batch_shape(builder.map(b)) for b in range(8)}
-  assert len(shapes) > 1 and all(rows < bucketed.unique_capacity and length == 24 for rows, length in shapes), shapes
+  shapes = {bucketed.layout.shape_of(builder.map(b)) for b in range(8)}
+  assert len(shapes) > 1 and all(rows < bucketed.layout.unique_capacity and length == 24 for rows, length in shapes), shapes
   np.testing.assert_allclose(bucketed.run()["train/losses"], reference, rtol=0, atol=1e-5)
 
 
@@ -229,15 +230,15 @@ def test_a_token_stream_trains_the_padded_rows_model_on_fewer_tokens(tmp_path, t
   reference = padded.run()
   streamed = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'stream'}", "train.steps_per_call=2"]))
   builder = streamed.batch_builder()
-  shapes = {streamed.batch_shape(builder.map(b)) for b in range(8)}
+  shapes = {streamed.layout.shape_of(builder.map(b)) for b in range(8)}
   # The tiny world's texts are 21-24 tokens, padded rows hold 32: the stream is 21-24 per item,
   # plus at most one bucket step (worst case / 64) of padding.
-  step = streamed.stream_buckets[0]
+  step = streamed.layout.stream_buckets[0]
   for b in range(8):
     batch, unique = builder.parts(b)
-    rows, tokens, length = streamed.batch_shape(builder.map(b))
+    rows, tokens, length = streamed.layout.shape_of(builder.map(b))
     assert length == 32  # the tiny texts' length bucket, for attention
-    real = int(streamed.text.tokens["attention_mask"][unique].sum())
+    real = int(streamed.recommender.text.tokens["attention_mask"][unique].sum())
     assert real <= tokens < real + step and tokens < 0.8 * len(unique) * 32
   assert len(shapes) > 1, shapes
   result = streamed.run()
@@ -257,7 +258,7 @@ def test_encoder_dtype_reaches_the_live_encoder_and_bf16_tracks_float32(tmp_path
   exact = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'f32'}"]))
   fast = Trainer(load_config(TINY, base + [f"workdir={tmp_path / 'bf16'}", "encoder.dtype=bfloat16",
                                            "data.num_threads=2"]))
-  assert exact.text.encoder.config.dtype == "float32" and fast.text.encoder.config.dtype == "bfloat16"
+  assert exact.recommender.text.encoder_config.dtype == "float32" and fast.recommender.text.encoder_config.dtype == "bfloat16"
   reference, losses = exact.run()["train/losses"], fast.run()["train/losses"]
   assert not np.array_equal(losses, reference)  # the encoder did compute in bf16...
   np.testing.assert_allclose(losses, reference, rtol=0.02)  # ...and trains the same model
@@ -281,41 +282,41 @@ def test_train_step_compiles_once_per_bucket_pair_met_and_once_without_a_live_en
   shapes = set()
   for b in range(10):
     batch = builder.map(b)
-    shapes.add(live.batch_shape(batch))
-    state, _ = live.train_step(state, live.put_batch(batch))
+    shapes.add(live.layout.shape_of(batch))
+    state, _ = live.train_step(state, live.layout.put(batch))
   assert len(shapes) > 1, shapes  # varying inputs met several buckets...
   if token_stream:
-    assert shapes <= {(r, t, l) for r in live.row_buckets for t in live.stream_buckets for l in live.length_buckets}
+    assert shapes <= {(r, t, l) for r in live.layout.row_buckets for t in live.layout.stream_buckets for l in live.layout.length_buckets}
   else:
-    assert not live.stream_buckets and shapes <= {(r, l) for r in live.row_buckets for l in live.length_buckets}
+    assert not live.layout.stream_buckets and shapes <= {(r, l) for r in live.layout.row_buckets for l in live.layout.length_buckets}
   # ...each split evenly over the 8 data-parallel devices (a token stream's tokens too)
   assert all(shape[0] % 8 == 0 and (shape[1] % 8 == 0 or not token_stream) for shape in shapes)
-  assert live._train_step._cache_size() == len(shapes)  # ...and each compiled once
+  assert live.train_step._cache_size() == len(shapes)  # ...and each compiled once
   frozen = _trainer("mesh.data=8", "model.use_text=true", "encoder.mode=frozen", f"encoder.path={tiny_bert_dir}",
                     f"encoder.cache_dir={tmp_path}", "encoder.shape_buckets=8")
-  assert frozen.row_buckets == (frozen.unique_capacity,)
+  assert frozen.layout.row_buckets == (frozen.layout.unique_capacity,)
   state = frozen.init_state()
   builder = frozen.batch_builder()
   for b in range(6):
-    state, _ = frozen.train_step(state, frozen.put_batch(builder.map(b)))
-  assert frozen._train_step._cache_size() == 1
+    state, _ = frozen.train_step(state, frozen.layout.put(builder.map(b)))
+  assert frozen.train_step._cache_size() == 1
 
 
 @pytest.mark.slow
 def test_catalog_softmax_step_scores_every_trained_item_and_agrees_across_meshes():
   from jaxrec.losses import catalog_softmax
   trainer = _trainer("mesh.num_devices=1", "train.negatives=catalog", "model.id_dropout=0")
-  assert not trainer.item_trained.all()  # the tiny world holds cold items out: they must not compete
+  assert not trainer.recommender.item_trained.all()  # the tiny world holds cold items out: they must not compete
   state = trainer.init_state()
   batch = trainer.batch_builder().map(0)
-  loss, aux = trainer.loss_fn(state["params"], state["tables"], trainer.put_batch(batch), jax.random.key(0))
+  loss, aux = loss_fn(state["params"], state["tables"], trainer.layout.put(batch), jax.random.key(0), trainer.spec)
   assert tuple(np.asarray(aux["logits_shape"])) == (trainer.cfg.train.batch_size, trainer.dataset.num_items)
   # The same loss from the inference paths: every item's vector, the batch's query vectors.
-  items = trainer.item_vectors(state)
-  queries = trainer._query_vectors(state["params"], state["tables"], batch["user"], batch["history"],
+  items = trainer.recommender.item_vectors(state["params"], state["tables"])
+  queries = trainer.recommender._query_vectors(state["params"], state["tables"], batch["user"], batch["history"],
                                    batch["history_mask"], None)
   ref, _ = catalog_softmax(queries, items, batch["item"], trainer.cfg.model.temperature,
-                           candidate_mask_N=trainer.item_trained)
+                           candidate_mask_N=trainer.recommender.item_trained)
   np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
   reference, _ = _losses(trainer, 8)
   losses, _ = _losses(_trainer("mesh.data=4", "mesh.fsdp=2", "train.negatives=catalog", "model.id_dropout=0"), 8)
@@ -348,7 +349,7 @@ def test_clipping_with_the_steps_grad_norm_equals_optax_and_keeps_its_state():
   import optax
   from jaxrec.config import EncoderConfig, TrainConfig
   from jaxrec.optim import _adamw, clip_by_global_norm, make_optimizer, schedule
-  from jaxrec.trainer import optax_global_norm
+  from jaxrec.step import global_norm as optax_global_norm
   params = {"w": jnp.ones((3, 3)), "b": jnp.zeros(3)}
   for scale in (100.0, 0.01):  # clipped, and left alone
     grads = {"w": jnp.full((3, 3), scale), "b": jnp.arange(3.0) * scale}
@@ -377,7 +378,7 @@ def test_query_tower_without_history_trains_on_user_ids_alone():
   state = trainer.init_state()
   losses = []
   for _ in range(5):
-    state, metrics = trainer.train_step(state, trainer.put_batch(batch))
+    state, metrics = trainer.train_step(state, trainer.layout.put(batch))
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0] - 0.05, losses
   result = trainer.evaluate(state)
@@ -397,9 +398,9 @@ def test_sum_fusion_is_the_normalised_sum_of_the_towers_inputs_and_checks_widths
   trainer = _trainer("mesh.num_devices=1", "model.fusion=sum", "model.use_item_features=false",
                      "model.feature_dim=16")  # the tiny world's user features need embed_dim wide rows too
   state = trainer.init_state()
-  items = np.asarray(trainer.item_vectors(state))
+  items = np.asarray(trainer.recommender.item_vectors(state["params"], state["tables"]))
   table = np.asarray(state["params"]["item_tower"]["ids"]["embedding"])
-  rows = table[trainer.model(state["params"], state["tables"]).item_tower.id_row[...]]
+  rows = table[trainer.recommender.model(state["params"], state["tables"]).item_tower.id_row[...]]
   np.testing.assert_allclose(items, rows / np.linalg.norm(rows, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
   assert "mlp" not in state["params"]["item_tower"]
   with pytest.raises(ValueError, match="model.fusion=sum adds the item tower's inputs.*model.feature_dim is 8"):
@@ -415,10 +416,10 @@ def test_user_weighted_loss_is_the_weighted_mean_of_the_unweighted_rows():
   batch = weighted.batch_builder().map(0)
   assert "weight" in batch and not np.allclose(batch["weight"], batch["weight"][0])
   key = jax.random.key(0)
-  got, _ = weighted.loss_fn(state["params"], state["tables"], weighted.put_batch(batch), key)
+  got, _ = loss_fn(state["params"], state["tables"], weighted.layout.put(batch), key, weighted.spec)
   # Row losses from the unweighted trainer's towers, then the weighted mean by hand.
-  items = plain.item_vectors(state)
-  queries = plain._query_vectors(state["params"], state["tables"], batch["user"], batch["history"],
+  items = plain.recommender.item_vectors(state["params"], state["tables"])
+  queries = plain.recommender._query_vectors(state["params"], state["tables"], batch["user"], batch["history"],
                                  batch["history_mask"], None)
   unweighted, _ = losses.in_batch_softmax(queries, items[batch["item"]], jnp.asarray(batch["item"]),
                                           plain.cfg.model.temperature, log_q_B=jnp.asarray(batch["log_q"]))
@@ -440,21 +441,21 @@ def test_history_id_table_feeds_the_query_and_trains():
   assert table.shape[1] == trainer.cfg.model.id_dim
   batch = trainer.batch_builder().map(0)
   args = (batch["user"], batch["history"], batch["history_mask"], None)
-  before = np.asarray(trainer._query_vectors(state["params"], state["tables"], *args))
+  before = np.asarray(trainer.recommender._query_vectors(state["params"], state["tables"], *args))
   # Zeroing the table row of one item moves exactly the queries whose history holds it.
-  model = trainer.model(state["params"], state["tables"])
+  model = trainer.recommender.model(state["params"], state["tables"])
   item = int(batch["history"][0][batch["history_mask"][0]][0])
   row = int(model.query_tower.history_row[...][item])
   assert row > 0  # a trained item has a row of its own
   params = jax.tree.map(lambda x: x, state["params"])
   params["query_tower"]["history_ids"]["embedding"] = table.at[row].set(0.0)
-  after = np.asarray(trainer._query_vectors(params, state["tables"], *args))
+  after = np.asarray(trainer.recommender._query_vectors(params, state["tables"], *args))
   holds = np.any((batch["history"] == item) & batch["history_mask"], axis=1)
   moved = np.any(np.abs(after - before) > 1e-6, axis=1)
   np.testing.assert_array_equal(moved, holds)
   losses = []
   for _ in range(5):
-    state, metrics = trainer.train_step(state, trainer.put_batch(batch))
+    state, metrics = trainer.train_step(state, trainer.layout.put(batch))
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0] - 0.05, losses
   assert not np.allclose(np.asarray(state["params"]["query_tower"]["history_ids"]["embedding"]), table_before)
@@ -473,17 +474,17 @@ def test_item_bias_adds_a_learnt_per_item_term_to_the_cosine_score():
                      "train.learning_rate=0.01")
   e, temperature = trainer.cfg.model.embed_dim, trainer.cfg.model.temperature
   state = trainer.init_state()
-  items = np.asarray(trainer.item_vectors(state))
+  items = np.asarray(trainer.recommender.item_vectors(state["params"], state["tables"]))
   assert items.shape[1] == e + 1 and np.all(items[:, e] == 0.0)  # the bias head starts at zero
   batch = trainer.batch_builder().map(0)
-  put = trainer.put_batch(batch)
+  put = trainer.layout.put(batch)
   losses_seen = []
   for _ in range(5):
     state, metrics = trainer.train_step(state, put)
     losses_seen.append(float(metrics["loss"]))
   assert losses_seen[-1] < losses_seen[0] - 0.05, losses_seen
-  items = np.asarray(trainer.item_vectors(state))
-  queries = np.asarray(trainer._query_vectors(state["params"], state["tables"], batch["user"], batch["history"],
+  items = np.asarray(trainer.recommender.item_vectors(state["params"], state["tables"]))
+  queries = np.asarray(trainer.recommender._query_vectors(state["params"], state["tables"], batch["user"], batch["history"],
                                               batch["history_mask"], None))
   np.testing.assert_allclose(np.linalg.norm(items[:, :e], axis=1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(queries[:, :e], axis=1), 1.0, rtol=1e-5)
@@ -493,7 +494,7 @@ def test_item_bias_adds_a_learnt_per_item_term_to_the_cosine_score():
   # Logits are cos(q, v) / temperature + b, in the loss as in retrieval.
   scores = queries @ items.T / temperature
   np.testing.assert_allclose(scores, queries[:, :e] @ items[:, :e].T / temperature + bias[None, :], rtol=1e-4, atol=1e-4)
-  loss, _ = trainer.loss_fn(state["params"], state["tables"], put, jax.random.key(0))
+  loss, _ = loss_fn(state["params"], state["tables"], put, jax.random.key(0), trainer.spec)
   cands = items[batch["item"]]
   want, _ = losses.in_batch_softmax(jnp.asarray(queries), jnp.asarray(cands), jnp.asarray(batch["item"]), temperature,
                                     log_q_B=jnp.asarray(batch["log_q"]))

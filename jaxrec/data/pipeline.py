@@ -18,6 +18,7 @@ import functools
 import grain
 import numpy as np
 
+from jaxrec.batch import BatchLayout
 from jaxrec.config import DataConfig
 from jaxrec.data.dataset import Dataset
 
@@ -160,63 +161,59 @@ def item_log_q(train_items: np.ndarray, num_items: int) -> np.ndarray:
 
 
 class BatchBuilder(grain.transforms.Map):
-  """Maps a global batch index to this process's rows of that batch (numpy arrays)."""
+  """Maps a global batch index to this process's rows of that batch (numpy arrays), in ``layout``'s fields."""
 
-  def __init__(self, seqs: Sequences, log_q: np.ndarray, batch_size: int, history_len: int, seed: int,
-               process_index: int = 0, process_count: int = 1, unique_capacity: int = 0,
-               history: str = "recent", row_buckets: tuple[int, ...] = (),
-               tokens: dict[str, np.ndarray] | None = None, length_buckets: tuple[int, ...] = (),
+  def __init__(self, layout: BatchLayout, seqs: Sequences, log_q: np.ndarray, seed: int, *,
+               history: str = "recent", tokens: dict[str, np.ndarray] | None = None,
                user_weight_power: float = 0.0, history_dropout: float = 0.0,
-               stream_buckets: tuple[int, ...] = ()):
+               process_index: int = 0, process_count: int = 1):
+    batch_size = layout.batch_size
     if batch_size % process_count:
       raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes")
     if len(seqs) == 0:
       raise ValueError("no training interactions to build batches from")
-    self.seqs, self.log_q = seqs, log_q
+    self.layout, self.seqs, self.log_q = layout, seqs, log_q
     if history not in ("recent", "sampled"):
       raise ValueError(f"unknown history mode {history!r}: use recent or sampled")
-    self.batch_size, self.history_len, self.seed, self.history = batch_size, history_len, seed, history
+    self.batch_size, self.history_len, self.seed, self.history = batch_size, layout.history_len, seed, history
     if not 0.0 <= history_dropout < 1.0:
       raise ValueError(f"history_dropout must be in [0, 1); got {history_dropout}")
     self.history_dropout = history_dropout
     per_process = batch_size // process_count
     self.rows = slice(process_index * per_process, (process_index + 1) * per_process)
-    # With ``unique_capacity``, the batch also carries its distinct items (global, padded to the
-    # smallest of ``row_buckets`` that holds them, at most the capacity; this process holds its
-    # share) and each row's slot in that list, so the item tower runs once per distinct item.
-    # With ``tokens`` (a live encoder's catalog table, [N, T] each) it also carries those items'
-    # tokens cut to the smallest of ``length_buckets`` that holds the longest: the step's shape
-    # is then a pure function of the batch, so resumed and multi-process runs agree on it.
-    self.unique_capacity = unique_capacity
+    # With a unique capacity, the batch also carries its distinct items (global, padded to the
+    # smallest row bucket that holds them; this process holds its share) and each row's slot in
+    # that list, so the item tower runs once per distinct item. With ``tokens`` (a live encoder's
+    # catalog table, [N, T] each) it also carries those items' tokens cut to the smallest length
+    # bucket that holds the longest: the step's shape is then a pure function of the batch, so
+    # resumed and multi-process runs agree on it.
+    self.unique_capacity = layout.unique_capacity
     # Per-example loss weights n_u ** -power, scaled to mean 1 over the training examples so the
     # loss stays on the unweighted scale; None (no weight array in the batch) at power 0.
+    if bool(user_weight_power) != layout.weighted:
+      raise ValueError(f"user_weight_power={user_weight_power} disagrees with the layout (weighted={layout.weighted})")
     self.weight_T = None
     if user_weight_power:
       counts_U = np.diff(seqs.start).astype(np.float64)
       weight_T = np.maximum(counts_U[seqs.user], 1.0) ** -user_weight_power
       self.weight_T = (weight_T / weight_T.mean()).astype(np.float32)
     self.process_index, self.process_count = process_index, process_count
-    self.row_buckets = tuple(sorted({b for b in row_buckets if b < unique_capacity} | {unique_capacity}))
-    if unique_capacity:
+    self.row_buckets = layout.row_buckets
+    if self.unique_capacity:
       for rows in self.row_buckets:
         if rows % process_count:
           raise ValueError(f"unique item capacity {rows} is not divisible by {process_count} processes")
+    if (tokens is not None) != (layout.text != "none"):
+      raise ValueError(f"the layout's text={layout.text!r} needs the catalog's tokens exactly when a live encoder runs")
     self.tokens = tokens
     if tokens is not None:
-      if not unique_capacity:
-        raise ValueError("tokens of the distinct items need a unique_capacity")
-      width = tokens["input_ids"].shape[1]
-      self.length_buckets = tuple(sorted({b for b in length_buckets if b < width} | {width}))
+      self.length_buckets = layout.length_buckets
       self.token_count_N = tokens["attention_mask"].sum(axis=1)
-    # With ``stream_buckets`` (global token counts) the distinct items' texts instead travel as
-    # one stream of their tokens, end to end (``stream``), padded to the smallest bucket that
-    # holds every process's share.
-    self.stream_buckets = tuple(sorted(set(stream_buckets)))
-    if self.stream_buckets:
-      if tokens is None:
-        raise ValueError("a token stream needs the catalog's tokens")
-      if any(b % process_count for b in self.stream_buckets):
-        raise ValueError(f"token stream buckets {self.stream_buckets} must be multiples of {process_count} processes")
+    # With a token stream the distinct items' texts instead travel as one stream of their tokens,
+    # end to end (``stream``), padded to the smallest stream bucket that holds every process's share.
+    self.stream_buckets = layout.stream_buckets
+    if self.stream_buckets and any(b % process_count for b in self.stream_buckets):
+      raise ValueError(f"token stream buckets {self.stream_buckets} must be multiples of {process_count} processes")
 
   @functools.lru_cache(maxsize=4)
   def _epoch_order(self, epoch: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrec.config import ModelConfig
-from jaxrec.models.encoder import PADDED_INPUTS, STREAM_INPUTS, BertConfig, BertEncoder, sentence_vectors
+from jaxrec.models.encoder import PADDED_INPUTS, BertConfig, BertEncoder, sentence_vectors
 from jaxrec.models.towers import Catalog, ItemTower, QueryTower, Table, Users
 
 
@@ -49,17 +49,6 @@ class TwoTower(nnx.Module):
     (row u the text that ``inputs["stream_index"][u]`` points at; zeros for a row with none): the
     two key sets of ``jaxrec.models.encoder.sentence_vectors``."""
     return sentence_vectors(self.text_encoder, inputs, self.pooling, normalize=True)
-
-  def encode_tokens(self, input_ids_UxT: jax.Array, attention_mask_UxT: jax.Array,
-                    token_type_ids_UxT: jax.Array) -> jax.Array:
-    """Deprecated: ``text_vectors`` of padded rows; goes once trainer.py calls ``text_vectors``."""
-    return self.text_vectors(dict(zip(PADDED_INPUTS, (input_ids_UxT, attention_mask_UxT, token_type_ids_UxT))))
-
-  def encode_stream(self, input_ids_N: jax.Array, token_type_ids_N: jax.Array, position_ids_N: jax.Array,
-                    segment_ids_N: jax.Array, stream_index_UxT: jax.Array) -> jax.Array:
-    """Deprecated: ``text_vectors`` of a token stream; goes once trainer.py calls ``text_vectors``."""
-    return self.text_vectors(dict(zip(STREAM_INPUTS, (input_ids_N, token_type_ids_N, position_ids_N, segment_ids_N,
-                                                      stream_index_UxT))))
 
   def items(self, items_N: jax.Array, text_NxD: jax.Array | None = None,
             dropout_key: jax.Array | None = None) -> jax.Array:
