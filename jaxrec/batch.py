@@ -1,8 +1,9 @@
 """The training batch's layout: the one place that maps the config's modes to batch fields, their
 shapes, dtypes, shardings and shape buckets.
 
-Dimension legend: B global batch, L history length, R distinct-item rows (a bucket of the
-capacity), T tokens per text (a length bucket), S tokens in a token stream (a stream bucket).
+Dimension legend: B global batch, L history length, M mixed (sampled) negatives, R distinct-item
+rows (a bucket of the capacity), T tokens per text (a length bucket), S tokens in a token stream
+(a stream bucket).
 
 Every field's leading axis is the batch rule's: rows of examples, of distinct items and of the
 token stream are all split over the data-parallel axes. A batch's *shape* is the tuple of its
@@ -40,11 +41,14 @@ class BatchLayout:
   """What a global training batch holds. ``text``: how a live encoder's tokens travel (``none``
   without a live encoder, ``rows`` padded per item, ``stream`` end to end). ``unique_capacity``
   is the most distinct items a batch can name (0 with the catalog softmax, whose item tower runs on
-  every item, so batches carry no distinct-item arrays)."""
+  every item, so batches carry no distinct-item arrays). ``mixed_negatives`` M > 0 adds M sampled
+  negatives shared by the whole batch: their ids, their slots in the distinct items and their logQ
+  (rows of the batch rule like every field, so M splits evenly over the data-parallel devices)."""
 
   batch_size: int
   history_len: int
   weighted: bool = False  # per-example loss weights (train.user_weight_power)
+  mixed_negatives: int = 0  # M (train.mixed_negatives)
   unique_capacity: int = 0
   row_buckets: tuple[int, ...] = ()
   text: str = "none"  # none | rows | stream
@@ -59,6 +63,8 @@ class BatchLayout:
       raise ValueError(f"text layout {self.text!r} must be none, rows or stream")
     if self.text != "none" and not self.unique_capacity:
       raise ValueError("a live encoder's tokens travel with the distinct items: they need a unique_capacity")
+    if self.mixed_negatives and not self.unique_capacity:
+      raise ValueError("mixed negatives join the distinct items: they need a unique_capacity")
     if self.text == "stream" and not self.stream_buckets:
       raise ValueError("a token stream needs stream_buckets")
     # The capacity is always the largest row bucket, so every batch fits one.
@@ -78,8 +84,10 @@ class BatchLayout:
     multiple = sharding.data_parallel_size(mesh, rules) * jax.process_count()
     # The item tower (and a live text encoder) runs once per distinct item of the batch, positives
     # and history together, padded to a fixed capacity so the step compiles once; a batch of 256
-    # with 10 history items names at most 2,816 items, often far fewer distinct ones.
-    worst = min(num_items, cfg.train.batch_size * (cfg.data.history_len + 1))
+    # with 10 history items names at most 2,816 items, often far fewer distinct ones. Mixed
+    # negatives join them (the tower runs once per distinct item either way).
+    mixed = cfg.train.mixed_negatives if cfg.train.negatives == "in_batch" else 0
+    worst = min(num_items, cfg.train.batch_size * (cfg.data.history_len + 1) + mixed)
     capacity = sharding.round_up(worst, multiple) if cfg.train.negatives == "in_batch" else 0
     live = token_width > 0
     # A live encoder is most of the step, so there a batch pads its distinct items only to the
@@ -93,7 +101,7 @@ class BatchLayout:
     stream = bucket_ladder(capacity * token_width, 8 * buckets if buckets > 1 else 1, multiple) \
         if text == "stream" else ()
     return cls(batch_size=cfg.train.batch_size, history_len=cfg.data.history_len,
-               weighted=bool(cfg.train.user_weight_power), unique_capacity=capacity,
+               weighted=bool(cfg.train.user_weight_power), mixed_negatives=mixed, unique_capacity=capacity,
                row_buckets=bucket_ladder(worst, buckets, multiple) if capacity else (), text=text,
                token_width=token_width,
                length_buckets=tuple(b for b in encoder_length_buckets if b < token_width) if buckets > 1 else (),
@@ -113,6 +121,10 @@ class BatchLayout:
     if self.unique_capacity:
       out.update({"unique_items": ((rows,), jnp.int32), "item_slot": ((b,), jnp.int32),
                   "history_slot": ((b, l), jnp.int32)})
+    if self.mixed_negatives:
+      m = self.mixed_negatives
+      out.update({"negative": ((m,), jnp.int32), "negative_slot": ((m,), jnp.int32),
+                  "negative_log_q": ((m,), jnp.float32)})
     if self.text == "stream":
       out.update({"unique_" + name: ((rows, length) if name == "stream_index" else (shape[1],), jnp.int32)
                   for name in STREAM_INPUTS})

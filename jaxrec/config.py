@@ -152,6 +152,13 @@ class TrainConfig:
   # catalogs up to about 1e5 items and the cached-text/ID modes only
   negatives: str = "in_batch"
   logq_correction: bool = True  # in_batch only
+  # Mixed negative sampling (Yang et al. 2020), in_batch only: M extra negatives per global batch,
+  # shared by every query, drawn with replacement from the items with training interactions,
+  # uniformly (they reach the long tail that in-batch positives rarely hold) or by popularity
+  # (proportional to training counts). Every candidate's logQ is then that of the mixture of
+  # in-batch and sampled slots. M must be a multiple of the data-parallel devices x processes.
+  mixed_negatives: int = 0
+  mixed_sampler: str = "uniform"  # uniform | popularity
   remove_accidental_hits: bool = True
   # Each example's loss is weighted by n_u ** -user_weight_power (n_u: its user's training
   # interactions). 0 weighs every interaction alike; 1 every user alike, as YouTube's candidate
@@ -383,6 +390,7 @@ def validate(config: Config) -> Config:
       "model.param_dtype": (config.model.param_dtype, ("float32", "bfloat16")),
       "train.nan_policy": (config.train.nan_policy, ("stop", "skip")),
       "train.negatives": (config.train.negatives, ("in_batch", "catalog")),
+      "train.mixed_sampler": (config.train.mixed_sampler, ("uniform", "popularity")),
       "eval.split": (config.eval.split, ("test", "valid")),
   }
   for key, (value, allowed) in choices.items():
@@ -415,6 +423,12 @@ def validate(config: Config) -> Config:
   if config.train.negatives == "catalog" and config.model.use_text and config.encoder.mode in ("lora", "full"):
     raise ConfigError(f"config key 'train.negatives'=catalog needs the cached text of encoder.mode=frozen (or no "
                       f"text): a {config.encoder.mode} encoder would re-encode the whole catalog every step")
+  if config.train.mixed_negatives < 0:
+    raise ConfigError(f"config key 'train.mixed_negatives' must be >= 0 (0 = in-batch negatives only); "
+                      f"got {config.train.mixed_negatives}")
+  if config.train.mixed_negatives and config.train.negatives == "catalog":
+    raise ConfigError(f"config key 'train.mixed_negatives'={config.train.mixed_negatives} needs "
+                      "train.negatives=in_batch: the catalog softmax already scores every item")
   if config.model.item_bias and config.model.fusion != "mlp":
     raise ConfigError("config key 'model.item_bias'=true needs model.fusion=mlp: the bias is a head on the item "
                       "tower's fusion MLP")

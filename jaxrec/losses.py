@@ -49,6 +49,13 @@ def in_batch_softmax(
   candidate; subtracting it from every column (the logQ correction of Yi et al. 2019, as TFRS
   applies it) stops popular items from being over-penalised as negatives. A column holding the
   same item id as row ``b``'s positive is an accidental hit and is masked out (except the label).
+
+  The extra negatives are mixed negative sampling (Yang et al. 2020): N items sampled for the
+  whole batch, e.g. uniformly, which reach the tail that in-batch positives rarely hold. A
+  candidate column then holds an item drawn from a mixture of the two samplers, so ``log_q_B`` and
+  ``extra_log_q_N`` must both be the mixture's ``log((B * p_data + N * p_sampler) / (B + N))``
+  (``data.pipeline.item_log_q``), not each sampler's own. Extra negatives drawn with replacement
+  may repeat; each copy is a column, as the mixture's expected counts assume.
   Returns the weighted mean loss and ``{"logits": [B, B+N]}``.
   """
   q = q_BxE.astype(jnp.float32)

@@ -5,8 +5,8 @@ The state is a plain pytree ``{"params", "tables", "opt", "step"}`` of pure dict
 are the trained weights, ``tables`` the model's constants (see ``recommender.py``), ``opt`` the
 optax state. Everything static that the step needs travels in one ``StepSpec``.
 
-Dimension legend: B global batch, L history length, U distinct items of a batch, N catalog
-items, D text width, E tower output.
+Dimension legend: B global batch, L history length, U distinct items of a batch, M mixed
+negatives, N catalog items, D text width, E tower output.
 """
 
 from __future__ import annotations
@@ -84,7 +84,14 @@ def init_state(recommender: Recommender, tx: optax.GradientTransformationExtraAr
 # ------------------------------------------------------------------ loss and step
 
 def loss_fn(params: dict, tables: dict, batch: dict, key: jax.Array, spec: StepSpec) -> tuple[jax.Array, dict]:
-  """The batch's retrieval loss and ``{"logits_shape"}``."""
+  """The batch's retrieval loss and ``{"logits_shape"}``.
+
+  With ``train.mixed_negatives`` M > 0 each query also scores the batch's M sampled negatives
+  (rows of the same item-tower pass as the positives, so the logits are [B, B + M]). Their
+  columns, like the positives', are corrected by the logQ of the mixture the candidates come from,
+  ``q_j = (B * p_data(j) + M * p_sampler(j)) / (B + M)`` (``data.pipeline.item_log_q``), and a
+  sampled negative equal to a row's positive is masked for that row as an accidental hit.
+  """
   model: TwoTower = nnx.merge(spec.graphdef, params, tables)
   layout = spec.layout
   mesh, rules = layout.mesh, dict(layout.rules)
@@ -99,9 +106,13 @@ def loss_fn(params: dict, tables: dict, batch: dict, key: jax.Array, spec: StepS
   # positives once so every query meets the global batch's candidates.
   q_BxE = sharding.constrain(q_BxE, mesh, ("batch", "tower_out"), rules)
   pos_BxE = sharding.constrain(pos_BxE, mesh, ("batch", "tower_out"), rules)
+  extra = {}
+  if layout.mixed_negatives:
+    neg_MxE = sharding.constrain(items_UxE[batch["negative_slot"]], mesh, ("batch", "tower_out"), rules)
+    extra = {"extra_NxE": neg_MxE, "extra_ids_N": batch["negative"], "extra_log_q_N": batch["negative_log_q"]}
   loss, aux = losses.in_batch_softmax(
       q_BxE, pos_BxE, batch["item"], model.temperature, log_q_B=batch["log_q"] if spec.logq_correction else None,
-      remove_accidental_hits=spec.remove_accidental_hits, weights_B=batch.get("weight"))
+      remove_accidental_hits=spec.remove_accidental_hits, weights_B=batch.get("weight"), **extra)
   return loss, {"logits_shape": jnp.asarray(aux["logits"].shape)}
 
 

@@ -59,10 +59,16 @@ class Trainer:
                       f"(mesh {dict(mesh.shape)})")
     if cfg.train.batch_size % jax.process_count():
       raise MeshError(f"train.batch_size={cfg.train.batch_size} is not divisible by {jax.process_count()} processes")
+    mixed, multiple = cfg.train.mixed_negatives, dp * jax.process_count()
+    if mixed % multiple:  # each device holds an equal share of the sampled negatives, like every batch field
+      raise MeshError(f"train.mixed_negatives={mixed} must be a multiple of {multiple} (data-parallel size {dp} x "
+                      f"{jax.process_count()} processes, mesh {dict(mesh.shape)})")
     self.recommender = rec = recommender_lib.build(cfg, mesh=mesh, rules=rules)
     self.mesh, self.dataset, self.split = mesh, rec.dataset, rec.split
     self.train_seqs = Sequences.from_interactions(rec.dataset, rec.split.train)
-    self.log_q = item_log_q(rec.dataset.items[rec.split.train], rec.dataset.num_items)
+    self.log_q = item_log_q(rec.dataset.items[rec.split.train], rec.dataset.num_items,
+                            batch_size=cfg.train.batch_size, mixed_negatives=cfg.train.mixed_negatives,
+                            mixed_sampler=cfg.train.mixed_sampler)
     tokens = rec.text.tokens
     self.layout = BatchLayout.from_config(cfg, num_items=rec.dataset.num_items, mesh=mesh, rules=rules,
                                           token_width=tokens["input_ids"].shape[1] if tokens is not None else 0,
@@ -85,7 +91,8 @@ class Trainer:
     cfg = self.cfg
     return BatchBuilder(self.layout, self.train_seqs, self.log_q, cfg.train.seed, history=self.recommender.history_mode,
                         tokens=self.recommender.text.tokens, user_weight_power=cfg.train.user_weight_power,
-                        history_dropout=cfg.data.history_dropout, process_index=jax.process_index(),
+                        history_dropout=cfg.data.history_dropout, mixed_sampler=cfg.train.mixed_sampler,
+                        process_index=jax.process_index(),
                         process_count=jax.process_count())
 
   def evaluate(self, state: dict, split: str | None = None) -> dict[str, float]:

@@ -33,6 +33,8 @@ def test_defaults_and_typed_overrides():
     ("encoder.mode=partial", "config key 'encoder.mode' must be one of frozen, lora, full, none"),
     ("train.steps=0", "config key 'train.steps' must be positive"),
     ("data.history_len=-1", "config key 'data.history_len' must be >= 0"),
+    ("train.mixed_negatives=-1", "config key 'train.mixed_negatives' must be >= 0"),
+    ("train.mixed_sampler=zipf", "config key 'train.mixed_sampler' must be one of uniform, popularity; got 'zipf'"),
 ])
 def test_bad_overrides_name_the_key(override, message):
   with pytest.raises(ConfigError) as e:
@@ -210,3 +212,12 @@ def test_real_data_configs_read_JAXREC_DATA_else_the_shared_folder(name, folder,
   assert load_config(CONFIGS / f"{name}.py").data.path == str(tmp_path / folder)
   monkeypatch.delenv("JAXREC_DATA")
   assert load_config(CONFIGS / f"{name}.py").data.path == str(CONFIGS.parent.parent / "shared" / "data" / folder)
+
+
+def test_mixed_negatives_need_the_in_batch_softmax():
+  cfg = load_config(None, ["train.mixed_negatives=64", "train.mixed_sampler=popularity"])
+  assert (cfg.train.mixed_negatives, cfg.train.mixed_sampler) == (64, "popularity")
+  assert (Config().train.mixed_negatives, Config().train.mixed_sampler) == (0, "uniform")
+  with pytest.raises(ConfigError, match="config key 'train.mixed_negatives'=64 needs train.negatives=in_batch: "
+                                        "the catalog softmax already scores every item"):
+    load_config(None, ["train.negatives=catalog", "train.mixed_negatives=64"])

@@ -69,6 +69,27 @@ def test_extra_negatives_extend_the_softmax():
   assert aux["logits"].shape == (6, 9)
 
 
+def test_repeated_extra_negatives_are_columns_each_and_a_hit_is_masked_only_in_its_row():
+  q, p, ids, log_q = _data(3)
+  rng = np.random.default_rng(4)
+  extra = rng.normal(size=(4, 4)).astype(np.float32)
+  extra[2] = extra[1]
+  extra_ids = np.array([7, 11, 11, 3], np.int32)  # 7 and 3 are positives of rows 3 and 0, 2
+  extra_lq = np.log(np.array([0.02, 0.1, 0.1, 0.05], np.float32))
+  weights = rng.uniform(0.5, 2.0, size=6).astype(np.float32)
+  got, aux = in_batch_softmax(jnp.asarray(q), jnp.asarray(p), jnp.asarray(ids), 0.5, log_q_B=jnp.asarray(log_q),
+                              extra_NxE=jnp.asarray(extra), extra_ids_N=jnp.asarray(extra_ids),
+                              extra_log_q_N=jnp.asarray(extra_lq), weights_B=jnp.asarray(weights))
+  logits = np.asarray(aux["logits"])
+  assert logits[3, 6] == MASKED_LOGIT and logits[0, 9] == logits[2, 9] == MASKED_LOGIT
+  assert (logits[[0, 1, 2, 4, 5], 6] != MASKED_LOGIT).all() and (logits[[1, 3, 4, 5], 9] != MASKED_LOGIT).all()
+  np.testing.assert_allclose(logits[:, 7], logits[:, 8])  # a repeated draw is a second, equal column
+  rows = [_reference(q[[b]], np.concatenate([p[[b]], np.delete(p, b, 0), extra]), ids[[b]],
+                     np.concatenate([ids[[b]], np.delete(ids, b), extra_ids]), 0.5,
+                     np.concatenate([log_q[[b]], np.delete(log_q, b), extra_lq]), True) for b in range(6)]
+  np.testing.assert_allclose(float(got), np.sum(np.array(rows) * weights) / np.sum(weights), rtol=1e-5)
+
+
 def test_catalog_softmax_matches_numpy_and_masks_only_non_candidates():
   rng = np.random.default_rng(3)
   q = rng.normal(size=(5, 4)).astype(np.float32)

@@ -9,9 +9,10 @@ from jaxrec.data.sources import load
 
 
 def BatchBuilder(seqs, log_q, batch_size, history_len, seed, *, unique_capacity=0, row_buckets=(), tokens=None,
-                 length_buckets=(), stream_buckets=(), user_weight_power=0.0, **options):
+                 length_buckets=(), stream_buckets=(), user_weight_power=0.0, mixed_negatives=0, **options):
   """A builder of the layout these arguments describe (the trainer derives it from the config)."""
   layout = BatchLayout(batch_size, history_len, weighted=bool(user_weight_power), unique_capacity=unique_capacity,
+                       mixed_negatives=mixed_negatives,
                        row_buckets=row_buckets, text="none" if tokens is None else "stream" if stream_buckets else "rows",
                        token_width=0 if tokens is None else tokens["input_ids"].shape[1],
                        length_buckets=length_buckets, stream_buckets=stream_buckets)
@@ -299,3 +300,70 @@ def test_user_weights_are_inverse_profile_sizes_with_mean_one():
   builder = BatchBuilder(seqs, log_q, 16, 4, seed=7, user_weight_power=1.0)
   per_user = np.bincount(seqs.user, weights=builder.weight_T)
   np.testing.assert_allclose(per_user[counts_U > 0], per_user[counts_U > 0][0], rtol=1e-5)
+
+
+def test_mixed_log_q_is_the_mixture_of_in_batch_and_sampled_slots():
+  train_items = np.array([0, 0, 0, 1, 2, 2, 4, 4, 4, 4], np.int32)  # item 3 has no training interaction
+  plain = item_log_q(train_items, 5)
+  # M = 0 is today's unigram, bit for bit, whatever the other arguments say.
+  np.testing.assert_array_equal(plain, np.log(np.array([3, 1, 2, 0.5, 4]) / 10).astype(np.float32))
+  np.testing.assert_array_equal(item_log_q(train_items, 5, batch_size=8, mixed_sampler="popularity"), plain)
+  # B = 8 positives, M = 4 uniform samples over the 4 trained items: (8 * p + 4 * 1/4) / 12.
+  want = np.log([(8 * 0.3 + 1) / 12, (8 * 0.1 + 1) / 12, (8 * 0.2 + 1) / 12, 8 * 0.05 / 12, (8 * 0.4 + 1) / 12])
+  np.testing.assert_allclose(item_log_q(train_items, 5, batch_size=8, mixed_negatives=4), want, rtol=1e-6)
+  # Popularity samples follow the data: the mixture is the unigram again (the unseen floor shrinks).
+  pop = item_log_q(train_items, 5, batch_size=8, mixed_negatives=4, mixed_sampler="popularity")
+  np.testing.assert_allclose(np.delete(pop, 3), np.delete(plain, 3), rtol=1e-6)
+  np.testing.assert_allclose(pop[3], np.log(8 * 0.05 / 12), rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown mixed negative sampler 'zipf'"):
+    item_log_q(train_items, 5, batch_size=8, mixed_negatives=4, mixed_sampler="zipf")
+
+
+def _mixed(seqs, log_q, seed=7, sampler="uniform", **options):
+  return BatchBuilder(seqs, log_q, 16, 4, seed=seed, unique_capacity=96, mixed_negatives=8, mixed_sampler=sampler,
+                      **options)
+
+
+def test_mixed_negatives_are_a_function_of_seed_and_batch_split_over_processes_and_join_the_distinct_items():
+  ds, split, seqs, _ = _setup()
+  log_q = item_log_q(ds.items[split.train], ds.num_items, batch_size=16, mixed_negatives=8)
+  whole = _mixed(seqs, log_q)
+  full = whole.map(5)
+  assert full["negative"].shape == full["negative_slot"].shape == full["negative_log_q"].shape == (8,)
+  for key, value in _mixed(seqs, log_q).map(5).items():  # a rerun
+    np.testing.assert_array_equal(value, full[key])
+  halves = [_mixed(seqs, log_q, process_index=i, process_count=2).map(5) for i in range(2)]
+  for key in full:
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), full[key])
+  assert not np.array_equal(whole.map(6)["negative"], full["negative"])
+  assert not np.array_equal(_mixed(seqs, log_q, seed=8).negatives(5), full["negative"])
+  # The step finds each negative at its slot of the distinct items, with the mixture's logQ.
+  np.testing.assert_array_equal(full["unique_items"][full["negative_slot"]], full["negative"])
+  np.testing.assert_array_equal(full["negative_log_q"], log_q[full["negative"]])
+  np.testing.assert_array_equal(full["log_q"], log_q[full["item"]])
+  # The other fields are those of the same batch without negatives.
+  plain = BatchBuilder(seqs, log_q, 16, 4, seed=7, unique_capacity=96).map(5)
+  for key in ("user", "item", "history", "history_mask", "log_q"):
+    np.testing.assert_array_equal(plain[key], full[key])
+  with pytest.raises(ValueError, match="8 mixed negatives are not divisible by 3 processes"):
+    BatchBuilder(seqs, log_q, 15, 4, seed=7, unique_capacity=96, mixed_negatives=8, process_count=3)
+
+
+def test_mixed_negatives_follow_their_sampler():
+  ds, split, seqs, _ = _setup()
+  counts = np.bincount(ds.items[split.train], minlength=ds.num_items)
+  trained = np.flatnonzero(counts)
+  assert len(trained) < ds.num_items  # cold items are held out: no sampler may draw them
+  # The two samplers differ by more than the tolerance below, so each check tells them apart.
+  assert np.abs(counts / counts.sum() - (counts > 0) / len(trained)).max() > 0.02
+  for sampler, want in (("popularity", counts / counts.sum()), ("uniform", (counts > 0) / len(trained))):
+    log_q = item_log_q(ds.items[split.train], ds.num_items, batch_size=16, mixed_negatives=8, mixed_sampler=sampler)
+    builder = _mixed(seqs, log_q, sampler=sampler)
+    draws = np.concatenate([builder.negatives(b) for b in range(4000)])
+    assert np.isin(draws, trained).all(), sampler
+    freq = np.bincount(draws, minlength=ds.num_items) / len(draws)
+    # 32,000 draws: each frequency within 0.005 of its probability (about 5 standard deviations).
+    np.testing.assert_allclose(freq, want, atol=0.005, err_msg=sampler)
+    other = (counts > 0) / len(trained) if sampler == "popularity" else counts / counts.sum()
+    assert np.abs(freq - other).max() > 0.015, sampler
+    assert 0.5 * np.abs(freq - want).sum() < 0.02, sampler

@@ -32,7 +32,7 @@ def _losses(trainer, steps):
   state = trainer.init_state()
   builder = trainer.batch_builder()
   b = trainer.cfg.train.batch_size
-  candidates = trainer.dataset.num_items if trainer.cfg.train.negatives == "catalog" else b
+  candidates = trainer.dataset.num_items if trainer.cfg.train.negatives == "catalog" else b + trainer.layout.mixed_negatives
   out = []
   for i in range(steps):
     state, metrics = trainer.train_step(state, trainer.layout.put(builder.map(i)))
@@ -507,3 +507,74 @@ def test_item_bias_adds_a_learnt_per_item_term_to_the_cosine_score():
   reference, _ = _losses(_trainer("mesh.num_devices=1", "model.item_bias=true"), 4)
   losses_mesh, _ = _losses(_trainer("mesh.data=2", "mesh.tensor=4", "model.item_bias=true"), 4)
   np.testing.assert_allclose(losses_mesh, reference, rtol=1e-5)
+
+
+def _mixed_reference(trainer, state, batch):
+  """The mixed-negative loss of ``batch`` in float64 numpy, from the inference paths' vectors."""
+  items = np.asarray(trainer.recommender.item_vectors(state["params"], state["tables"]), np.float64)
+  queries = np.asarray(trainer.recommender._query_vectors(state["params"], state["tables"], batch["user"],
+                                                          batch["history"], batch["history_mask"], None), np.float64)
+  ids = np.concatenate([batch["item"], batch["negative"]])
+  logits = queries @ items[ids].T / trainer.cfg.model.temperature - np.concatenate([batch["log_q"], batch["negative_log_q"]])
+  b = len(batch["item"])
+  hits = (ids[None, :] == batch["item"][:, None]) & ~np.eye(b, len(ids), dtype=bool)
+  logits = np.where(hits, -1e9, logits)
+  top = logits.max(axis=1)
+  rows = top + np.log(np.exp(logits - top[:, None]).sum(axis=1)) - logits[np.arange(b), np.arange(b)]
+  return rows.mean(), hits
+
+
+def test_mixed_negatives_loss_equals_a_numpy_softmax_over_positives_and_samples_with_the_mixture_logq():
+  from jaxrec.data.pipeline import item_log_q
+  trainer = _trainer("mesh.num_devices=1", "model.id_dropout=0", "train.mixed_negatives=24")
+  state = trainer.init_state()
+  batch = trainer.batch_builder().map(0)
+  b, m = trainer.cfg.train.batch_size, 24
+  assert batch["negative"].shape == (m,) and trainer.layout.unique_capacity == trainer.dataset.num_items
+  loss, aux = loss_fn(state["params"], state["tables"], trainer.layout.put(batch), jax.random.key(0), trainer.spec)
+  assert tuple(np.asarray(aux["logits_shape"])) == (b, b + m)
+  want, hits = _mixed_reference(trainer, state, batch)
+  assert hits[:, b:].any()  # some sampled negative is a row's positive: the masking is exercised
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  # Every column is corrected by the mixture (B p_data + M / trained) / (B + M), not the unigram.
+  train_items = trainer.dataset.items[trainer.split.train]
+  counts = np.bincount(train_items, minlength=trainer.dataset.num_items)
+  mixture = (b * counts / counts.sum() + m * (counts > 0) / np.count_nonzero(counts)) / (b + m)
+  np.testing.assert_allclose(batch["negative_log_q"], np.log(mixture[batch["negative"]]), rtol=1e-5)
+  np.testing.assert_allclose(batch["log_q"], np.log(mixture[batch["item"]]), rtol=1e-5)
+  assert not np.allclose(batch["log_q"], item_log_q(train_items, trainer.dataset.num_items)[batch["item"]])
+  # The samples change the loss: the same towers without them give the plain in-batch loss.
+  plain = _trainer("mesh.num_devices=1", "model.id_dropout=0")
+  plain_batch = plain.batch_builder().map(0)
+  plain_loss, _ = loss_fn(state["params"], state["tables"], plain.layout.put(plain_batch), jax.random.key(0), plain.spec)
+  assert abs(float(plain_loss) - float(loss)) > 1e-3
+
+
+def test_no_mixed_negatives_leaves_the_batch_and_the_losses_as_before():
+  plain = _trainer("mesh.num_devices=1")
+  zero = _trainer("mesh.num_devices=1", "train.mixed_negatives=0", "train.mixed_sampler=popularity")
+  assert set(zero.layout.fields()) == {"user", "item", "log_q", "history", "history_mask", "unique_items",
+                                       "item_slot", "history_slot"}
+  assert zero.layout == plain.layout
+  np.testing.assert_array_equal(zero.log_q, plain.log_q)
+  for b in range(3):
+    x, y = plain.batch_builder().map(b), zero.batch_builder().map(b)
+    assert set(x) == set(y)
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  np.testing.assert_array_equal(_losses(zero, 3)[0], _losses(plain, 3)[0])
+
+
+def test_mixed_negatives_must_split_evenly_over_the_data_parallel_devices():
+  from jaxrec.mesh import MeshError
+  with pytest.raises(MeshError, match=r"train.mixed_negatives=12 must be a multiple of 8 \(data-parallel size 8 x 1 "):
+    _trainer("mesh.data=8", "train.mixed_negatives=12")
+
+
+@pytest.mark.slow
+def test_mixed_negatives_train_alike_on_every_mesh_shape():
+  overrides = ("model.id_dropout=0", "train.mixed_negatives=16", "train.mixed_sampler=popularity")
+  reference, _ = _losses(_trainer("mesh.num_devices=1", *overrides), 6)
+  losses, _ = _losses(_trainer("mesh.data=4", "mesh.fsdp=2", *overrides), 6)
+  np.testing.assert_allclose(losses, reference, rtol=1e-5)
+  assert losses[-1] < losses[0]

@@ -154,10 +154,31 @@ def history_mode(data: DataConfig, has_time: bool) -> str:
   return "recent" if temporal else "sampled"
 
 
-def item_log_q(train_items: np.ndarray, num_items: int) -> np.ndarray:
-  """log P(item is a batch candidate) under uniform example sampling; unseen items get the floor."""
+MIXED_SAMPLERS = ("uniform", "popularity")
+
+
+def item_log_q(train_items: np.ndarray, num_items: int, *, batch_size: int = 0, mixed_negatives: int = 0,
+               mixed_sampler: str = "uniform") -> np.ndarray:
+  """log P(a candidate slot of a batch holds the item); unseen items get the floor.
+
+  Without mixed negatives the B candidates are the batch's positives, drawn by uniform example
+  sampling: the training unigram p_data. With M mixed negatives (``BatchBuilder``'s sampler) a
+  slot is one of the B positives or one of the M samples, so the probability is the mixture
+  ``(B * p_data + M * p_sampler) / (B + M)``, p_sampler uniform over the trained items or, for
+  ``popularity``, p_data itself.
+  """
   counts = np.bincount(train_items, minlength=num_items).astype(np.float64)
-  return np.log(np.maximum(counts, 0.5) / max(len(train_items), 1)).astype(np.float32)
+  if not mixed_negatives:
+    return np.log(np.maximum(counts, 0.5) / max(len(train_items), 1)).astype(np.float32)
+  if mixed_sampler not in MIXED_SAMPLERS:
+    raise ValueError(f"unknown mixed negative sampler {mixed_sampler!r}: use {' or '.join(MIXED_SAMPLERS)}")
+  if batch_size <= 0:
+    raise ValueError("the mixture of in-batch and mixed negatives needs the batch size")
+  p_data = np.maximum(counts, 0.5) / max(len(train_items), 1)
+  trained = counts > 0
+  p_sampler = p_data * trained if mixed_sampler == "popularity" else trained / max(int(trained.sum()), 1)
+  q = (batch_size * p_data + mixed_negatives * p_sampler) / (batch_size + mixed_negatives)
+  return np.log(q).astype(np.float32)
 
 
 class BatchBuilder(grain.transforms.Map):
@@ -165,7 +186,7 @@ class BatchBuilder(grain.transforms.Map):
 
   def __init__(self, layout: BatchLayout, seqs: Sequences, log_q: np.ndarray, seed: int, *,
                history: str = "recent", tokens: dict[str, np.ndarray] | None = None,
-               user_weight_power: float = 0.0, history_dropout: float = 0.0,
+               user_weight_power: float = 0.0, history_dropout: float = 0.0, mixed_sampler: str = "uniform",
                process_index: int = 0, process_count: int = 1):
     batch_size = layout.batch_size
     if batch_size % process_count:
@@ -198,6 +219,16 @@ class BatchBuilder(grain.transforms.Map):
       weight_T = np.maximum(counts_U[seqs.user], 1.0) ** -user_weight_power
       self.weight_T = (weight_T / weight_T.mean()).astype(np.float32)
     self.process_index, self.process_count = process_index, process_count
+    # Mixed negatives: M draws with replacement per global batch, from the trained items uniformly
+    # or from the training interactions uniformly (= items by popularity); ``log_q`` must be the
+    # mixture's (``item_log_q`` with the same M and sampler).
+    self.mixed_negatives = layout.mixed_negatives
+    if mixed_sampler not in MIXED_SAMPLERS:
+      raise ValueError(f"unknown mixed negative sampler {mixed_sampler!r}: use {' or '.join(MIXED_SAMPLERS)}")
+    if self.mixed_negatives % process_count:
+      raise ValueError(f"{self.mixed_negatives} mixed negatives are not divisible by {process_count} processes")
+    self.mixed_sampler = mixed_sampler
+    self.sampler_pool = seqs.items if mixed_sampler == "popularity" else np.unique(seqs.items)
     self.row_buckets = layout.row_buckets
     if self.unique_capacity:
       for rows in self.row_buckets:
@@ -258,10 +289,23 @@ class BatchBuilder(grain.transforms.Map):
       batch["weight"] = self.weight_T[pos]
     if not self.unique_capacity:
       return batch, None
-    unique = np.unique(np.concatenate([self.seqs.items[all_pos], all_history[all_mask]]))
+    named = [self.seqs.items[all_pos], all_history[all_mask]]
+    if self.mixed_negatives:
+      all_negative = self.negatives(batch_index)
+      share = self.mixed_negatives // self.process_count
+      negative = all_negative[self.process_index * share:(self.process_index + 1) * share]
+      batch.update(negative=negative, negative_log_q=self.log_q[negative])
+      named.append(all_negative)
+    unique = np.unique(np.concatenate(named))
     if len(unique) > self.unique_capacity:
       raise ValueError(f"batch {batch_index} has {len(unique)} distinct items, over the capacity {self.unique_capacity}")
     return batch, unique
+
+  def negatives(self, batch_index: int) -> np.ndarray:
+    """The global batch's M mixed negatives (int32 [M]), drawn with replacement from (seed, batch),
+    so every process agrees on them."""
+    rng = np.random.default_rng([self.seed, int(batch_index), 0x6d6e])
+    return self.sampler_pool[rng.integers(0, len(self.sampler_pool), self.mixed_negatives)].astype(np.int32)
 
   def _drop_history(self, mask_BxL: np.ndarray, batch_index: int) -> np.ndarray:
     """Each history slot masked with chance ``history_dropout`` (a denoising profile, as in
@@ -299,6 +343,8 @@ class BatchBuilder(grain.transforms.Map):
     mine_R = unique_R[self.process_index * share:(self.process_index + 1) * share]
     batch = dict(batch, unique_items=mine_R)
     batch["item_slot"] = np.searchsorted(unique, batch["item"]).astype(np.int32)
+    if "negative" in batch:
+      batch["negative_slot"] = np.searchsorted(unique, batch["negative"]).astype(np.int32)
     history, mask = batch["history"], batch["history_mask"]
     batch["history_slot"] = np.where(mask, np.searchsorted(unique, np.maximum(history, 0)), 0).astype(np.int32)
     if self.tokens is not None and self.stream_buckets:
