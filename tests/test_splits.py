@@ -1,6 +1,6 @@
 """Split protocols on the ML-100K-format fixture (and the real ML-100K with JAXREC_DATA): no
-leakage, cold items never trained on, leave-one-out in time order; filters and the counts every
-run records."""
+leakage, cold items never trained on, leave-one-out and the temporal ratio split in time order;
+filters and the counts every run records."""
 
 import dataclasses
 import json
@@ -205,3 +205,96 @@ def test_describe_is_flat_json(ml100k):
 
 def test_full_describe(ml100k_full):
   assert _check_describe(ml100k_full, _full_cfg()) == (943, 1_682, 100_000, 80_808, 9_596, 9_596, 0)
+
+
+def _timed(users, times) -> Dataset:
+  """A hand-built dataset: one item per interaction, so a row's item names the row."""
+  n = len(users)
+  names = tuple(f"i{k}" for k in range(n))
+  return Dataset(name="timed", users=np.asarray(users, np.int32), items=np.arange(n, dtype=np.int32),
+                 timestamps=np.asarray(times, np.int64), item_text=names, item_titles=names,
+                 item_raw_ids=np.arange(n), user_raw_ids=np.arange(max(users) + 1)).validate()
+
+
+def test_temporal_split_exact_rows():
+  # u0: 10 rows stored newest first (times 100..10); u1: 3 rows with a tie at 5 (file order
+  # breaks it: row 10 before row 12); u2: 2 rows; u3: 1 row; u4: 4 rows interleaved in the file.
+  users = [0] * 10 + [1, 1, 1, 2, 2, 3, 4, 4, 4, 4]
+  times = list(range(100, 0, -10)) + [5, 9, 5, 7, 3, 1, 40, 10, 30, 20]
+  dataset = _timed(users, times)
+  split = make_split(dataset, DataConfig(split="temporal"))
+  # u0 (n=10): 8/1/1 -> oldest 8 (rows 9..2) train, row 1 (time 90) valid, row 0 (time 100) test.
+  # u1 (n=3): 1/1/1 in time order 10 (t5), 12 (t5), 11 (t9). u2 (n=2): 1/0/1, the earlier (14) trains.
+  # u3 (n=1): its only row trains. u4 (n=4): 2/1/1 in time order 17, 19, 18, 16.
+  assert split.train.tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 10, 14, 15, 17, 19]
+  assert split.valid.tolist() == [1, 12, 18]
+  assert split.test.tolist() == [0, 11, 13, 16]
+  assert split.protocol == "temporal 0.8:0.1:0.1 per user"
+  other = make_split(dataset, DataConfig(split="temporal", split_ratios=(0.5, 0.25, 0.25)))
+  # u0 (n=10): floors 2/2, train 6 -> rows 9..4 train, 3 and 2 valid, 1 and 0 test.
+  assert other.test.tolist()[:2] == [0, 1] and other.valid.tolist()[:2] == [2, 3]
+  assert other.protocol == "temporal 0.5:0.25:0.25 per user"
+
+
+def test_temporal_split_refuses_file_order_time():
+  dataset = dataclasses.replace(_timed([0, 0, 0], [1, 2, 3]), has_time=False)
+  with pytest.raises(ValueError, match="data.split=temporal needs timestamps, but dataset 'timed' has none"):
+    make_split(dataset, DataConfig(split="temporal"))
+  with pytest.raises(ValueError, match="needs timestamps"):  # the ML-1M pairs file has no time
+    sources.load(DataConfig(source="ml1m", path=fixture_path("ml-1m"), split="temporal"))
+
+
+def _check_temporal(dataset, split):
+  """A partition; each user's train all no later than their valid, valid no later than test."""
+  all_rows = np.concatenate([split.train, split.valid, split.test])
+  np.testing.assert_array_equal(np.sort(all_rows), np.arange(dataset.num_interactions))
+  users = dataset.num_users
+  last_train = np.full(users, np.iinfo(np.int64).min)
+  np.maximum.at(last_train, dataset.users[split.train], dataset.timestamps[split.train])
+  first_valid, first_test = np.full(users, np.iinfo(np.int64).max), np.full(users, np.iinfo(np.int64).max)
+  np.minimum.at(first_valid, dataset.users[split.valid], dataset.timestamps[split.valid])
+  np.minimum.at(first_test, dataset.users[split.test], dataset.timestamps[split.test])
+  assert (last_train <= first_valid).all() and (last_train <= first_test).all()
+  last_valid = np.full(users, np.iinfo(np.int64).min)
+  np.maximum.at(last_valid, dataset.users[split.valid], dataset.timestamps[split.valid])
+  assert (last_valid <= first_test).all()
+  per_user = np.bincount(dataset.users, minlength=users)
+  expected = np.array([_ratio_counts(int(n), (0.8, 0.1, 0.1)) for n in per_user])
+  for part, column in ((split.train, 0), (split.valid, 1), (split.test, 2)):
+    np.testing.assert_array_equal(np.bincount(dataset.users[part], minlength=users), expected[:, column])
+
+
+def test_temporal_split_on_the_fixture(ml100k):
+  split = make_split(ml100k, _fixture_cfg(split="temporal"))
+  _check_temporal(ml100k, split)
+  assert (len(split.train), len(split.valid), len(split.test)) == (485, 46, 46)  # the random split's counts
+  assert not _pairs(ml100k, split.test) & _pairs(ml100k, split.train)
+
+
+def test_temporal_and_loo_on_the_synthetic_world():
+  from jaxrec.config import SyntheticConfig
+  from jaxrec.data import synthetic
+
+  # Per user, valid and test take floor(0.1 n) (at least one): with ~20 interactions a user that
+  # has 19 gives 17/1/1, so over the default world train holds 85%, not 80%. Longer histories
+  # bring the shares to 8:1:1.
+  for per_user, shares_expected, atol in ((24, (0.85, 0.075, 0.075), 0.005), (100, (0.8, 0.1, 0.1), 0.02)):
+    world = SyntheticConfig(num_users=300, num_items=400, cold_item_fraction=0.0, interactions_per_user=per_user)
+    dataset, _ = synthetic.generate(world)
+    split = make_split(dataset, DataConfig(split="temporal", synthetic=world))
+    _check_temporal(dataset, split)
+    assert len(np.unique(dataset.users[split.test])) == 300  # every synthetic user has >= 3 interactions
+    shares = np.array([len(split.train), len(split.valid), len(split.test)]) / dataset.num_interactions
+    np.testing.assert_allclose(shares, shares_expected, atol=atol)
+  assert (len(split.train), len(split.valid), len(split.test)) == (14_516, 1_650, 1_650)
+
+  # Through the loader, with the world's own cold items moved to test as for every split.
+  cfg = DataConfig(split="temporal", synthetic=SyntheticConfig(num_users=300, num_items=200))
+  dataset, split = sources.load(cfg)
+  assert not split.cold_items[dataset.items[split.train]].any()
+  assert not split.cold_items[dataset.items[split.valid]].any()
+  assert np.isin(np.flatnonzero(split.cold_items[dataset.items]), split.test).all()
+  assert split.protocol == "temporal 0.8:0.1:0.1 per user, 20 cold items held out"
+  dataset, split = sources.load(dataclasses.replace(cfg, split="loo"))
+  assert split.protocol == "temporal leave-one-out, 20 cold items held out"
+  assert not split.cold_items[dataset.items[split.train]].any()

@@ -1,5 +1,5 @@
-"""Train/valid/test protocols: random ratio per user (RecBole's default), temporal leave-one-out,
-and cold items whose every interaction is kept out of training."""
+"""Train/valid/test protocols: random ratio per user (RecBole's default), temporal ratio per user,
+temporal leave-one-out, and cold items whose every interaction is kept out of training."""
 
 from __future__ import annotations
 
@@ -33,16 +33,36 @@ def _user_groups(dataset: Dataset, rng: np.random.Generator | None) -> list[np.n
   return groups
 
 
-def random_split(dataset: Dataset, ratios: tuple[float, ...], seed: int) -> tuple[np.ndarray, ...]:
-  rng = np.random.default_rng(seed)
+def _cut_by_ratio(groups: list[np.ndarray], ratios: tuple[float, ...]) -> tuple[np.ndarray, ...]:
+  """Each group's leading ``_ratio_counts`` to train, the next to valid, the rest to test."""
   parts = ([], [], [])
-  for group in _user_groups(dataset, rng):
+  for group in groups:
     if len(group) == 0:
       continue
     bounds = np.cumsum(_ratio_counts(len(group), ratios))[:-1]
     for part, chunk in zip(parts, np.split(group, bounds)):
       part.append(chunk)
   return tuple(np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64) for p in parts)
+
+
+def random_split(dataset: Dataset, ratios: tuple[float, ...], seed: int) -> tuple[np.ndarray, ...]:
+  return _cut_by_ratio(_user_groups(dataset, np.random.default_rng(seed)), ratios)
+
+
+def temporal_split(dataset: Dataset, ratios: tuple[float, ...]) -> tuple[np.ndarray, ...]:
+  """Each user's interactions in time order (ties by interaction index), cut by ``ratios``: the
+  earliest go to train, the next to valid, the latest to test (RecBole's "TO + RS, group_by user").
+
+  The per-user counts are ``_ratio_counts``, the same rounding as the random split: valid gets
+  ``floor(r_valid * n)``, test ``floor(r_test * n)``, train the rest; then test, and after it valid,
+  takes one interaction from train if its share ``r * n`` lies in (0, 1) and train still holds more
+  than one. With 8:1:1 that gives, for n = 1, 2, 3, 4, 10, 19, 20: 1/0/0, 1/0/1, 1/1/1, 2/1/1,
+  8/1/1, 17/1/1, 16/2/2. So whenever ``r_train > 0`` every user keeps at least their earliest
+  interaction in train (the floors sum to at most ``(1 - r_train) * n < n``, and the top-up
+  never empties train); with 8:1:1 a user with n >= 3 gets one of each part and a user with 1
+  or 2 keeps the earliest in train (and with 2, the latest is test).
+  """
+  return _cut_by_ratio(_user_groups(dataset, None), ratios)
 
 
 def leave_one_out(dataset: Dataset) -> tuple[np.ndarray, ...]:
@@ -69,6 +89,11 @@ def make_split(dataset: Dataset, cfg: DataConfig, cold_items: np.ndarray | None 
       raise ValueError(f"data.split=loo needs timestamps, but dataset {dataset.name!r} has none")
     train, valid, test = leave_one_out(dataset)
     protocol = "temporal leave-one-out"
+  elif cfg.split == "temporal":
+    if not dataset.has_time:
+      raise ValueError(f"data.split=temporal needs timestamps, but dataset {dataset.name!r} has none")
+    train, valid, test = temporal_split(dataset, cfg.split_ratios)
+    protocol = "temporal " + ":".join(f"{r:g}" for r in cfg.split_ratios) + " per user"
   elif cfg.split == "predefined":
     if predefined is None:
       raise ValueError(f"data.split=predefined needs train/valid/test files; source {cfg.source!r} gave none")

@@ -3,6 +3,8 @@
 Items are written from latent topics with ordinary words (a cooking item talks about soup and
 ovens), so a pretrained text encoder can tell related items apart without any interaction data.
 Users prefer a few topics, drift slowly between them over time, and favour popular items a little.
+With ``topic_drift`` > 0 a user's topic also steps to its successor on a fixed ring of topics
+(``successor``), so the next item's topic is predictable from the last items, not from the bag.
 A fraction of items is marked cold: they exist in the catalog and users do interact with them,
 but the split keeps every one of those interactions out of training.
 """
@@ -70,17 +72,33 @@ _TEMPLATES = (
 AGE_BUCKETS = 6
 
 
+def successor(topic, num_topics: int):
+  """The topic a drifting user moves to next: the fixed ring ``t -> (t + 1) % num_topics``."""
+  return (topic + 1) % num_topics
+
+
+def item_topics(cfg: SyntheticConfig) -> np.ndarray:
+  """Each item's main topic, int ``[num_items]``: the world's first draw, so the same as inside ``generate``.
+
+  Not part of the Dataset (a model must not see it); tests and analyses use it as ground truth.
+  """
+  return np.random.default_rng(cfg.seed).integers(0, cfg.num_topics, size=cfg.num_items)
+
+
 def generate(cfg: SyntheticConfig) -> tuple[Dataset, np.ndarray]:
   """Returns the dataset and the bool ``[num_items]`` mask of cold items (a pure function of cfg)."""
   if cfg.num_topics < 2 or cfg.num_topics > len(_TOPICS):
     raise ValueError(f"data.synthetic.num_topics must be in [2, {len(_TOPICS)}]; got {cfg.num_topics}")
   if cfg.num_items < cfg.num_topics or cfg.num_users < 1 or cfg.interactions_per_user < 4:
     raise ValueError("data.synthetic needs num_items >= num_topics, num_users >= 1, interactions_per_user >= 4")
+  if not 0.0 <= cfg.topic_drift <= 1.0:
+    raise ValueError(f"data.synthetic.topic_drift must be in [0, 1]; got {cfg.topic_drift}")
   rng = np.random.default_rng(cfg.seed)
   topics = _TOPICS[: cfg.num_topics]
   n_items, n_users, n_topics = cfg.num_items, cfg.num_users, cfg.num_topics
 
-  # Items: a main topic, sometimes a secondary one that colours the text.
+  # Items: a main topic (the first draw; ``item_topics`` repeats it), sometimes a secondary one
+  # that colours the text.
   item_topic = rng.integers(0, n_topics, size=n_items)
   second_topic = np.where(rng.random(n_items) < 0.3, rng.integers(0, n_topics, size=n_items), item_topic)
   item_format = rng.integers(0, len(_FORMATS), size=n_items)
@@ -115,8 +133,12 @@ def generate(cfg: SyntheticConfig) -> tuple[Dataset, np.ndarray]:
     seen = set()
     topic = rng.choice(n_topics, p=prefs[u])
     clock = t0 + int(rng.integers(0, 86_400 * 30))
-    for _ in range(counts[u]):
-      if rng.random() > 0.6:  # users keep a topic for a while, which makes history informative
+    for step in range(counts[u]):
+      # After each interaction (each step, kept or not) the topic steps along the ring with chance
+      # topic_drift; no draw at all when it is 0, so the default world stays the one it always was.
+      if step > 0 and cfg.topic_drift > 0 and rng.random() < cfg.topic_drift:
+        topic = successor(topic, n_topics)
+      elif rng.random() > 0.6:  # users keep a topic for a while, which makes history informative
         topic = rng.choice(n_topics, p=prefs[u])
       candidates = items_by_topic[topic]
       if len(candidates) == 0:
