@@ -49,6 +49,7 @@ class BatchLayout:
   history_len: int
   weighted: bool = False  # per-example loss weights (train.user_weight_power)
   mixed_negatives: int = 0  # M (train.mixed_negatives)
+  query: str = "pool"  # model.query: a transformer trains on every slot's next item, which needs their logQ
   unique_capacity: int = 0
   row_buckets: tuple[int, ...] = ()
   text: str = "none"  # none | rows | stream
@@ -101,7 +102,8 @@ class BatchLayout:
     stream = bucket_ladder(capacity * token_width, 8 * buckets if buckets > 1 else 1, multiple) \
         if text == "stream" else ()
     return cls(batch_size=cfg.train.batch_size, history_len=cfg.data.history_len,
-               weighted=bool(cfg.train.user_weight_power), mixed_negatives=mixed, unique_capacity=capacity,
+               weighted=bool(cfg.train.user_weight_power), mixed_negatives=mixed, query=cfg.model.query,
+               unique_capacity=capacity,
                row_buckets=bucket_ladder(worst, buckets, multiple) if capacity else (), text=text,
                token_width=token_width,
                length_buckets=tuple(b for b in encoder_length_buckets if b < token_width) if buckets > 1 else (),
@@ -121,6 +123,8 @@ class BatchLayout:
     if self.unique_capacity:
       out.update({"unique_items": ((rows,), jnp.int32), "item_slot": ((b,), jnp.int32),
                   "history_slot": ((b, l), jnp.int32)})
+      if self.query == "transformer":
+        out["unique_log_q"] = ((rows,), jnp.float32)
     if self.mixed_negatives:
       m = self.mixed_negatives
       out.update({"negative": ((m,), jnp.int32), "negative_slot": ((m,), jnp.int32),

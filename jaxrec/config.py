@@ -38,6 +38,10 @@ class SyntheticConfig:
   interactions_per_user: int = 24  # mean; each user's count is drawn around it
   cold_item_fraction: float = 0.1  # items that never appear in training
   seed: int = 0
+  # Before each interaction a user's topic moves on to the next topic ((t + 1) mod num_topics) with
+  # this chance: a successor pattern that only a model reading the history in order can learn (users
+  # also keep a topic for a while, which a bag of recent items already shows). 0.5 for sequence studies.
+  topic_drift: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +49,9 @@ class DataConfig:
   source: str = "synthetic"  # synthetic | ml100k | ml1m | amazon | tfds | files
   path: str = ""  # directory (or TFDS name for source=tfds)
   item_text: str = "default"  # which text fields describe an item; source-specific choices
-  split: str = "random"  # random | loo | predefined
+  # random | loo (each user's last interaction is test, the one before valid) | temporal (each
+  # user's interactions in time order cut by split_ratios: the first 80% train, ...) | predefined
+  split: str = "random"
   split_ratios: tuple[float, ...] = (0.8, 0.1, 0.1)
   cold_item_fraction: float = 0.0  # extra cold items held out by the split (synthetic has its own)
   split_seed: int = 0
@@ -134,6 +140,14 @@ class ModelConfig:
   learn_temperature: bool = False
   dtype: str = "float32"  # compute dtype in towers: float32 | bfloat16
   param_dtype: str = "float32"
+  # The query tower's reading of the history: pool (a masked mean of the history items' vectors;
+  # order-blind) | transformer (causal self-attention over the last data.history_len items with
+  # learned positions, SASRec's architecture; trained on every position's next item)
+  query: str = "pool"
+  query_layers: int = 2  # transformer: pre-LayerNorm blocks
+  query_heads: int = 2  # transformer: attention heads (model.embed_dim must divide by it)
+  query_dropout: float = 0.2  # transformer: dropout on its inputs, attention weights and block outputs
+  query_positions: int = 200  # transformer: rows of the learned position table (>= data.history_len)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +392,7 @@ def validate(config: Config) -> Config:
   """Cross-field checks that types alone cannot express."""
   choices = {
       "data.source": (config.data.source, ("synthetic", "ml100k", "ml1m", "amazon", "tfds", "files")),
-      "data.split": (config.data.split, ("random", "loo", "predefined")),
+      "data.split": (config.data.split, ("random", "loo", "temporal", "predefined")),
       "data.history": (config.data.history, ("auto", "recent", "sampled")),
       "data.duplicates": (config.data.duplicates, ("keep", "drop", "error")),
       "encoder.mode": (config.encoder.mode, ("frozen", "lora", "full", "none")),
@@ -388,6 +402,7 @@ def validate(config: Config) -> Config:
       "model.fusion": (config.model.fusion, ("mlp", "sum")),
       "model.cold_item_rows": (config.model.cold_item_rows, ("shared", "own")),
       "model.param_dtype": (config.model.param_dtype, ("float32", "bfloat16")),
+      "model.query": (config.model.query, ("pool", "transformer")),
       "train.nan_policy": (config.train.nan_policy, ("stop", "skip")),
       "train.negatives": (config.train.negatives, ("in_batch", "catalog")),
       "train.mixed_sampler": (config.train.mixed_sampler, ("uniform", "popularity")),
@@ -410,7 +425,7 @@ def validate(config: Config) -> Config:
     raise ConfigError("config: model.use_text=true needs encoder.mode frozen|lora|full (got none)")
   if not 0.0 < config.data.train_fraction <= 1.0:
     raise ConfigError(f"config key 'data.train_fraction' must be in (0, 1]; got {config.data.train_fraction}")
-  if config.data.split == "random" and (len(config.data.split_ratios) != 3 or abs(sum(config.data.split_ratios) - 1) > 1e-6):
+  if config.data.split in ("random", "temporal") and (len(config.data.split_ratios) != 3 or abs(sum(config.data.split_ratios) - 1) > 1e-6):
     raise ConfigError(f"config key 'data.split_ratios' must be three numbers summing to 1; got {config.data.split_ratios}")
   k = config.train.steps_per_call
   if k < 1:
@@ -438,6 +453,31 @@ def validate(config: Config) -> Config:
     raise ConfigError(f"config key 'data.history_dropout' must be in [0, 1); got {config.data.history_dropout}")
   if config.data.num_threads < 1:
     raise ConfigError(f"config key 'data.num_threads' must be >= 1; got {config.data.num_threads}")
+  if not 0.0 <= config.data.synthetic.topic_drift <= 1.0:
+    raise ConfigError(f"config key 'data.synthetic.topic_drift' must be in [0, 1]; got {config.data.synthetic.topic_drift}")
+  if config.model.query == "transformer":
+    m = config.model
+    if config.data.history_len > m.query_positions:
+      raise ConfigError(f"config key 'data.history_len'={config.data.history_len} exceeds the transformer query "
+                        f"tower's position table (model.query_positions={m.query_positions})")
+    if config.data.history_len < 1:
+      raise ConfigError("config key 'data.history_len' must be >= 1 with model.query=transformer (it reads the history)")
+    if m.query_layers < 1 or m.query_heads < 1 or m.embed_dim % m.query_heads:
+      raise ConfigError(f"config keys 'model.query_layers'={m.query_layers} and 'model.query_heads'={m.query_heads} "
+                        f"must be >= 1 with model.embed_dim={m.embed_dim} divisible by the heads")
+    if not 0.0 <= m.query_dropout < 1.0:
+      raise ConfigError(f"config key 'model.query_dropout' must be in [0, 1); got {m.query_dropout}")
+    if m.fusion != "mlp":
+      raise ConfigError("config key 'model.query'=transformer needs model.fusion=mlp")
+    if config.data.history == "sampled":
+      raise ConfigError("config key 'data.history'=sampled gives the transformer query tower items in no order; "
+                        "use recent (or auto)")
+    if m.history_ids:
+      raise ConfigError("config key 'model.history_ids'=true pools a history-id table: it belongs to "
+                        "model.query=pool (the transformer reads the history items' own vectors)")
+    if config.train.mixed_negatives:
+      raise ConfigError("config key 'train.mixed_negatives' is not supported with model.query=transformer "
+                        "(its next-item loss uses the batch's targets, or the catalog)")
   if config.encoder.shape_buckets < 1:
     raise ConfigError("config key 'encoder.shape_buckets' must be >= 1 (1 = one fixed shape); "
                       f"got {config.encoder.shape_buckets}")

@@ -100,3 +100,39 @@ def catalog_softmax(
   if candidate_mask_N is not None:
     logits_BxN = jnp.where(candidate_mask_N[None, :] | label_BxN, logits_BxN, MASKED_LOGIT)
   return _cross_entropy(logits_BxN, label_BxN, weights_B), {"logits": logits_BxN}
+
+
+def next_item_softmax(
+    q_RxE: jax.Array,
+    cands_UxE: jax.Array,
+    target_slot_R: jax.Array,
+    weights_R: jax.Array,
+    temperature: jax.Array | float,
+    log_q_U: jax.Array | None = None,
+    remove_accidental_hits: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The in-batch softmax of every (query, next item) pair of a batch of sequences, over the
+  batch's distinct items; equal to ``in_batch_softmax`` over all R targets as candidates.
+
+  R = B * L query slots, each with the slot of its target among U distinct items and a weight
+  (0 for padding). The in-batch candidates are the R targets of the real slots, so item u stands
+  as ``count_u`` identical columns; here it is one column whose exponent counts ``count_u`` times
+  (its logit plus ``log count_u``): the same softmax on U columns instead of R. An accidental hit
+  is a column equal to the row's own target other than the label: with hits removed, the target's
+  column counts once. Items no real slot targets are not candidates. Returns the weighted mean
+  loss and ``{"logits": [R, U]}``.
+  """
+  weights_R = weights_R.astype(jnp.float32)
+  real_R = weights_R > 0
+  count_U = jnp.zeros(cands_UxE.shape[0], jnp.float32).at[target_slot_R].add(real_R.astype(jnp.float32))
+  logits_RxU = jnp.einsum("re,ue->ru", q_RxE.astype(jnp.float32), cands_UxE.astype(jnp.float32),
+                          precision=logit_precision()) / temperature
+  if log_q_U is not None:
+    logits_RxU = logits_RxU - log_q_U[None, :].astype(jnp.float32)
+  label_RxU = jnp.arange(cands_UxE.shape[0])[None, :] == target_slot_R[:, None]
+  label_logit_R = jnp.sum(jnp.where(label_RxU, logits_RxU, 0.0), axis=1)
+  multiplicity_RxU = jnp.where(label_RxU & remove_accidental_hits, 1.0, count_U[None, :])
+  logits_RxU = jnp.where(multiplicity_RxU > 0, logits_RxU + jnp.log(jnp.maximum(multiplicity_RxU, 1.0)), MASKED_LOGIT)
+  loss_R = jax.nn.logsumexp(logits_RxU, axis=1) - label_logit_R
+  loss_R = jnp.where(real_R, loss_R, 0.0)
+  return jnp.sum(loss_R * weights_R) / jnp.maximum(jnp.sum(weights_R), 1.0), {"logits": logits_RxU}

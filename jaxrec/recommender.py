@@ -65,7 +65,11 @@ class Recommender:
   def __init__(self, cfg: Config, dataset: Dataset, split: Split, mesh: jax.sharding.Mesh,
                rules: dict[str, tuple[str, ...]], text: CatalogText):
     self.cfg, self.dataset, self.split, self.mesh, self.rules, self.text = cfg, dataset, split, mesh, rules, text
-    self.history_mode = history_mode(cfg.data, dataset.has_time)
+    self.history_mode = history_mode(cfg.data, dataset.has_time, cfg.model.query)
+    if cfg.model.query == "transformer" and not (dataset.has_time and cfg.data.split in ("loo", "temporal")):
+      log.warning("model.query=transformer reads the history in time order, but on data.split=%s%s the held-out "
+                  "items are not the next ones in time: the order it learns is arbitrary for this evaluation",
+                  cfg.data.split, "" if dataset.has_time else f" of {dataset.name}, which has no timestamps,")
     self.item_trained = np.bincount(dataset.items[split.train], minlength=dataset.num_items) > 0
     # Row 0 is the shared cold row; items own the rows after it (only trained ones, by default).
     owns_row = self.item_trained if cfg.model.cold_item_rows == "shared" else np.ones_like(self.item_trained)

@@ -100,6 +100,8 @@ def loss_fn(params: dict, tables: dict, batch: dict, key: jax.Array, spec: StepS
   text = layout.text_inputs(batch)
   text_UxD = None if text is None else model.text_vectors(text)
   items_UxE = model.items(batch["unique_items"], text_UxD, dropout_key=key)
+  if layout.query == "transformer":
+    return _next_item_loss(model, batch, items_UxE, key, spec)
   pos_BxE = items_UxE[batch["item_slot"]]
   q_BxE = model.query_tower(batch["user"], items_UxE[batch["history_slot"]], batch["history_mask"], batch["history"])
   # Rows of both towers' outputs stay with their batch shard; the loss then gathers the
@@ -116,10 +118,53 @@ def loss_fn(params: dict, tables: dict, batch: dict, key: jax.Array, spec: StepS
   return loss, {"logits_shape": jnp.asarray(aux["logits"].shape)}
 
 
+def _next(values_BxL: jax.Array, last_B: jax.Array) -> jax.Array:
+  """What each history slot predicts: the next slot's item, and after the last slot the batch's
+  positive. History is left-padded, so a real slot's next item is always real."""
+  return jnp.concatenate([values_BxL[:, 1:], last_B[:, None]], axis=1)
+
+
+def _slot_weights(batch: dict) -> jax.Array:
+  """[B * L]: 1 for each real history slot (times the example's weight), 0 for padding."""
+  weights_BxL = batch["history_mask"].astype(jnp.float32)
+  if "weight" in batch:
+    weights_BxL = weights_BxL * batch["weight"][:, None]
+  return weights_BxL.reshape(-1)
+
+
+def _sequence_queries(model: TwoTower, batch: dict, history_BxLxE: jax.Array, key: jax.Array,
+                      spec: StepSpec) -> jax.Array:
+  """The transformer's query at every slot, flattened [B * L, E] and kept with its batch shard."""
+  q_BxLxE = model.query_tower.sequence_queries(batch["user"], history_BxLxE, batch["history_mask"],
+                                               dropout_key=jax.random.fold_in(key, 1))
+  b, l = batch["history_mask"].shape
+  return sharding.constrain(q_BxLxE.reshape(b * l, q_BxLxE.shape[-1]), spec.layout.mesh, ("batch", "tower_out"),
+                            dict(spec.layout.rules))
+
+
+def _next_item_loss(model: TwoTower, batch: dict, items_UxE: jax.Array, key: jax.Array,
+                    spec: StepSpec) -> tuple[jax.Array, dict]:
+  """SASRec's all-positions objective: every real history slot's query against its next item,
+  over the batch's targets as in-batch candidates (``losses.next_item_softmax``)."""
+  q_RxE = _sequence_queries(model, batch, items_UxE[batch["history_slot"]], key, spec)
+  target_slot_R = _next(batch["history_slot"], batch["item_slot"]).reshape(-1)
+  loss, aux = losses.next_item_softmax(
+      q_RxE, items_UxE, target_slot_R, _slot_weights(batch), model.temperature,
+      log_q_U=batch["unique_log_q"] if spec.logq_correction else None,
+      remove_accidental_hits=spec.remove_accidental_hits)
+  return loss, {"logits_shape": jnp.asarray(aux["logits"].shape)}
+
+
 def _catalog_loss(model: TwoTower, batch: dict, key: jax.Array, spec: StepSpec) -> tuple[jax.Array, dict]:
   """Full softmax over the catalog: the item tower runs once on every item, positives and history
   are rows of it, and only items with training interactions compete as negatives."""
   items_NxE = model.items(jnp.arange(len(spec.candidates_N), dtype=jnp.int32), None, dropout_key=key)
+  if spec.layout.query == "transformer":  # every real slot's next item, over the whole catalog
+    q_RxE = _sequence_queries(model, batch, items_NxE[jnp.maximum(batch["history"], 0)], key, spec)
+    targets_R = jnp.maximum(_next(batch["history"], batch["item"]).reshape(-1), 0)
+    loss, aux = losses.catalog_softmax(q_RxE, items_NxE, targets_R, model.temperature,
+                                       candidate_mask_N=jnp.asarray(spec.candidates_N), weights_B=_slot_weights(batch))
+    return loss, {"logits_shape": jnp.asarray(aux["logits"].shape)}
   q_BxE = model.query_tower(batch["user"], items_NxE[jnp.maximum(batch["history"], 0)], batch["history_mask"],
                             batch["history"])
   q_BxE = sharding.constrain(q_BxE, spec.layout.mesh, ("batch", "tower_out"), dict(spec.layout.rules))

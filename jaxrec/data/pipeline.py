@@ -146,12 +146,13 @@ def _distinct_draws(counts: np.ndarray, length: int, rng: np.random.Generator) -
   return out
 
 
-def history_mode(data: DataConfig, has_time: bool) -> str:
-  """Resolves ``data.history=auto``: the recent items only where the protocol is temporal."""
+def history_mode(data: DataConfig, has_time: bool, query: str = "pool") -> str:
+  """Resolves ``data.history=auto``: the recent items where the protocol is temporal, and always
+  for an order-aware query tower (which reads the history in order)."""
   if data.history != "auto":
     return data.history
-  temporal = data.split == "loo" or (data.split == "predefined" and has_time)
-  return "recent" if temporal else "sampled"
+  temporal = data.split in ("loo", "temporal") or (data.split == "predefined" and has_time)
+  return "recent" if temporal or query == "transformer" else "sampled"
 
 
 MIXED_SAMPLERS = ("uniform", "popularity")
@@ -342,6 +343,8 @@ class BatchBuilder(grain.transforms.Map):
     unique_R = np.pad(unique, (0, rows - len(unique))).astype(np.int32)
     mine_R = unique_R[self.process_index * share:(self.process_index + 1) * share]
     batch = dict(batch, unique_items=mine_R)
+    if self.layout.query == "transformer":  # every history item is a target: the step needs their logQ
+      batch["unique_log_q"] = self.log_q[mine_R]
     batch["item_slot"] = np.searchsorted(unique, batch["item"]).astype(np.int32)
     if "negative" in batch:
       batch["negative_slot"] = np.searchsorted(unique, batch["negative"]).astype(np.int32)

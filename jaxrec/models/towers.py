@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrec.config import ModelConfig
+from jaxrec.models.sequence import SequenceEncoder
 from jaxrec.sharding import round_up
 
 
@@ -162,14 +163,17 @@ class Users:
 
 
 class QueryTower(nnx.Module):
-  """User id ++ user features ++ mean of the item-tower vectors of L history items -> fusion MLP
-  (or their sum, ``model.fusion=sum``) -> [B, E]."""
+  """User id ++ user features ++ the history -> fusion MLP (or their sum, ``model.fusion=sum``)
+  -> [B, E]. The history is read by ``model.query``: ``pool`` takes the mean of the item-tower
+  vectors of its L items; ``transformer`` reads them in order (``models/sequence.py``), and
+  ``sequence_queries`` gives the query of every slot, [B, L, E], for next-item training."""
 
   def __init__(self, users: Users, cfg: ModelConfig, *, catalog: Catalog | None = None, row_multiple: int = 1,
                rngs: nnx.Rngs):
     self.use_ids = cfg.use_user_ids
     self.embed_dim, self.item_bias = cfg.embed_dim, cfg.item_bias
-    in_dim = cfg.embed_dim  # pooled history
+    in_dim = cfg.embed_dim  # pooled (or attended) history
+    self.sequence = SequenceEncoder(cfg, rngs=rngs) if cfg.query == "transformer" else None
     self.use_history_ids = cfg.history_ids
     if self.use_history_ids:
       self.history_row = Table(jnp.asarray(catalog.id_row, jnp.int32))
@@ -191,14 +195,30 @@ class QueryTower(nnx.Module):
   def __call__(self, users_B: jax.Array, history_BxLxE: jax.Array, history_mask_BxL: jax.Array,
                history_BxL: jax.Array | None = None) -> jax.Array:
     """[B, E] unit vectors, or [B, E + 1] with ``model.item_bias`` (last column 1, which picks up
-    the items' bias column). History rows may carry that column; only their first E are pooled."""
+    the items' bias column). History rows may carry that column; only their first E are read."""
     history_BxLxE = history_BxLxE[..., :self.embed_dim]
+    if self.sequence is not None:  # the query of the last slot: the newest item sits there
+      return self.sequence_queries(users_B, history_BxLxE, history_mask_BxL)[:, -1]
     mask_BxL = history_mask_BxL.astype(jnp.float32)
     count_Bx1 = jnp.maximum(mask_BxL.sum(1, keepdims=True), 1.0)
     masked_mean = lambda x_BxLxF: (x_BxLxF * mask_BxL[..., None]).sum(1) / count_Bx1  # noqa: E731
     parts = [masked_mean(history_BxLxE)]
     if self.use_history_ids:
       parts.append(masked_mean(self.history_ids(self.history_row[...][jnp.maximum(history_BxL, 0)])))
+    return self._fuse(parts, users_B)
+
+  def sequence_queries(self, users_B: jax.Array, history_BxLxE: jax.Array, history_mask_BxL: jax.Array,
+                       dropout_key: jax.Array | None = None) -> jax.Array:
+    """The transformer's query at every history slot, [B, L, E] (or [B, L, E + 1]): slot t reads
+    the items at slots <= t, so its query is for the item after slot t."""
+    history_BxLxE = history_BxLxE[..., :self.embed_dim]
+    b, l = history_mask_BxL.shape
+    read_BxLxE = self.sequence(history_BxLxE, history_mask_BxL, dropout_key)
+    users_R = jnp.repeat(users_B, l)
+    q_RxE = self._fuse([read_BxLxE.reshape(b * l, -1)], users_R)
+    return q_RxE.reshape(b, l, -1)
+
+  def _fuse(self, parts: list[jax.Array], users_B: jax.Array) -> jax.Array:
     if self.use_ids:
       parts.append(self.ids(users_B + 1))
     parts.extend(bag(users_B) for bag in self.features.values())
