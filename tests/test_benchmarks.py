@@ -112,3 +112,84 @@ def test_gpu_suite_runs_every_cell_at_toy_size_on_any_backend(tmp_path):
     assert summary[cell]["train/examples_per_sec"] > 0 and summary[cell]["train/step_tflops"] > 0, summary[cell]
     assert math.isfinite(summary[cell]["train/final_loss"])
   assert [r["recall_strict"] for r in summary["retrieval"]["results"]] == [1.0, 1.0]
+
+
+@functools.cache
+def _recbole_sasrec():
+  path = REPO / "benchmarks" / "peers" / "recbole_sasrec.py"
+  spec = importlib.util.spec_from_file_location("_jaxrec_bench_recbole_sasrec", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _read_examples(path):
+  with open(path) as f:
+    header = f.readline().rstrip("\n").split("\t")
+    return header, [line.rstrip("\n").split("\t") for line in f]
+
+
+def test_recbole_sasrec_export_writes_jaxrec_loo_histories_and_score_uses_jaxrec_protocol(tmp_path, monkeypatch):
+  # The export and score phases run in jaxrec's venv; RecBole (the run phase) is not needed here.
+  import argparse
+
+  import numpy as np
+
+  peer = _recbole_sasrec()
+  data = REPO / "tests" / "fixtures" / "ml-100k"
+  length = 3  # short, so histories are cut to their last L items
+  args = argparse.Namespace(data="ml100k", data_path=str(data), dir=str(tmp_path / "rb"), max_len=length)
+  peer.export(args)
+  out = tmp_path / "rb" / "ml100k-jaxrec-loo"
+  # Each user's interactions in time order (file row on ties), straight from u.data.
+  raw = np.loadtxt(data / "u.data", dtype=np.int64)
+  seqs = {}
+  for row in np.lexsort((np.arange(len(raw)), raw[:, 3], raw[:, 0])):
+    seqs.setdefault(str(raw[row, 0]), []).append((str(raw[row, 1]), float(raw[row, 3])))
+  loo = {u: s for u, s in seqs.items() if len(s) >= 3}
+  files = {part: _read_examples(out / f"ml100k-jaxrec-loo.{part}.inter") for part in ("train", "valid", "test")}
+  for header, _ in files.values():
+    assert header == ["user_id:token", "item_id_list:token_seq", "item_id:token", "timestamp:float"]
+  train_seqs = {u: s[:-2] if u in loo else s for u, s in seqs.items()}
+  expected = {
+      "train": sorted((u, " ".join(i for i, _ in s[max(0, k - length):k]), s[k][0], str(s[k][1]))
+                      for u, s in train_seqs.items() for k in range(1, len(s))),
+      "valid": sorted((u, " ".join(i for i, _ in s[:-2][-length:]), s[-2][0], str(s[-2][1])) for u, s in loo.items()),
+      "test": sorted((u, " ".join(i for i, _ in s[:-1][-length:]), s[-1][0], str(s[-1][1])) for u, s in loo.items()),
+  }
+  for part, (_, rows) in files.items():
+    assert sorted(map(tuple, rows)) == expected[part], part
+  summary = json.loads((out / "export.json").read_text())
+  assert summary["files"]["test"]["examples"] == len(loo) and summary["jaxrec_split"]["test"] == len(loo)
+  known = dict(line.rstrip("\n").split("\t") for line in open(out / "known.tsv"))
+  assert known == {u: " ".join(i for i, _ in s[:-1]) for u, s in loo.items()}
+  catalog = [line.strip() for line in open(out / "ml100k-jaxrec-loo.item")][1:]
+  assert len(catalog) == summary["num_items"] == len(set(catalog))
+
+  # score: a top-k list with each test item first and unknown items after it recalls everything
+  # through jaxrec's own full ranking; popularity is jaxrec's evaluator's. Top 10, not 50: the
+  # fixture's 60 items leave some users fewer than 50 unknown ones.
+  monkeypatch.setattr(peer, "KS", (2, 5, 10))
+  monkeypatch.setattr(peer, "TOPK", 10)
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  (run_dir / "recbole_sasrec.json").write_text(json.dumps({"test_result_recbole_known_items_ranked": {}}))
+  with open(run_dir / "topk.tsv", "w") as f:
+    for u, s in loo.items():
+      rest = [i for i in catalog if i not in {j for j, _ in s}]
+      f.write(f"{u}\t{' '.join([s[-1][0]] + rest[:peer.TOPK - 1])}\n")
+  score_args = argparse.Namespace(data="ml100k", data_path=str(data), dir=str(tmp_path / "rb"), out=str(run_dir),
+                                  model="SASRec", max_len=length)
+  peer.score(score_args)
+  result = json.loads((run_dir / "recbole_sasrec.json").read_text())
+  mine = result["test_result_jaxrec_known_items_excluded"]
+  assert mine["users"] == len(loo)
+  assert mine["recall@2"] == mine["ndcg@2"] == mine["mrr@10"] == mine["hit@10"] == 1.0
+  assert 0.0 <= result["test_result_jaxrec_popularity"]["recall@10"] < 1.0
+  # A list holding an item the user already knows is refused: jaxrec never ranks known items.
+  u, s = next(iter(loo.items()))
+  lines = open(run_dir / "topk.tsv").read().splitlines()
+  lines[0] = f"{u}\t{' '.join([s[0][0]] + lines[0].split(chr(9))[1].split()[1:])}"
+  (run_dir / "topk.tsv").write_text("\n".join(lines) + "\n")
+  with pytest.raises(SystemExit, match="already knows"):
+    peer.score(score_args)

@@ -120,54 +120,17 @@ def run(args: argparse.Namespace) -> None:
   # pickles its Config object, so reloading the best epoch for the test would fail. This restores the
   # old default for this process only (RecBole's own file, written a minute earlier by this run).
   os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-  import numpy as np
   import torch
-  import recbole
   from recbole.quick_start import run_recbole
-  from recbole.trainer import trainer as trainer_mod
+  from recbole_common import TrainerLog, versions
 
   os.makedirs(args.out, exist_ok=True)
   os.chdir(args.out)  # RecBole writes ./log and ./log_tensorboard relative to the working directory
   if args.threads:
     torch.set_num_threads(args.threads)
 
-  # run_recbole returns only the best validation result; the epoch count, the best epoch and the curve
-  # come from wrapping the trainer's own per-epoch methods, so nothing is recomputed outside RecBole.
-  curve = []
-  train_epoch, valid_epoch = trainer_mod.Trainer._train_epoch, trainer_mod.Trainer._valid_epoch
-
-  def counted_train(self, train_data, epoch_idx, *a, **k):
-    loss = train_epoch(self, train_data, epoch_idx, *a, **k)
-    curve.append({"epoch": int(epoch_idx), "loss": float(loss if not isinstance(loss, tuple) else sum(loss)),
-                  "s": round(time.time() - start, 1)})
-    print(f"epoch {epoch_idx} loss {curve[-1]['loss']:.4f} at {curve[-1]['s']} s", flush=True)
-    return loss
-
-  def recorded_valid(self, valid_data, *a, **k):
-    score, result = valid_epoch(self, valid_data, *a, **k)
-    if curve:
-      curve[-1]["valid"] = {key: float(v) for key, v in result.items()}
-      print(f"  valid {dict(result)}", flush=True)
-    return score, result
-
-  # A wall-clock budget for a shared CPU: once it is spent, RecBole's own early-stopping check is told
-  # to stop, so training ends exactly as a patience stop would (the best epoch so far is reloaded and
-  # tested) instead of being killed without a test result.
-  stopped_by = {"reason": "epochs"}
-
-  def budgeted_stopping(value, best, cur_step, max_step, bigger=True):
-    best, cur_step, stop, update = early_stopping(value, best, cur_step, max_step, bigger=bigger)
-    if stop:
-      stopped_by["reason"] = f"early stopping (stopping_step={max_step})"
-    elif args.max_minutes and time.time() - start > 60 * args.max_minutes:
-      stopped_by["reason"] = f"time budget ({args.max_minutes} min)"
-      stop = True
-    return best, cur_step, stop, update
-
-  early_stopping = trainer_mod.early_stopping
-  trainer_mod.Trainer._train_epoch = counted_train
-  trainer_mod.Trainer._valid_epoch = recorded_valid
-  trainer_mod.early_stopping = budgeted_stopping
+  # The curve, the best epoch and the --max-minutes budget: recbole_common.TrainerLog.
+  log = TrainerLog(args.max_minutes)
 
   if args.model == "Pop":
     # RecBole's Pop counts with item_cnt[item] += 1, which adds 1 once per batch however often an item
@@ -188,13 +151,11 @@ def run(args: argparse.Namespace) -> None:
 
   config = recbole_config(args)
   when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-  start = time.time()
+  log.install()
   result = run_recbole(model=args.model, dataset=DATASET, config_dict=config)
-  wall = time.time() - start
+  wall = time.time() - log.start
 
-  valid_scores = [c["valid"]["recall@10"] for c in curve if "valid" in c]
-  # RecBole's early stopping keeps the first epoch with a strictly better score, so argmax (first max).
-  best = curve[int(np.argmax(valid_scores))]["epoch"] if valid_scores else None
+  best = log.best_epoch(config["valid_metric"])
   export_summary = None
   path = os.path.join(args.dir, DATASET, "export.json")
   if os.path.exists(path):
@@ -202,15 +163,14 @@ def run(args: argparse.Namespace) -> None:
       export_summary = json.load(f)
   summary = {
       "model": args.model, "dataset": DATASET, "date_utc": when, "wall_s": round(wall, 1),
-      "epochs_trained": len(curve), "epochs_max": args.epochs, "stopped_by": stopped_by["reason"],
+      "epochs_trained": len(log.curve), "epochs_max": args.epochs, "stopped_by": log.stopped_by,
       "best_valid_epoch": best,
       "best_valid_score": float(result["best_valid_score"]),
       "best_valid_result": {k: float(v) for k, v in result["best_valid_result"].items()},
       "test_result": {k: float(v) for k, v in result["test_result"].items()},
-      "versions": {"recbole": recbole.__version__, "torch": torch.__version__, "numpy": np.__version__,
-                   "python": sys.version.split()[0]},
+      "versions": versions(),
       "torch_threads": torch.get_num_threads(),
-      "config": config, "export": export_summary, "curve": curve,
+      "config": config, "export": export_summary, "curve": log.curve,
   }
   with open(os.path.join(args.out, f"recbole_{args.model.lower()}.json"), "w") as f:
     json.dump(summary, f, indent=2)
