@@ -15,6 +15,14 @@ Outputs under the study directory: ``cells.csv`` (one row per run), ``results.cs
 ``efficiency_<dataset>_<split>.png`` (Recall@10 against the training fraction, overall and cold).
 The popularity baseline is not trained: its row is read from the ``popularity/`` keys that every
 run reports for the same split.
+
+A model of a baseline kind (``Model("ease", kind="ease")``, ``kind="itemknn"``: ``jaxrec.baselines``)
+is fitted in closed form instead of trained, its parameters picked on the validation split, and
+scored by the same evaluator into the same metrics.json keys, so it is a row like any other. It is
+deterministic: it runs once per dataset, split and fraction (seed 0, whatever the grid's seeds).
+``baseline.*`` overrides are its options (``baseline.lams=100,1000``); trained cells ignore them.
+Its command is ``python -m jaxrec.baselines --kind ...``. EASE's refit on train + valid is its own
+row, ``<name>_trainvalid``.
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ from jaxrec.report.tables import POPULARITY, aggregate, markdown, metric_names, 
 log = logging.getLogger("jaxrec.study")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = "train"
+BASELINE_KINDS = ("ease", "itemknn")  # jaxrec.baselines.KINDS (not imported here: every command imports this file)
+BASELINE_PREFIX = "baseline."  # jaxrec.baselines.PREFIX
+REFIT = "_trainvalid"  # the row of a baseline's refit/ keys (EASE fitted on train + valid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +59,12 @@ class Model:
   name: str
   overrides: tuple[str, ...] = ()
   label: str = ""  # longer name for tables and plots
+  # "train": jaxrec.train(cfg); a jaxrec.baselines kind ("ease", "itemknn"): fitted in closed form
+  kind: str = TRAIN
+
+  @property
+  def is_baseline(self) -> bool:
+    return self.kind != TRAIN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +150,11 @@ def plan(study: Study, out: str, extra: Sequence[str] = ()) -> list[Cell]:
           for model in grid.models:
             if model.name == POPULARITY:
               raise StudyError("'popularity' is reported from every run's popularity/ keys; do not list it as a model")
-            for seed in grid.seeds:
+            if model.kind not in (TRAIN, *BASELINE_KINDS):
+              raise StudyError(f"model {model.name!r}: unknown kind {model.kind!r}; kinds: "
+                               f"{', '.join((TRAIN, *BASELINE_KINDS))}")
+            # A baseline is deterministic: one cell, whatever seeds the grid's trained models take.
+            for seed in (0,) if model.is_baseline else grid.seeds:
               cell = Cell(dataset, split, model, float(fraction), int(seed), ())
               workdir = os.path.join(out, *cell.id.split("/"))
               # A grid's overrides are its cells' own (e.g. the steps of a training fraction), so
@@ -147,22 +169,38 @@ def plan(study: Study, out: str, extra: Sequence[str] = ()) -> list[Cell]:
   return list(cells.values())
 
 
+def _config_overrides(cell: Cell) -> tuple[str, ...]:
+  return tuple(o for o in cell.overrides if not o.startswith(BASELINE_PREFIX))
+
+
 def cell_config(cell: Cell) -> Config:
   # A shipped config (the checkout's configs/, or the installed package's) before other files
   # relative to the repository root.
   path = shipped_config_path(cell.dataset.config) or os.path.join(REPO, cell.dataset.config)
-  return load_config(path, cell.overrides)
+  return load_config(path, _config_overrides(cell))
+
+
+def baseline_options(cell: Cell):
+  """A baseline cell's ``jaxrec.baselines.Options`` from its ``baseline.*`` overrides."""
+  from jaxrec import baselines
+  try:
+    return baselines.parse_options([o for o in cell.overrides if o.startswith(BASELINE_PREFIX)])
+  except baselines.BaselineError as e:
+    raise StudyError(f"cell {cell.id}: {e}") from e
 
 
 def command(cell: Cell) -> str:
-  """The ``jaxrec train`` command that reproduces this cell alone (workdir last, as the study sets
-  it; relative to the current directory when below it, so the command is portable)."""
+  """The command that reproduces this cell alone, ``jaxrec train`` or ``python -m jaxrec.baselines``
+  (workdir last, as the study sets it; relative to the current directory when below it, so the
+  command is portable)."""
   parts = []
-  for item in cell.overrides:
+  for item in cell.overrides if cell.model.is_baseline else _config_overrides(cell):
     if item.startswith("workdir=") and not os.path.relpath(item[8:]).startswith(".."):
       item = "workdir=" + os.path.relpath(item[8:])
     parts.append(shlex.quote(item))
-  return " ".join(["jaxrec train --config", shlex.quote(cell.dataset.config), *parts])
+  head = (f"python -m jaxrec.baselines --kind {cell.model.kind} --config" if cell.model.is_baseline
+          else "jaxrec train --config")
+  return " ".join([head, shlex.quote(cell.dataset.config), *parts])
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -177,11 +215,21 @@ def _config_changes(saved: dict, cfg: Config) -> list[str]:
 
 
 def _check_saved_config(cell: Cell, cfg: Config, workdir: str) -> None:
-  """Refuses a workdir whose finished run was trained with a different config than the cell's."""
+  """Refuses a workdir whose finished run was trained with a different config than the cell's (for
+  a baseline: different data or evaluation keys, or different ``baseline.*`` options)."""
   saved_path = os.path.join(workdir, "config.json")
   if os.path.isfile(saved_path):
     with open(saved_path) as f:
       changed = _config_changes(json.load(f), cfg)
+    if cell.model.is_baseline:  # nothing of model, train, encoder or mesh reaches a closed-form fit
+      changed = [k for k in changed if k.startswith(("data.", "eval."))]
+      from jaxrec import baselines
+      metrics_path = os.path.join(workdir, "metrics.json")
+      if os.path.isfile(metrics_path):
+        with open(metrics_path) as f:
+          saved_options = json.load(f).get("baseline/options")
+        if saved_options != baselines.options_string(baseline_options(cell)):
+          changed.append("baseline options")
     if changed:
       raise StudyError(f"cell {cell.id}: {workdir} holds a run of a different config ({', '.join(changed[:3])}); "
                        "use another --out or delete that directory")
@@ -196,9 +244,13 @@ def run_cell(cell: Cell) -> tuple[dict[str, Any], bool]:
     _check_saved_config(cell, cfg, workdir)
     with open(metrics_path) as f:
       return json.load(f), False
-  from jaxrec.trainer import train
   start = time.perf_counter()
-  result = train(cfg)
+  if cell.model.is_baseline:
+    from jaxrec import baselines
+    result = baselines.run(cfg, cell.model.kind, baseline_options(cell))
+  else:
+    from jaxrec.trainer import train
+    result = train(cfg)
   write_json_atomically(os.path.join(workdir, "study_cell.json"),
                         {"cell": cell.id, "seconds": time.perf_counter() - start, "command": command(cell)})
   return result, True
@@ -209,7 +261,6 @@ def reevaluate_cell(cell: Cell) -> dict[str, Any]:
   rewrites its metrics.json (training statistics kept) and exported index, without retraining.
   For changes to the evaluation protocol: the trained parameters are the same as a rerun's would
   be up to the float summation order of the training code that produced them."""
-  from jaxrec.recommender import build
   cfg = cell_config(cell)
   workdir = os.path.abspath(cfg.workdir)
   metrics_path = os.path.join(workdir, "metrics.json")
@@ -218,6 +269,13 @@ def reevaluate_cell(cell: Cell) -> dict[str, Any]:
   with open(metrics_path) as f:
     saved = json.load(f)
   _check_saved_config(cell, cfg, workdir)
+  if cell.model.is_baseline:  # no checkpoint: the closed-form fit is rerun (it is deterministic)
+    from jaxrec import baselines
+    result = baselines.evaluate(cfg, cell.model.kind, baseline_options(cell))
+    result["reevaluated_utc"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    write_json_atomically(metrics_path, result)
+    return result
+  from jaxrec.recommender import build
   rec = build(cfg, restore_only=True)
   step, params, tables = rec.restore(cfg.train.steps)
   fresh = rec.evaluate(params, tables)
@@ -241,7 +299,8 @@ def _seconds(cell_dir: str) -> float:
 
 
 def cell_rows(cells: Sequence[Cell], results: dict[tuple, dict]) -> list[dict[str, Any]]:
-  """One row per trained run, plus one popularity row per (dataset, split, fraction, seed)."""
+  """One row per trained run or baseline (and one for a baseline's ``refit/`` keys, model
+  ``<name>_trainvalid``), plus one popularity row per (dataset, split, fraction, seed)."""
   rows, seen_popularity = [], set()
   for cell in cells:
     if cell.key not in results:
@@ -254,6 +313,10 @@ def cell_rows(cells: Sequence[Cell], results: dict[tuple, dict]) -> list[dict[st
                examples_per_sec=result.get("train/examples_per_sec"))
     row.update({name: result.get(name, float("nan")) for name in metric_names()})
     rows.append(row)
+    if cell.model.is_baseline and "refit/recall@10" in result:
+      refit = dict(row, model=cell.model.name + REFIT)
+      refit.update({name: result.get(f"refit/{name}", float("nan")) for name in metric_names()})
+      rows.append(refit)
     pop_key = (cell.dataset.name, cell.split.name, cell.train_fraction, cell.seed)
     if pop_key not in seen_popularity:
       seen_popularity.add(pop_key)
@@ -269,9 +332,14 @@ def cell_rows(cells: Sequence[Cell], results: dict[tuple, dict]) -> list[dict[st
 def write_outputs(study: Study, cells: Sequence[Cell], results: dict[tuple, dict], out: str) -> dict[str, Any]:
   # matplotlib loads here, not with the module: every `jaxrec` command imports this file for its flags.
   from jaxrec.report import plots
-  model_order = list(dict.fromkeys(c.model.name for c in cells))
-  labels = {c.model.name: c.model.label or c.model.name for c in cells}
   rows = cell_rows(cells, results)
+  labels = {c.model.name: c.model.label or c.model.name for c in cells}
+  model_order = []
+  for name in dict.fromkeys(c.model.name for c in cells):
+    model_order.append(name)
+    if any(r["model"] == name + REFIT for r in rows):  # a refit row right after its model's
+      model_order.append(name + REFIT)
+      labels[name + REFIT] = f"{labels[name]}, refit on train + valid"
   table = aggregate(rows, model_order)
   write_csv(os.path.join(out, "cells.csv"), rows)
   write_csv(os.path.join(out, "results.csv"), table)
@@ -284,7 +352,9 @@ def write_outputs(study: Study, cells: Sequence[Cell], results: dict[tuple, dict
 
 
 def write_commands(cells: Sequence[Cell], out: str) -> None:
-  lines = ["#!/usr/bin/env bash", "# One `jaxrec train` per study cell (the runner calls jaxrec.train with the same config).",
+  lines = ["#!/usr/bin/env bash",
+           "# One command per study cell: `jaxrec train` (the runner calls jaxrec.train with the same config) or, "
+           "for a baseline, `python -m jaxrec.baselines`.",
            "set -euo pipefail"]
   lines += [f"# {cell.id}\n{command(cell)}" for cell in cells]
   write_atomically(os.path.join(out, "commands.sh"), "\n".join(lines) + "\n")
@@ -320,6 +390,8 @@ def run(args: argparse.Namespace) -> int:
       cell_config(cell)
     except ConfigError as e:
       raise StudyError(f"cell {cell.id}: {e}") from e
+    if cell.model.is_baseline:
+      baseline_options(cell)
   selected = [c for c in cells if not args.only or any(fnmatch.fnmatch(c.id, p) for p in args.only)]
   os.makedirs(out, exist_ok=True)
   write_commands(cells, out)
@@ -353,8 +425,9 @@ def run(args: argparse.Namespace) -> int:
       failed.append(cell.id)
       continue
     r = results[cell.key]
+    done_how = ("fitted" if cell.model.is_baseline else "trained") if trained else "read"
     log.info("[%d/%d] %s %s in %.0f s: R@10 %.4f (warm %s, cold %s)", i + 1, len(cells), cell.id,
-             "trained" if trained else "read", time.perf_counter() - start, r.get("recall@10", float("nan")),
+             done_how, time.perf_counter() - start, r.get("recall@10", float("nan")),
              f"{r['warm/recall@10']:.4f}" if "warm/recall@10" in r else "-",
              f"{r['cold/recall@10']:.4f}" if "cold/recall@10" in r else "-")
     if trained:  # tables after every new cell, so a long study is readable while it runs

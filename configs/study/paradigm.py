@@ -6,6 +6,9 @@ Models (popularity is read from every run's popularity/ keys, not trained):
   text    text-only item tower: frozen MiniLM vector + the dataset's categorical item features
           (genres, decade, ...), no item ids
   hybrid  text + ids + features through the fusion MLP (the design's default)
+  ease, itemknn  closed-form item-item baselines (jaxrec.baselines): EASE's lam and ItemKNN's k and
+          shrinkage picked on the validation split, scored by the same evaluator; EASE refit on
+          train + valid is the ease_trainvalid row. One cell per dataset and split (deterministic).
 
 Datasets and splits:
   ml1m/random     MovieLens-1M, random 8:1:1 per user, no cold items: the RecBole general
@@ -40,6 +43,9 @@ HYBRID_PROFILE_LONG = Model("hybrid_profile_20ep", (*HYBRID_PROFILE.overrides, "
                             "hybrid, profile query (history ids, 100 items, no user id), 20 epochs")
 # The same with data.history_dropout=0.5 (each training history slot masked with chance 0.5), the
 # better of 0.5 and 0.75 on the validation split at ten epochs (configs/study/ml1m_ablation.py).
+EASE = Model("ease", label="EASE", kind="ease")
+ITEMKNN = Model("itemknn", label="ItemKNN (cosine, shrinkage)", kind="itemknn")
+BASELINES = (EASE, ITEMKNN)
 HYBRID_PROFILE_DROPOUT = Model("hybrid_profile_dropout_20ep", (*HYBRID_PROFILE_LONG.overrides, "data.history_dropout=0.5"),
                                "hybrid, profile query, history dropout 0.5, 20 epochs")
 
@@ -78,5 +84,7 @@ def get_study() -> Study:
           Grid(models=(HYBRID_LONG,), datasets=(ML1M,), splits=(RANDOM,), seeds=(0,)),
           Grid(models=(HYBRID_PROFILE, HYBRID_PROFILE_LONG), datasets=(ML1M,), splits=(RANDOM,), seeds=(0,)),
           Grid(models=(HYBRID_PROFILE_DROPOUT,), datasets=(ML1M,), splits=(RANDOM,), seeds=(0, 1, 2)),
+          Grid(models=BASELINES, datasets=(ML1M, AMAZON), splits=(RANDOM, COLD20)),
+          Grid(models=BASELINES, datasets=(ML100K,), splits=(LOO, COLD20)),
       ),
   )
