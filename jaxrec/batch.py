@@ -49,7 +49,8 @@ class BatchLayout:
   history_len: int
   weighted: bool = False  # per-example loss weights (train.user_weight_power)
   mixed_negatives: int = 0  # M (train.mixed_negatives)
-  query: str = "pool"  # model.query: a transformer trains on every slot's next item, which needs their logQ
+  query: str = "pool"  # model.query: a transformer trains on every slot's next item, which needs their logQ;
+  # the text query's history items are not among the distinct items (it reads their titles instead)
   unique_capacity: int = 0
   row_buckets: tuple[int, ...] = ()
   text: str = "none"  # none | rows | stream
@@ -88,7 +89,10 @@ class BatchLayout:
     # with 10 history items names at most 2,816 items, often far fewer distinct ones. Mixed
     # negatives join them (the tower runs once per distinct item either way).
     mixed = cfg.train.mixed_negatives if cfg.train.negatives == "in_batch" else 0
-    worst = min(num_items, cfg.train.batch_size * (cfg.data.history_len + 1) + mixed)
+    # The text query reads its history as titles through the encoder, not as item-tower rows: only
+    # the positives (and mixed negatives) go through the item tower.
+    history = 0 if cfg.model.query == "text" else cfg.data.history_len
+    worst = min(num_items, cfg.train.batch_size * (history + 1) + mixed)
     capacity = sharding.round_up(worst, multiple) if cfg.train.negatives == "in_batch" else 0
     live = token_width > 0
     # A live encoder is most of the step, so there a batch pads its distinct items only to the
@@ -121,8 +125,9 @@ class BatchLayout:
     if self.weighted:
       out["weight"] = ((b,), jnp.float32)
     if self.unique_capacity:
-      out.update({"unique_items": ((rows,), jnp.int32), "item_slot": ((b,), jnp.int32),
-                  "history_slot": ((b, l), jnp.int32)})
+      out.update({"unique_items": ((rows,), jnp.int32), "item_slot": ((b,), jnp.int32)})
+      if self.query != "text":  # the text query's history never meets the item tower
+        out["history_slot"] = ((b, l), jnp.int32)
       if self.query == "transformer":
         out["unique_log_q"] = ((rows,), jnp.float32)
     if self.mixed_negatives:

@@ -142,8 +142,13 @@ class ModelConfig:
   param_dtype: str = "float32"
   # The query tower's reading of the history: pool (a masked mean of the history items' vectors;
   # order-blind) | transformer (causal self-attention over the last data.history_len items with
-  # learned positions, SASRec's architecture; trained on every position's next item)
+  # learned positions, SASRec's architecture; trained on every position's next item) | text (the
+  # pretrained text encoder reads the history's item titles as one text, most recent last, and its
+  # pooled vector enters the fusion MLP; the item tower's encoder weights in lora/full)
   query: str = "pool"
+  # text: what joins the history's titles (tokenized on its own, so it must split from the titles
+  # around it as it does alone: whitespace around punctuation for BERT's wordpiece; checked)
+  query_separator: str = " ; "
   query_layers: int = 2  # transformer: pre-LayerNorm blocks
   query_heads: int = 2  # transformer: attention heads (model.embed_dim must divide by it)
   query_dropout: float = 0.2  # transformer: dropout on its inputs, attention weights and block outputs
@@ -402,7 +407,7 @@ def validate(config: Config) -> Config:
       "model.fusion": (config.model.fusion, ("mlp", "sum")),
       "model.cold_item_rows": (config.model.cold_item_rows, ("shared", "own")),
       "model.param_dtype": (config.model.param_dtype, ("float32", "bfloat16")),
-      "model.query": (config.model.query, ("pool", "transformer")),
+      "model.query": (config.model.query, ("pool", "transformer", "text")),
       "train.nan_policy": (config.train.nan_policy, ("stop", "skip")),
       "train.negatives": (config.train.negatives, ("in_batch", "catalog")),
       "train.mixed_sampler": (config.train.mixed_sampler, ("uniform", "popularity")),
@@ -421,6 +426,12 @@ def validate(config: Config) -> Config:
       raise ConfigError(f"config key '{key}' must be positive; got {value}")
   if not config.model.use_text and not config.model.use_item_ids:
     raise ConfigError("config: model.use_text and model.use_item_ids are both false; the item tower needs one")
+  if config.model.query == "text" and (not config.model.use_text or config.encoder.mode == "none"):
+    raise ConfigError(f"config key 'model.query'=text needs model.use_text=true and encoder.mode frozen|lora|full "
+                      f"(the pretrained text encoder reads the history); got model.use_text="
+                      f"{str(config.model.use_text).lower()}, encoder.mode={config.encoder.mode}")
+  if config.model.query == "text" and config.data.history_len < 1:
+    raise ConfigError("config key 'data.history_len' must be >= 1 with model.query=text (it reads the history's titles)")
   if config.model.use_text and config.encoder.mode == "none":
     raise ConfigError("config: model.use_text=true needs encoder.mode frozen|lora|full (got none)")
   if not 0.0 < config.data.train_fraction <= 1.0:
@@ -656,8 +667,8 @@ def _show(value: Any) -> str:
     return "true" if value else "false"
   if isinstance(value, tuple):
     return ",".join(_show(v) for v in value) if value else "()"
-  if isinstance(value, str):
-    return value if value else '""'
+  if isinstance(value, str):  # quoted as a shell would need it when empty or with spaces at its ends
+    return value if value and value == value.strip() else f'"{value}"'
   return repr(value)
 
 

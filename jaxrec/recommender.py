@@ -39,10 +39,12 @@ log = logging.getLogger("jaxrec")
 
 
 def trainable_filter(mode: str):
-  """Which Params the optimizer updates: in LoRA mode only the adapters of the text encoder."""
+  """Which Params the optimizer updates: in LoRA mode only the adapters of the text encoder; in
+  full mode all of it; otherwise none of it (a frozen encoder, which ``model.query=text`` carries)."""
+  towers = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("text_encoder")))
   if mode == "lora":
-    return nnx.Any(nnx.LoRAParam, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("text_encoder"))))
-  return nnx.Param
+    return nnx.Any(nnx.LoRAParam, towers)
+  return nnx.Param if mode == "full" else towers
 
 
 def load_data(cfg: Config) -> tuple[Dataset, Split]:
@@ -79,15 +81,21 @@ class Recommender:
                       feature_sizes=dataset.item_feature_sizes, text_NxD=text.vectors)
     users = Users(num_users=dataset.num_users, features=dataset.user_features,
                   feature_sizes=dataset.user_feature_sizes)
+    history = text.history  # model.query=text: the catalog's title tokens
     self._arrays = {"id_row": catalog.id_row, "features": dict(catalog.features), "text": text.vectors,
-                    "user_features": dict(users.features), "tokens": text.tokens}
+                    "user_features": dict(users.features), "tokens": text.tokens,
+                    "titles": None if history is None else history.titles_NxW,
+                    "title_lengths": None if history is None else history.lengths_N}
     self.trainable = trainable_filter(cfg.encoder.mode)
 
     def construct(arrays, seed):
       cat = dataclasses.replace(catalog, id_row=arrays["id_row"], features=arrays["features"], text_NxD=arrays["text"])
       usr = dataclasses.replace(users, features=arrays["user_features"])
+      hist = None if history is None else dataclasses.replace(history, titles_NxW=arrays["titles"],
+                                                              lengths_N=arrays["title_lengths"])
       return TwoTower(cat, usr, cfg.model, text.dim, encoder_cfg=text.encoder_config, tokens=arrays["tokens"],
-                      pooling=cfg.encoder.pooling, row_multiple=cfg.model.id_row_multiple, rngs=nnx.Rngs(seed))
+                      pooling=cfg.encoder.pooling, row_multiple=cfg.model.id_row_multiple, history_text=hist,
+                      history_len=cfg.data.history_len, rngs=nnx.Rngs(seed))
 
     self._construct = construct
     with nnx.use_eager_sharding(False):
@@ -137,7 +145,7 @@ class Recommender:
 
   def _pretrained_paths(self) -> list[tuple]:
     """Module paths (inside ``text_encoder``) of the weights a pretrained checkpoint provides."""
-    if not self.text.live:
+    if self.text.encoder_config is None:
       return []
     from jaxrec.models.encoder import LoRAParam
     paths = []
@@ -207,10 +215,20 @@ class Recommender:
 
   def query_vectors(self, params: dict, tables: dict, users: np.ndarray, known: Sequences,
                     text_NxD: jax.Array | None = None) -> jax.Array:
-    """Query vectors [B, E] of ``users`` from their ``known`` items (the history the config pools)."""
+    """Query vectors [B, E] of ``users`` from their ``known`` items (the history the config pools;
+    with ``model.query=text`` the text of its titles, ``history_text``, through the encoder)."""
     history, mask = known.query_history(users, self.cfg.data.history_len, self.history_mode, self.cfg.train.seed)
-    history_text = None if text_NxD is None else text_NxD[np.maximum(history, 0)]
+    query_text = self.text.history is not None  # reads titles, not the history items' text vectors
+    history_text = None if text_NxD is None or query_text else text_NxD[np.maximum(history, 0)]
     return self._query_vectors(params, tables, np.asarray(users, np.int32), history, mask, history_text)
+
+  def history_text(self, users: np.ndarray, known: Sequences) -> list[str]:
+    """``model.query=text``: the text each user's query reads (their history's titles, most recent
+    last, as many as fit the encoder), built from their ``known`` items as ``query_vectors`` builds it."""
+    if self.text.history is None:
+      raise ValueError("history_text belongs to model.query=text")
+    history, mask = known.query_history(users, self.cfg.data.history_len, self.history_mode, self.cfg.train.seed)
+    return [self.text.history.text(self.dataset.item_titles, h[m]) for h, m in zip(history, mask)]
 
   # ---------------------------------------------------------------- evaluation and export
 

@@ -103,7 +103,7 @@ def loss_fn(params: dict, tables: dict, batch: dict, key: jax.Array, spec: StepS
   if layout.query == "transformer":
     return _next_item_loss(model, batch, items_UxE, key, spec)
   pos_BxE = items_UxE[batch["item_slot"]]
-  q_BxE = model.query_tower(batch["user"], items_UxE[batch["history_slot"]], batch["history_mask"], batch["history"])
+  q_BxE = _queries(model, batch, lambda: items_UxE[batch["history_slot"]])
   # Rows of both towers' outputs stay with their batch shard; the loss then gathers the
   # positives once so every query meets the global batch's candidates.
   q_BxE = sharding.constrain(q_BxE, mesh, ("batch", "tower_out"), rules)
@@ -116,6 +116,15 @@ def loss_fn(params: dict, tables: dict, batch: dict, key: jax.Array, spec: StepS
       q_BxE, pos_BxE, batch["item"], model.temperature, log_q_B=batch["log_q"] if spec.logq_correction else None,
       remove_accidental_hits=spec.remove_accidental_hits, weights_B=batch.get("weight"), **extra)
   return loss, {"logits_shape": jnp.asarray(aux["logits"].shape)}
+
+
+def _queries(model: TwoTower, batch: dict, history_BxLxE) -> jax.Array:
+  """The batch's queries [B, E]: the history's item-tower rows (``history_BxLxE()``) pooled, or
+  with ``model.query=text`` the encoder's vector of its titles (built from the history ids here,
+  with the item tower's encoder weights in lora/full, so their gradients meet)."""
+  if model.query_text:
+    return model.queries(batch["user"], batch["history"], batch["history_mask"])
+  return model.query_tower(batch["user"], history_BxLxE(), batch["history_mask"], batch["history"])
 
 
 def _next(values_BxL: jax.Array, last_B: jax.Array) -> jax.Array:
@@ -165,8 +174,7 @@ def _catalog_loss(model: TwoTower, batch: dict, key: jax.Array, spec: StepSpec) 
     loss, aux = losses.catalog_softmax(q_RxE, items_NxE, targets_R, model.temperature,
                                        candidate_mask_N=jnp.asarray(spec.candidates_N), weights_B=_slot_weights(batch))
     return loss, {"logits_shape": jnp.asarray(aux["logits"].shape)}
-  q_BxE = model.query_tower(batch["user"], items_NxE[jnp.maximum(batch["history"], 0)], batch["history_mask"],
-                            batch["history"])
+  q_BxE = _queries(model, batch, lambda: items_NxE[jnp.maximum(batch["history"], 0)])
   q_BxE = sharding.constrain(q_BxE, spec.layout.mesh, ("batch", "tower_out"), dict(spec.layout.rules))
   loss, aux = losses.catalog_softmax(q_BxE, items_NxE, batch["item"], model.temperature,
                                      candidate_mask_N=jnp.asarray(spec.candidates_N), weights_B=batch.get("weight"))

@@ -199,6 +199,22 @@ class TextTokenizer:
       types[r, :len(seq)] = tokens["token_type_ids"][i]
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
+  def pieces(self, texts: Sequence[str]) -> list[list[int]]:
+    """Each text's token ids without the special tokens around it, cut where ``tokenize`` cuts a
+    text alone (``max_length`` - 2): the parts a caller joins into longer texts itself."""
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+      raise TypeError(f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    texts = [t.lower() for t in texts] if self.lower_case else list(texts)
+    return self.hf_tokenizer(texts, add_special_tokens=False, padding=False, truncation=True,
+                             max_length=self.max_length - 2, return_attention_mask=False)["input_ids"]
+
+  @property
+  def special_ids(self) -> tuple[int, int, int]:
+    """``(cls, sep, pad)`` token ids: what opens, closes and pads a text."""
+    tok = self.hf_tokenizer
+    return int(tok.cls_token_id), int(tok.sep_token_id), int(tok.pad_token_id or 0)
+
   def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, np.ndarray]:
     """int32 ``input_ids``/``attention_mask``/``token_type_ids`` [N, L], L the bucket of the longest text."""
     max_length = max_length or self.max_length

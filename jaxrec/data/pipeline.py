@@ -148,11 +148,12 @@ def _distinct_draws(counts: np.ndarray, length: int, rng: np.random.Generator) -
 
 def history_mode(data: DataConfig, has_time: bool, query: str = "pool") -> str:
   """Resolves ``data.history=auto``: the recent items where the protocol is temporal, and always
-  for an order-aware query tower (which reads the history in order)."""
+  for an order-aware query tower (which reads the history in order: the transformer, and the text
+  query's titles, most recent last)."""
   if data.history != "auto":
     return data.history
   temporal = data.split in ("loo", "temporal") or (data.split == "predefined" and has_time)
-  return "recent" if temporal or query == "transformer" else "sampled"
+  return "recent" if temporal or query in ("transformer", "text") else "sampled"
 
 
 MIXED_SAMPLERS = ("uniform", "popularity")
@@ -290,7 +291,8 @@ class BatchBuilder(grain.transforms.Map):
       batch["weight"] = self.weight_T[pos]
     if not self.unique_capacity:
       return batch, None
-    named = [self.seqs.items[all_pos], all_history[all_mask]]
+    # The text query reads the history's titles in the step, so its items skip the item tower.
+    named = [self.seqs.items[all_pos]] + ([all_history[all_mask]] if self.layout.query != "text" else [])
     if self.mixed_negatives:
       all_negative = self.negatives(batch_index)
       share = self.mixed_negatives // self.process_count
@@ -348,8 +350,9 @@ class BatchBuilder(grain.transforms.Map):
     batch["item_slot"] = np.searchsorted(unique, batch["item"]).astype(np.int32)
     if "negative" in batch:
       batch["negative_slot"] = np.searchsorted(unique, batch["negative"]).astype(np.int32)
-    history, mask = batch["history"], batch["history_mask"]
-    batch["history_slot"] = np.where(mask, np.searchsorted(unique, np.maximum(history, 0)), 0).astype(np.int32)
+    if self.layout.query != "text":
+      history, mask = batch["history"], batch["history_mask"]
+      batch["history_slot"] = np.where(mask, np.searchsorted(unique, np.maximum(history, 0)), 0).astype(np.int32)
     if self.tokens is not None and self.stream_buckets:
       batch.update(self.stream(unique, rows, shape[1], length))
     elif self.tokens is not None:

@@ -166,13 +166,14 @@ class QueryTower(nnx.Module):
   """User id ++ user features ++ the history -> fusion MLP (or their sum, ``model.fusion=sum``)
   -> [B, E]. The history is read by ``model.query``: ``pool`` takes the mean of the item-tower
   vectors of its L items; ``transformer`` reads them in order (``models/sequence.py``), and
-  ``sequence_queries`` gives the query of every slot, [B, L, E], for next-item training."""
+  ``sequence_queries`` gives the query of every slot, [B, L, E], for next-item training; ``text``
+  takes the text encoder's vector of the history's titles [B, D] (``from_text``)."""
 
   def __init__(self, users: Users, cfg: ModelConfig, *, catalog: Catalog | None = None, row_multiple: int = 1,
-               rngs: nnx.Rngs):
+               text_dim: int = 0, rngs: nnx.Rngs):
     self.use_ids = cfg.use_user_ids
-    self.embed_dim, self.item_bias = cfg.embed_dim, cfg.item_bias
-    in_dim = cfg.embed_dim  # pooled (or attended) history
+    self.embed_dim, self.item_bias, self.query = cfg.embed_dim, cfg.item_bias, cfg.query
+    in_dim = text_dim if cfg.query == "text" else cfg.embed_dim  # the history's text vector, or pooled (attended) history
     self.sequence = SequenceEncoder(cfg, rngs=rngs) if cfg.query == "transformer" else None
     self.use_history_ids = cfg.history_ids
     if self.use_history_ids:
@@ -187,7 +188,8 @@ class QueryTower(nnx.Module):
                               for name, values in sorted(users.features.items())})
     in_dim += cfg.feature_dim * len(users.features)
     if cfg.fusion == "sum":
-      check_sum_widths({**({"model.id_dim": cfg.id_dim} if self.use_ids or self.use_history_ids else {}),
+      check_sum_widths({**({"the history text vector": text_dim} if cfg.query == "text" else {}),
+                        **({"model.id_dim": cfg.id_dim} if self.use_ids or self.use_history_ids else {}),
                         **({"model.feature_dim": cfg.feature_dim} if users.features else {})},
                        cfg.embed_dim, "query tower")
     self.mlp = FusionMLP(in_dim, cfg, rngs=rngs) if cfg.fusion == "mlp" else None
@@ -205,6 +207,17 @@ class QueryTower(nnx.Module):
     parts = [masked_mean(history_BxLxE)]
     if self.use_history_ids:
       parts.append(masked_mean(self.history_ids(self.history_row[...][jnp.maximum(history_BxL, 0)])))
+    return self._fuse(parts, users_B)
+
+  def from_text(self, users_B: jax.Array, text_BxD: jax.Array, history_BxL: jax.Array,
+                history_mask_BxL: jax.Array) -> jax.Array:
+    """``model.query=text``: [B, E] (or [B, E + 1]) from the encoder's vector of each history's
+    text, with the user id, features and (``model.history_ids``) the history's pooled id rows."""
+    parts = [text_BxD.astype(jnp.float32)]
+    if self.use_history_ids:
+      mask_BxL = history_mask_BxL.astype(jnp.float32)
+      ids_BxLxF = self.history_ids(self.history_row[...][jnp.maximum(history_BxL, 0)])
+      parts.append((ids_BxLxF * mask_BxL[..., None]).sum(1) / jnp.maximum(mask_BxL.sum(1, keepdims=True), 1.0))
     return self._fuse(parts, users_B)
 
   def sequence_queries(self, users_B: jax.Array, history_BxLxE: jax.Array, history_mask_BxL: jax.Array,
