@@ -49,9 +49,7 @@ class DataConfig:
   source: str = "synthetic"  # synthetic | ml100k | ml1m | amazon | tfds | files
   path: str = ""  # directory (or TFDS name for source=tfds)
   item_text: str = "default"  # which text fields describe an item; source-specific choices
-  # random | loo (each user's last interaction is test, the one before valid) | temporal (each
-  # user's interactions in time order cut by split_ratios: the first 80% train, ...) | predefined
-  split: str = "random"
+  split: str = "random"  # random | loo | temporal | predefined
   split_ratios: tuple[float, ...] = (0.8, 0.1, 0.1)
   cold_item_fraction: float = 0.0  # extra cold items held out by the split (synthetic has its own)
   split_seed: int = 0

@@ -121,7 +121,7 @@ def test_config_show_lists_every_key_with_its_type_value_default_and_comment(tmp
   assert rows["train.steps"] == ["int", "5", "600"] and rows["model.mlp_dims"] == ["tuple[int,", "...]", "8,4"]
   assert rows["model.use_text"] == ["bool", "false", "true"]
   assert any(line.startswith("* train.steps ") for line in lines)
-  assert next(line for line in lines if line[2:].startswith("data.split ")).endswith("random | loo | predefined")
+  assert next(line for line in lines if line[2:].startswith("data.split ")).endswith("random | loo | temporal | predefined")
   # No --config: the default config; --workdir alone: that run's saved config.
   assert _table(jaxrec("config", "show", check=True).stdout)["train.steps_per_call"][1] == "10"
   (tmp_path / "config.json").write_text(json.dumps(json.loads(

@@ -109,7 +109,7 @@ def test_describe_lists_every_key_in_order_with_type_value_default_and_comment()
   assert (rows["model.use_text"].value, rows["model.use_text"].default) == ("false", "true")
   assert rows["data.path"].value == '""' and rows["mesh.rules"].value == "()"
   assert rows["data.synthetic.num_users"].value == "120"
-  assert rows["data.split"].comment == "random | loo | predefined"
+  assert rows["data.split"].comment == "random | loo | temporal | predefined"
   assert rows["train.seed"].comment == ""
   # The comment after a field and its wrapped continuation lines...
   assert rows["data.history_len"].comment.endswith("0 = none (user id and features only, the TFRS tutorial's "
