@@ -193,3 +193,40 @@ def test_recbole_sasrec_export_writes_jaxrec_loo_histories_and_score_uses_jaxrec
   (run_dir / "topk.tsv").write_text("\n".join(lines) + "\n")
   with pytest.raises(SystemExit, match="already knows"):
     peer.score(score_args)
+
+
+SEQ_SCRIPT = REPO / "benchmarks" / "seq_throughput.py"
+
+
+def test_seq_throughput_smoke_counts_targets_and_reads_quality_files(tmp_path):
+  # jaxrec's transformer side always runs; RecBole's SASRec only where its interpreter is installed.
+  out = tmp_path / "seq.json"
+  metrics = tmp_path / "jaxrec_run" / "metrics.json"
+  metrics.parent.mkdir()
+  metrics.write_text(json.dumps({"hit@10": 0.25, "ndcg@10": 0.125, "protocol": "temporal leave-one-out"}))
+  (metrics.parent / "config.json").write_text(json.dumps({"train": {"batch_size": 128, "steps": 1500},
+                                                          "model": {"query_dropout": 0.5}}))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, str(SEQ_SCRIPT), "--smoke", "--json", str(out), "--jaxrec-metrics", str(metrics),
+                         "--recbole-result", str(tmp_path / "absent.json")], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads(out.read_text())
+  side = result["jaxrec"]
+  assert side["targets_per_sec"] > 0 and math.isfinite(side["final_loss"])
+  # Every real history slot is a target: at most history_len (50) per window, at least one.
+  assert 1.0 <= side["targets_per_window"] <= 50.0
+  assert side["targets_per_sec"] == pytest.approx(side["windows_per_sec"] * side["targets_per_window"], rel=1e-9)
+  assert result["quality"]["jaxrec"]["hit@10"] == 0.25 and result["quality"]["jaxrec"]["ndcg@10"] == 0.125
+  assert "train.batch_size=128" in result["quality"]["jaxrec"]["settings"]
+  assert "absent.json does not exist" in result["quality"]["recbole"]["missing"]
+  assert "jaxrec quality: HR@10 0.2500" in proc.stdout and "recbole quality: MISSING" in proc.stdout
+  if "recbole_skipped" in result:
+    pytest.skip(f"RecBole peer not available (interpreter $JAXREC_RECBOLE_PYTHON or /tmp/recboleenv/bin/python): "
+                f"{result['recbole_skipped']}")
+  recbole = result["recbole"]
+  assert recbole["instances_per_sec"] > 0 and recbole["batch_size"] == 64
+  assert {k.split(" thr")[0] for k in recbole["probe"]} == {"1", "2"}
+  assert recbole["instances_per_sec"] == pytest.approx(max(recbole["rounds"]))
+  assert result["ratio"] == pytest.approx(side["targets_per_sec"] / recbole["instances_per_sec"])
+  assert recbole["model_config"]["hidden_size"] == 64 and recbole["model_config"]["n_layers"] == 2
