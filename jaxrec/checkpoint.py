@@ -153,7 +153,11 @@ class Checkpointer:
 
   def _restore_newest(self, manager, abstract: Any, args, step: int | None, move_damaged_aside: bool,
                       partial: bool = False) -> tuple[int, Any]:
-    candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
+    saved = self.steps()
+    if step is not None and step not in saved:
+      raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; saved steps: "
+                            f"{', '.join(map(str, saved)) or 'none'}")
+    candidates = [step] if step is not None else sorted(saved, reverse=True)
     if not candidates:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     errors = []

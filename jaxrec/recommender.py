@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxrec import host_memory, sharding
 from jaxrec.catalog_text import CatalogText, catalog_text
-from jaxrec.checkpoint import CheckpointError, Checkpointer
+from jaxrec.checkpoint import Checkpointer
 from jaxrec.config import Config, to_json
 from jaxrec.data import sources
 from jaxrec.data.dataset import Dataset, Split
@@ -165,10 +165,6 @@ class Recommender:
     directory = directory or os.path.join(os.path.abspath(self.cfg.workdir), "checkpoints")
     ckpt = Checkpointer(directory, self.cfg.checkpoint)
     try:
-      saved = ckpt.steps()
-      if step is not None and step not in saved:
-        raise CheckpointError(f"no checkpoint of step {step} in {ckpt.directory}; saved steps: "
-                              f"{', '.join(map(str, saved)) or 'none'}")
       step, restored = ckpt.restore_part(self.abstract_params(), step=step)
     finally:
       ckpt.close()

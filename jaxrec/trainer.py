@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxrec import recommender as recommender_lib, sharding, step as step_lib
 from jaxrec.batch import BatchLayout
-from jaxrec.checkpoint import CheckpointError, Checkpointer
+from jaxrec.checkpoint import Checkpointer
 from jaxrec.config import Config, to_json
 from jaxrec.config_diff import ConfigDiff
 from jaxrec.data import sources
@@ -103,10 +103,6 @@ class Trainer:
     """The whole train state of a saved step of this workdir (default: the newest readable one)."""
     ckpt = Checkpointer(os.path.join(os.path.abspath(self.cfg.workdir), "checkpoints"), self.cfg.checkpoint)
     try:
-      saved = ckpt.steps()
-      if step is not None and step not in saved:
-        raise CheckpointError(f"no checkpoint of step {step} in {ckpt.directory}; saved steps: "
-                              f"{', '.join(map(str, saved)) or 'none'}")
       step, state, _ = ckpt.restore(self.abstract_state(), step=step)
     finally:
       ckpt.close()
