@@ -279,6 +279,7 @@ def main(argv=None) -> int:
                          "history_len_mean": best["history_len_mean"], "model_config": best["model_config"],
                          "versions": best["versions"], "rounds": [s["instances_per_sec"] for s in rounds]}
     result["ratio"] = jaxrec_side["targets_per_sec"] / result["recbole"]["instances_per_sec"]
+    result["ratio_own_units"] = jaxrec_side["windows_per_sec"] / result["recbole"]["instances_per_sec"]
   else:
     result["recbole_skipped"] = why
     log(f"RecBole skipped: {why}")
@@ -288,6 +289,9 @@ def main(argv=None) -> int:
         "instance; jaxrec: every real slot of a window")
   print(table(result))
   if "recbole" in result:
+    print(f"ratio in each side's own unit (jaxrec windows/s over RecBole instances/s): {result['ratio_own_units']:.2f}x; "
+          f"a jaxrec window holds {jaxrec_side['targets_per_window']:.1f} targets on average, a RecBole instance 1 "
+          f"(its history {result['recbole']['history_len_mean']:.1f} items on average)")
     print("RecBole probe instances/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in result["recbole"]["probe"].items()))
   for side in ("jaxrec", "recbole"):
     q = result["quality"][side]

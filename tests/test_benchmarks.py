@@ -229,4 +229,5 @@ def test_seq_throughput_smoke_counts_targets_and_reads_quality_files(tmp_path):
   assert {k.split(" thr")[0] for k in recbole["probe"]} == {"1", "2"}
   assert recbole["instances_per_sec"] == pytest.approx(max(recbole["rounds"]))
   assert result["ratio"] == pytest.approx(side["targets_per_sec"] / recbole["instances_per_sec"])
+  assert result["ratio_own_units"] == pytest.approx(side["windows_per_sec"] / recbole["instances_per_sec"])
   assert recbole["model_config"]["hidden_size"] == 64 and recbole["model_config"]["n_layers"] == 2
