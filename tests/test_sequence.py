@@ -165,3 +165,19 @@ def test_config_errors_and_the_random_split_warning(caplog):
   with caplog.at_level(logging.WARNING, logger="jaxrec"):
     Trainer(load_config(TINY, ["model.query=transformer", "mesh.num_devices=1"]))
   assert "order it learns is arbitrary" in caplog.text
+
+
+@pytest.mark.slow
+def test_order_matters_on_a_world_whose_topics_drift(tmp_path):
+  # data.synthetic.topic_drift: a user's next topic is the successor of the current one half the
+  # time, which the last items show and the bag of items does not. Measured: pool 0.22 (popularity
+  # 0.215), transformer 0.44 Recall@10 on the validation split.
+  import jaxrec
+  world = ["mesh.num_devices=1", "data.split=loo", "data.synthetic.topic_drift=0.5", "data.synthetic.num_users=400",
+           "data.synthetic.num_items=120", "data.synthetic.num_topics=8", "data.synthetic.interactions_per_user=20",
+           "data.synthetic.cold_item_fraction=0", "train.steps=150", "train.batch_size=64", "eval.split=valid",
+           "data.history_len=8"]
+  pool = jaxrec.train(load_config(TINY, [*world, f"workdir={tmp_path / 'pool'}"]))
+  ordered = jaxrec.train(load_config(TINY, [*world, "model.query=transformer", f"workdir={tmp_path / 'seq'}"]))
+  assert ordered["recall@10"] > 1.5 * pool["recall@10"]
+  assert ordered["recall@10"] > 1.5 * ordered["popularity/recall@10"]
