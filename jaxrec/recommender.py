@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from jaxrec import host_memory, sharding
 from jaxrec.catalog_text import CatalogText, catalog_text
@@ -120,44 +120,38 @@ class Recommender:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self._abstract, shardings)
 
   def init_params(self, seed: int) -> tuple[dict, dict]:
-    """Fresh ``(params, tables)`` placed on the mesh; a live encoder's pretrained weights are read
-    once and placed straight into their shards (its adapters start fresh)."""
-    pretrained = self._pretrained_paths()
+    """Fresh ``(params, tables)`` placed on the mesh; a pretrained encoder's weights (when the
+    model carries one) are read once and placed straight into their shards (adapters start fresh)."""
+    values = {}
+    if self.text.encoder_config is not None:
+      from jaxrec.weights import read_encoder_weights
+      values, _ = read_encoder_weights(self.text.encoder_path, self.text.encoder_config)
+    pretrained = {("text_encoder", *path): value for path, value in values.items()}
     construct, trainable = self._construct, self.trainable
+
+    def unfilled(tree):  # the checkpoint's leaves leave the jit empty, so XLA never draws their random init
+      flat = traverse_util.flatten_dict(tree, keep_empty_nodes=True)
+      return traverse_util.unflatten_dict({k: None if k in pretrained else v for k, v in flat.items()})
 
     def init(arrays):
       with nnx.use_eager_sharding(False):
         model = construct(arrays, seed)
       _, params, tables = nnx.split(model, trainable, ...)
-      # The pretrained leaves leave the jit unfilled, so XLA never draws their random init.
-      return _without(nnx.to_pure_dict(params), pretrained), _without(nnx.to_pure_dict(tables), pretrained)
+      return unfilled(nnx.to_pure_dict(params)), unfilled(nnx.to_pure_dict(tables))
 
-    out_shardings = (_without(self.param_shardings, pretrained), _without(self.table_shardings, pretrained))
-    params, tables = jax.jit(init, out_shardings=out_shardings)(self._arrays)
-    if pretrained:
-      from jaxrec.weights import place, read_encoder_weights
-      values, _ = read_encoder_weights(self.text.encoder_path, self.text.encoder_config)
-      for group, shardings in ((params, self.param_shardings), (tables, self.table_shardings)):
-        for path in pretrained:
-          if _has(shardings, ("text_encoder", *path)):
-            _set(group, ("text_encoder", *path), place(values[path], path, None, _get(shardings, ("text_encoder", *path))))
-    return params, tables
-
-  def _pretrained_paths(self) -> list[tuple]:
-    """Module paths (inside ``text_encoder``) of the weights a pretrained checkpoint provides."""
-    if self.text.encoder_config is None:
-      return []
-    from jaxrec.models.encoder import LoRAParam
-    paths = []
-    for group in (self._abstract["params"], self._abstract["tables"]):
-      for path, leaf in _leaves(group.get("text_encoder", {})):
-        paths.append(path)
-    lora = {path for path, _ in nnx.to_flat_state(nnx.state(self._abstract_encoder(), LoRAParam))}
-    return [p for p in paths if p not in lora]
-
-  def _abstract_encoder(self):
-    from jaxrec.models.encoder import BertEncoder
-    return nnx.eval_shape(lambda: BertEncoder(self.text.encoder_config, rngs=nnx.Rngs(0)))
+    out_shardings = (unfilled(self.param_shardings), unfilled(self.table_shardings))
+    groups = jax.jit(init, out_shardings=out_shardings)(self._arrays)
+    if not pretrained:
+      return groups
+    from jaxrec.weights import place
+    filled = []
+    for group, shardings in zip(groups, (self.param_shardings, self.table_shardings)):
+      flat = traverse_util.flatten_dict(group, keep_empty_nodes=True)
+      for key, target in traverse_util.flatten_dict(shardings).items():
+        if key in pretrained:
+          flat[key] = place(pretrained[key], key[1:], None, target)
+      filled.append(traverse_util.unflatten_dict(flat))
+    return tuple(filled)
 
   def restore(self, step: int | None = None, directory: str | None = None) -> tuple[int, dict, dict]:
     """``(step, params, tables)`` of a saved step (default the newest readable one) of this config's
@@ -276,46 +270,3 @@ def evaluate(cfg: Config, step: int | None = None, split: str | None = None) -> 
   rec = build(mesh_fitting_devices(cfg), restore_only=True)
   step, params, tables = rec.restore(step)
   return dict(rec.evaluate(params, tables, split), step=step)
-
-
-# ------------------------------------------------------------------ nested pure-dict paths
-
-def _leaves(tree: Any, prefix: tuple = ()):
-  if isinstance(tree, dict):
-    for key, value in tree.items():
-      yield from _leaves(value, (*prefix, key))
-  else:
-    yield prefix, tree
-
-
-def _has(tree: Any, path: tuple) -> bool:
-  for key in path:
-    if not isinstance(tree, dict) or key not in tree:
-      return False
-    tree = tree[key]
-  return True
-
-
-def _get(tree: Any, path: tuple) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _set(tree: dict, path: tuple, value: Any) -> None:
-  for key in path[:-1]:
-    tree = tree[key]
-  tree[path[-1]] = value
-
-
-def _without(tree: Any, paths: list[tuple]) -> Any:
-  """A copy of a nested dict with the leaves at ``text_encoder/<path>`` left out (set to None)."""
-  if not paths:
-    return tree
-  drop = {("text_encoder", *p) for p in paths}
-
-  def walk(node, prefix):
-    if isinstance(node, dict):
-      return {k: walk(v, (*prefix, k)) for k, v in node.items()}
-    return None if prefix in drop else node
-  return walk(tree, ())
