@@ -115,6 +115,7 @@ class ModelConfig:
   use_item_ids: bool = True
   use_text: bool = True
   use_user_ids: bool = True
+  use_user_features: bool = True  # categorical user features (age, gender, ...) in the query tower
   # The query tower also pools a history-item id table of its own (YouTube's watch-history
   # embeddings): the items a user came from are embedded apart from the items it is matched to,
   # so "who watched A goes on to B" need not equal "who watched B goes on to A".
@@ -217,6 +218,15 @@ class CheckpointConfig:
   async_save: bool = True
   best_metric: str = ""  # e.g. "recall@10": also keep the best step by this validation metric
   # (evaluated every train.eval_every steps) in checkpoints/best
+  # A trained workdir (or a checkpoints directory) whose parameters start this run, on this run's
+  # data: every parameter of the same name and shape is loaded (text encoder, adapters, fusion
+  # MLPs, sequence tower, feature tables of shared vocabularies); id tables of another catalog or
+  # user set, and anything else that does not fit, start fresh. The log lists loaded, new and
+  # dropped parameters. Used only when the workdir has no checkpoint of its own to resume.
+  init_from: str = ""
+  # With init_from, which parameters train: all | new (only those init_from did not load, plus the
+  # text encoder's adapters: parameter-efficient transfer)
+  init_trainable: str = "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,6 +420,7 @@ def validate(config: Config) -> Config:
       "train.negatives": (config.train.negatives, ("in_batch", "catalog")),
       "train.mixed_sampler": (config.train.mixed_sampler, ("uniform", "popularity")),
       "eval.split": (config.eval.split, ("test", "valid")),
+      "checkpoint.init_trainable": (config.checkpoint.init_trainable, ("all", "new")),
   }
   for key, (value, allowed) in choices.items():
     if value not in allowed:

@@ -79,7 +79,8 @@ class Recommender:
                       id_row=np.where(owns_row, np.cumsum(owns_row), 0).astype(np.int32),
                       features=dataset.item_features if cfg.model.use_item_features else {},
                       feature_sizes=dataset.item_feature_sizes, text_NxD=text.vectors)
-    users = Users(num_users=dataset.num_users, features=dataset.user_features,
+    users = Users(num_users=dataset.num_users,
+                  features=dataset.user_features if cfg.model.use_user_features else {},
                   feature_sizes=dataset.user_feature_sizes)
     history = text.history  # model.query=text: the catalog's title tokens
     self._arrays = {"id_row": catalog.id_row, "features": dict(catalog.features), "text": text.vectors,
