@@ -39,10 +39,10 @@ log = logging.getLogger("jaxrec")
 
 
 def trainable_filter(mode: str):
-  """Which Params the optimizer updates: in LoRA mode only the adapters of the text encoder; in
+  """Which Params the optimizer updates: in LoRA (and AdaLoRA) mode only the adapters of the text encoder; in
   full mode all of it; otherwise none of it (a frozen encoder, which ``model.query=text`` carries)."""
   towers = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("text_encoder")))
-  if mode == "lora":
+  if mode in ("lora", "adalora"):
     return nnx.Any(nnx.LoRAParam, towers)
   return nnx.Param if mode == "full" else towers
 
