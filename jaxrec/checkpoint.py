@@ -134,9 +134,11 @@ class Checkpointer:
     s, restored = self._restore_newest(self.manager, abstract_state, args, step, move_damaged_aside)
     return s, restored["state"], list(restored["losses"]["losses"])
 
-  def restore_part(self, abstract_part: Any, step: int | None = None) -> tuple[int, Any]:
+  def restore_part(self, abstract_part: Any, step: int | None = None, *, leaves: bool = False) -> tuple[int, Any]:
     """Restores only the top-level entries of the saved state that ``abstract_part`` names (e.g.
-    the parameters without the optimizer state): the rest is never read. Returns ``(step, part)``."""
+    the parameters without the optimizer state): the rest is never read. Returns ``(step, part)``.
+    ``leaves``: ``abstract_part`` names single leaves of those entries (a model taking some of
+    another's parameters), so saved leaves it does not name are not a mismatch."""
     # The state was saved by the standard handler; the pytree handler reads the same files and,
     # unlike it, can leave entries of the saved tree unread.
     reader = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
@@ -146,13 +148,13 @@ class Checkpointer:
     def args(_):
       return {"state": ocp.args.PyTreeRestore(abstract_part, restore_args=restore_args, partial_restore=True)}
     try:
-      s, restored = self._restore_newest(reader, abstract_part, args, step, False, partial=True)
+      s, restored = self._restore_newest(reader, abstract_part, args, step, False, partial="leaves" if leaves else True)
     finally:
       reader.close()
     return s, restored["state"]
 
   def _restore_newest(self, manager, abstract: Any, args, step: int | None, move_damaged_aside: bool,
-                      partial: bool = False) -> tuple[int, Any]:
+                      partial: bool | str = False) -> tuple[int, Any]:
     saved = self.steps()
     if step is not None and step not in saved:
       raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; saved steps: "
@@ -178,7 +180,7 @@ class Checkpointer:
       return s, restored
     raise CheckpointError(f"no readable checkpoint in {self.directory}: " + "; ".join(errors))
 
-  def _check_compatible(self, step: int, abstract_state: Any, partial: bool = False) -> None:
+  def _check_compatible(self, step: int, abstract_state: Any, partial: bool | str = False) -> None:
     """Raises one error listing every parameter whose saved shape differs from the model's
     (``partial``: the model names a part of the saved state; the rest is not compared).
 
@@ -199,7 +201,8 @@ class Checkpointer:
       saved = {k: v for k, v in saved.items() if k.split("/")[0] in parts}
     problems = [f"{k}: checkpoint {saved[k]} vs model {v}" for k, v in wanted.items() if k in saved and saved[k] != v]
     problems += [f"{k}: missing from the checkpoint" for k in wanted if k not in saved]
-    problems += [f"{k}: in the checkpoint but not in the model" for k in saved if k not in wanted]
+    if partial != "leaves":
+      problems += [f"{k}: in the checkpoint but not in the model" for k in saved if k not in wanted]
     if problems:
       # The first line is what the command line prints; the whole list follows it for --debug and the API.
       shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
@@ -207,6 +210,14 @@ class Checkpointer:
                             f"({len(problems)} mismatched parameters: {shown}); train in a new --workdir "
                             f"(checkpoint.resume_from cannot take weights of another shape either)\n"
                             + "\n".join(problems))
+
+  def saved_shapes(self, step: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Every saved leaf of a step's state, ``'params/item_tower/mlp/out/kernel'`` -> its shape and
+    dtype, read from the metadata alone."""
+    metadata = self.manager.item_metadata(step)["state"]
+    return {_path_name(path): jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(metadata, "tree", metadata))[0]
+            if hasattr(leaf, "shape")}
 
   def saved_config(self, step: int) -> dict:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))

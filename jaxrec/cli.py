@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load_config(args, from_workdir: bool):
   from jaxrec.config import from_dict, load_config, apply_overrides, validate
   overrides = list(args.overrides)
+  if any(o.startswith("data.source=") for o in overrides) and not any(o.startswith("data.path=") for o in overrides):
+    overrides.append("data.path=")  # the config's path belongs to its own source: the new one's default folder
   if from_workdir and not args.config:
     path = os.path.join(args.workdir, "config.json")
     if not os.path.isdir(args.workdir):
@@ -87,7 +89,7 @@ def _load_config(args, from_workdir: bool):
 def _print_metrics(result: dict, out=sys.stdout) -> None:
   ks = [k for k in (10, 20, 50) if f"recall@{k}" in result]
   rows = [("model", ""), ("popularity", "popularity/")]
-  for group in ("", "warm/", "cold/"):
+  for group in ("", "warm/", "cold/", "in_source/", "new_to_source/"):
     if f"{group}recall@10" not in result:
       continue
     print(f"{'overall' if not group else group[:-1]:>8} {'':12}" + "".join(f"{'R@' + str(k):>8}{'N@' + str(k):>8}" for k in ks), file=out)
@@ -119,15 +121,36 @@ def _recommender_for_workdir(args):
   return build(cfg, restore_only=True)
 
 
+def _transfer_config(args):
+  """The workdir's config with the overrides when they ask about other data than it trained on
+  (zero-shot on another dataset or split), else None."""
+  from jaxrec import transfer
+  if not any(o.startswith("data.") for o in args.overrides):
+    return None
+  cfg = _load_config(args, from_workdir=True)
+  saved = os.path.join(cfg.workdir, "config.json")
+  return cfg if os.path.isfile(saved) and transfer.changes_data(transfer.saved_config(cfg.workdir), cfg) else None
+
+
 def cmd_evaluate(args) -> int:
   from jaxrec.files import write_json_atomically
-  rec = _recommender_for_workdir(args)
-  step, params, tables = rec.restore(args.step)
-  result = rec.evaluate(params, tables, args.split)
-  result["step"] = step
-  print(f"step {step}, {args.split or rec.cfg.eval.split} split")
+  cfg = _transfer_config(args)
+  if cfg is not None:
+    from jaxrec import transfer
+    result = transfer.evaluate(cfg, args.step, args.split)
+    step, name = result["step"], f"{result['transfer']['dataset']}_{cfg.data.split}"
+    print(f"step {step} of {cfg.workdir}, zero-shot on {result['transfer']['dataset']} ({cfg.data.split} split), "
+          f"{args.split or cfg.eval.split} split")
+    workdir = cfg.workdir
+  else:
+    rec = _recommender_for_workdir(args)
+    step, params, tables = rec.restore(args.step)
+    result = rec.evaluate(params, tables, args.split)
+    result["step"] = step
+    print(f"step {step}, {args.split or rec.cfg.eval.split} split")
+    name, workdir = "", rec.cfg.workdir
   _print_metrics(result)
-  path = os.path.join(rec.cfg.workdir, f"eval_step{step}.json")
+  path = os.path.join(workdir, f"eval_step{step}{'_on_' + name if name else ''}.json")
   write_json_atomically(path, result)
   print(f"wrote {path}")
   return 0
@@ -148,23 +171,32 @@ def cmd_recommend(args) -> int:
   from jaxrec.retrieval import ItemIndex
   if not os.path.isdir(args.workdir):
     raise UsageError(f"workdir not found: {args.workdir}")
+  if args.k <= 0:
+    raise UsageError(f"--k must be positive; got {args.k}")
+  cfg = _transfer_config(args)
+  if cfg is not None:  # another dataset: its catalog and the user's history there, through the trained towers
+    from jaxrec import transfer
+    index = transfer.index_for_users(cfg, [args.user])
+    return _print_recommendations(index, index.user_ids[0], args.k)
   path = os.path.join(args.workdir, "index")
   if not os.path.isdir(path):
     raise UsageError(f"no index in workdir {args.workdir}: run `jaxrec train` or `jaxrec export --workdir {args.workdir} "
                      f"--out {path}` first")
-  if args.k <= 0:
-    raise UsageError(f"--k must be positive; got {args.k}")
   index = ItemIndex.load(path)
   user = _match_id(args.user, index.user_ids)
   if user is None:
     raise UsageError(f"unknown user id {args.user!r} (this dataset has {len(index.user_ids)} users, "
                      f"e.g. {', '.join(str(u) for u in index.user_ids[:3])})")
+  return _print_recommendations(index, user, args.k)
+
+
+def _print_recommendations(index, user, k: int) -> int:
   seen = index.seen_items(user)
   # Known items are stored oldest first (in time order, or file order without timestamps).
   print(f"user {user}: {len(seen)} known items; the {min(len(seen), 10)} most recent, newest first:")
   for item_id, title in reversed(seen[-10:]):
     print(f"  [{item_id}] {title}")
-  recommended = index.recommend(user, args.k)  # k is clamped to the items the user has not seen
+  recommended = index.recommend(user, k)  # k is clamped to the items the user has not seen
   print(f"top {len(recommended)} recommendations:")
   for rank, (item_id, title, score) in enumerate(recommended, 1):
     print(f"  {rank:2d}. [{item_id}] {title}  ({score:.3f})")

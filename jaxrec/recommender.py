@@ -75,8 +75,9 @@ class Recommender:
     self.item_trained = np.bincount(dataset.items[split.train], minlength=dataset.num_items) > 0
     # Row 0 is the shared cold row; items own the rows after it (only trained ones, by default).
     owns_row = self.item_trained if cfg.model.cold_item_rows == "shared" else np.ones_like(self.item_trained)
+    self.id_row = np.where(owns_row, np.cumsum(owns_row), 0).astype(np.int32)
     catalog = Catalog(num_items=dataset.num_items, num_id_rows=int(owns_row.sum()) + 1,
-                      id_row=np.where(owns_row, np.cumsum(owns_row), 0).astype(np.int32),
+                      id_row=self.id_row,
                       features=dataset.item_features if cfg.model.use_item_features else {},
                       feature_sizes=dataset.item_feature_sizes, text_NxD=text.vectors)
     users = Users(num_users=dataset.num_users,
@@ -223,10 +224,14 @@ class Recommender:
 
   # ---------------------------------------------------------------- evaluation and export
 
-  def evaluate(self, params: dict, tables: dict, split: str | None = None) -> dict[str, float]:
-    """Full-catalog ranking of every user with held-out items of ``split``, known items excluded."""
+  def evaluate(self, params: dict, tables: dict, split: str | None = None,
+               groups: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Full-catalog ranking of every user with held-out items of ``split``, known items excluded;
+    ``groups`` (name -> bool [N]) adds metrics on the held-out items of each group, ``name/...``."""
     from jaxrec import evaluation
     protocol = evaluation.Protocol.of(self.dataset, self.split, split or self.cfg.eval.split, self.cfg.eval.max_users)
+    if groups:
+      protocol = dataclasses.replace(protocol, groups={**protocol.groups, **groups})
     text_NxD = self.catalog_text(params, tables)
     items_NxE = self.item_vectors(params, tables, text_NxD=text_NxD)
     return evaluation.full_ranking(
@@ -267,7 +272,12 @@ def build(cfg: Config, devices: list | None = None, *, restore_only: bool = Fals
 
 def evaluate(cfg: Config, step: int | None = None, split: str | None = None) -> dict[str, Any]:
   """Public API: full-ranking metrics of a saved checkpoint of ``cfg.workdir`` (on the devices
-  present; the parameters alone are restored)."""
+  present; the parameters alone are restored). When ``cfg.data`` is not the data the workdir's
+  model trained on, the model is scored zero-shot on it (``transfer.evaluate``)."""
+  from jaxrec import transfer
+  if os.path.isfile(os.path.join(cfg.workdir, "config.json")) and \
+      transfer.changes_data(transfer.saved_config(cfg.workdir), cfg):
+    return transfer.evaluate(cfg, step, split)
   rec = build(mesh_fitting_devices(cfg), restore_only=True)
   step, params, tables = rec.restore(step)
   return dict(rec.evaluate(params, tables, split), step=step)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec import recommender as recommender_lib, sharding, step as step_lib
+from jaxrec import recommender as recommender_lib, sharding, step as step_lib, transfer
 from jaxrec.batch import BatchLayout
 from jaxrec.checkpoint import Checkpointer
 from jaxrec.config import Config, to_json
@@ -73,7 +73,14 @@ class Trainer:
     self.layout = BatchLayout.from_config(cfg, num_items=rec.dataset.num_items, mesh=mesh, rules=rules,
                                           token_width=tokens["input_ids"].shape[1] if tokens is not None else 0,
                                           encoder_length_buckets=rec.text.length_buckets)
+    # What this run's indexed tables mean (written to the workdir), and where its parameters
+    # start when checkpoint.init_from names a trained model.
+    self.inputs = transfer.inputs_of(cfg, rec.dataset, rec.id_row)
+    self.init_plan = transfer.plan(cfg.checkpoint.init_from, rec.abstract_params()["params"], self.inputs, cfg,
+                                   zero_shot=False) if cfg.checkpoint.init_from else None
     self.tx = step_lib.make_optimizer(cfg)
+    if self.init_plan is not None and cfg.checkpoint.init_trainable == "new":
+      self.tx = transfer.train_only_new(self.tx, self.init_plan, rec.abstract_params()["params"])
     self.spec = step_lib.StepSpec.of(rec, self.tx, self.layout)
     self.state_shardings = step_lib.state_shardings(rec, self.tx)
     self.train_step = step_lib.jit_step(self.spec, self.state_shardings)
@@ -82,7 +89,12 @@ class Trainer:
     self.num_params = rec.num_params
 
   def init_state(self) -> dict:
-    return step_lib.init_state(self.recommender, self.tx, self.cfg.train.seed)
+    """A fresh train state: ``checkpoint.init_from``'s matching parameters where it names a
+    trained model (``init_plan``), the others initialised as from scratch."""
+    state = step_lib.init_state(self.recommender, self.tx, self.cfg.train.seed)
+    if self.init_plan is not None:
+      state["params"] = transfer.load(self.init_plan, state["params"], self.state_shardings["params"], self.cfg)
+    return state
 
   def abstract_state(self) -> Any:
     return step_lib.abstract_state(self.recommender, self.tx)
@@ -120,6 +132,7 @@ class Trainer:
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+    transfer.write_inputs(workdir, self.inputs)
     state, start_step, data_iter, history = self._restore_or_init(ckpt, resume, resume_with_changes)
     log.info("model: %s parameters; mesh %s; %d training examples", f"{self.num_params:,}", dict(self.mesh.shape),
              len(self.train_seqs))
@@ -314,8 +327,9 @@ class Trainer:
       writer.add_scalar("train/grad_norm", float(step_metrics["grad_norm"]), done)
 
   def _restore_or_init(self, ckpt: Checkpointer, resume: bool, resume_with_changes: bool = False):
-    """Restore order: this workdir's latest checkpoint, then checkpoint.resume_from, then scratch
-    (with the pretrained text encoder's vectors when the model uses text)."""
+    """Restore order: this workdir's latest checkpoint, then checkpoint.resume_from, then
+    checkpoint.init_from's matching parameters on a fresh state, then scratch (with the pretrained
+    text encoder's vectors when the model uses text)."""
     data_iter = iter(train_batches(self.batch_builder(), 0, self.cfg.train.steps, to_device=self.layout.put,
                                    steps_per_call=self.cfg.train.steps_per_call, num_threads=self.cfg.data.num_threads))
     if resume and ckpt.latest_step() is not None:
@@ -332,6 +346,9 @@ class Trainer:
       log.info("initialised from %s (step %d); data and step counter start fresh", self.cfg.checkpoint.resume_from, step)
       state = dict(state, step=jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"]))
       return state, 0, data_iter, []
+    if self.init_plan is not None:
+      self.init_plan.log()
+      return self.init_state(), 0, data_iter, []
     log.info("starting from scratch%s", " with the pretrained text encoder's catalog vectors" if self.cfg.model.use_text else "")
     return self.init_state(), 0, data_iter, []
 

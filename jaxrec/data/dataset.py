@@ -32,6 +32,10 @@ class Dataset:
   user_features: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   user_feature_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
   has_time: bool = True  # False when timestamps are only file order
+  # Feature name -> the name of its vocabulary where value i means the same thing in every dataset
+  # built on that vocabulary (MovieLens genres in ML-100K and ML-1M): such features carry across
+  # datasets (``transfer.py``). Features not named here are this dataset's own.
+  feature_vocabularies: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def num_users(self) -> int:

@@ -26,6 +26,10 @@ GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "
 AGE_EDGES = (18, 25, 35, 45, 50, 56)
 OCCUPATIONS_1M = 21
 DECADES = 13  # 1900s .. 2020s; 0 = no year in the title
+# Both MovieLens loaders build these from the constants above, so ML-100K and ML-1M agree on them;
+# occupations are coded differently in the two releases.
+SHARED_VOCABULARIES = {"genre": "movielens-genres", "decade": "decades-1900", "age": "movielens-age-buckets",
+                       "gender": "gender-MF"}
 
 DEFAULT_TEXT = "title+genres"
 BASE_FIELDS = ("title", "genres")
@@ -146,6 +150,7 @@ def load_ml100k(path: str, item_text: str = "default") -> Dataset:
       item_raw_ids=item_ids[order], user_raw_ids=user_ids[uorder],
       item_features={"genre": _genre_table(genre_lists), "decade": _decade(titles)},
       item_feature_sizes={"genre": len(GENRES) + 1, "decade": DECADES + 1},
+      feature_vocabularies=dict(SHARED_VOCABULARIES),
       user_features={"age": _age_bucket(ages[uorder]), "gender": gender[uorder],
                      "occupation": (occupation[uorder] + 1).astype(np.int32)[:, None]},
       user_feature_sizes={"age": len(AGE_EDGES) + 2, "gender": 3, "occupation": len(occupations) + 1},
@@ -243,6 +248,7 @@ def load_ml1m(path: str, item_text: str = "default") -> Dataset:
       item_raw_ids=item_ids[order], user_raw_ids=user_ids[uorder],
       item_features={"genre": _genre_table(genre_lists), "decade": _decade(titles)},
       item_feature_sizes={"genre": len(GENRES) + 1, "decade": DECADES + 1},
+      feature_vocabularies=dict(SHARED_VOCABULARIES),
       user_features={"age": _age_bucket(ages[uorder]), "gender": gender[uorder],
                      "occupation": (occupation[uorder] + 1).astype(np.int32)[:, None]},
       user_feature_sizes={"age": len(AGE_EDGES) + 2, "gender": 3, "occupation": OCCUPATIONS_1M + 1},

@@ -24,7 +24,17 @@ __all__ = ["load", "describe"]
 log = logging.getLogger("jaxrec")
 
 
+# Where a source's folder sits under the data root ($JAXREC_DATA, else ../shared/data) when
+# data.path is empty: the layout the real-data configs and CI use.
+DEFAULT_FOLDERS = {"ml100k": "ml-100k", "ml1m": "ml-1m", "amazon": "amazon-musical-instruments-5core"}
+
+
 def _directory(cfg: DataConfig) -> str:
+  if not cfg.path and cfg.source in DEFAULT_FOLDERS:
+    from jaxrec.config import data_root
+    path = os.path.join(data_root(), DEFAULT_FOLDERS[cfg.source])
+    log.info("data.path is empty: reading data.source=%s from %s", cfg.source, path)
+    return os.path.abspath(path)
   if not cfg.path:
     raise DataError(f"data.source={cfg.source}", None, "data.path set to the dataset's directory", got="an empty data.path")
   return os.path.abspath(os.path.expanduser(cfg.path))

@@ -173,5 +173,7 @@ def generate(cfg: SyntheticConfig) -> tuple[Dataset, np.ndarray]:
       item_feature_sizes={"category": n_topics + 1, "format": len(_FORMATS) + 1},
       user_features={"age": (age + 1).astype(np.int32)[:, None]},
       user_feature_sizes={"age": AGE_BUCKETS + 1},
+      # Every world draws formats and ages from the same fixed lists; its categories are its own topics.
+      feature_vocabularies={"format": "synthetic-formats", "age": "synthetic-age-buckets"},
   )
   return dataset.validate(), cold
