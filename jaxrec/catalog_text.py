@@ -1,13 +1,13 @@
 """How item text reaches the item tower, per ``encoder.mode``.
 
 ``frozen``: the pretrained encoder's catalog vectors, computed once and cached on disk, become a
-constant table of the model. ``lora``/``full``: the encoder runs inside the train step, so the
+constant table of the model. ``lora``/``adalora``/``full``: the encoder runs inside the train step, so the
 model carries the catalog's tokens and the encoder's architecture; its pretrained weights are read
 once, when the train state is initialised (``step.init_state``). ``none``: no text.
 
 ``model.query=text`` also gives the model the catalog's titles as tokens (``HistoryText``), from
 which it builds each history's text, and the encoder that reads it: the item tower's own in
-``lora``/``full``, in ``frozen`` the pretrained one as constants (never trained).
+``lora``/``adalora``/``full``, in ``frozen`` the pretrained one as constants (never trained).
 
 A model restored from a checkpoint carries these tables in its saved state, so restoring needs
 only their shapes (``abstract=True``): no vectors are encoded and no weights are read.
@@ -27,6 +27,9 @@ from jaxrec.config import Config
 from jaxrec.data.dataset import Dataset
 
 log = logging.getLogger("jaxrec")
+
+# Encoder modes whose encoder runs inside the train step and trains (adapters or all of it).
+LIVE_MODES = ("lora", "adalora", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,16 +108,16 @@ class HistoryText:
 class CatalogText:
   dim: int = 0  # text vector width D (0: the model reads no text)
   vectors: Any = None  # frozen: the catalog's vectors, float32 [N, D] (a ShapeDtypeStruct when abstract)
-  tokens: dict | None = None  # lora/full: the catalog's tokens, int32 [N, T] each
-  # lora/full, and frozen with model.query=text: the encoder's BertConfig (with adapters and dtype)
+  tokens: dict | None = None  # lora/adalora/full: the catalog's tokens, int32 [N, T] each
+  # lora/adalora/full, and frozen with model.query=text: the encoder's BertConfig (with adapters and dtype)
   encoder_config: Any = None
   encoder_path: str = ""  # with encoder_config: the model directory its pretrained weights come from
-  length_buckets: tuple[int, ...] = ()  # lora/full: the encoder's token length buckets
+  length_buckets: tuple[int, ...] = ()  # lora/adalora/full: the encoder's token length buckets
   history: HistoryText | None = None  # model.query=text: the titles the history text is built from
 
   @property
   def live(self) -> bool:
-    """Whether the encoder runs inside the model and trains (LoRA or full fine-tuning)."""
+    """Whether the encoder runs inside the model and trains (LoRA, AdaLoRA or full fine-tuning)."""
     return self.tokens is not None
 
 
@@ -123,8 +126,13 @@ def cache_dir(cfg: Config) -> str:
 
 
 def _encoder_options(cfg: Config) -> dict[str, Any]:
-  adapters = {"lora_rank": cfg.encoder.lora_rank, "lora_alpha": cfg.encoder.lora_alpha,
-              "lora_ffn": cfg.encoder.lora_ffn} if cfg.encoder.mode == "lora" else {}
+  enc = cfg.encoder
+  adapters = {}
+  if enc.mode == "lora":
+    adapters = {"lora_rank": enc.lora_rank, "lora_alpha": enc.lora_alpha, "lora_ffn": enc.lora_ffn}
+  elif enc.mode == "adalora":  # SVD-form adapters at their initial rank; the allocator prunes them
+    adapters = {"lora_rank": enc.adalora_init_rank, "lora_alpha": enc.lora_alpha, "lora_ffn": enc.lora_ffn,
+                "adapter": "adalora"}
   return dict(max_length=cfg.encoder.max_length or None, pooling=cfg.encoder.pooling, dtype=cfg.encoder.dtype,
               **adapters)
 
@@ -137,7 +145,7 @@ def catalog_text(cfg: Config, dataset: Dataset, *, abstract: bool = False) -> Ca
   from jaxrec.text_encoder import TextEncoder, TextTokenizer, encode_cached
   path = cfg.encoder.path or None
   query_text = cfg.model.query == "text"
-  if cfg.encoder.mode in ("lora", "full"):
+  if cfg.encoder.mode in LIVE_MODES:
     tokenizer = TextTokenizer.from_pretrained(path, **_encoder_options(cfg))
     return CatalogText(dim=tokenizer.hidden_size, tokens=tokenizer.tokenize(list(dataset.item_text)),
                        encoder_config=tokenizer.config, encoder_path=tokenizer.path,

@@ -76,7 +76,7 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   path: str = ""  # local HF BERT-family dir; "" = packaged all-MiniLM-L6-v2
-  mode: str = "frozen"  # frozen | lora | full | none (ID-only model)
+  mode: str = "frozen"  # frozen | lora | full | adalora | none (ID-only model)
   max_length: int = 0  # 0 = the model's own max_seq_length (256 for MiniLM)
   pooling: str = "mean"  # mean | cls
   batch_size: int = 64  # catalog encoding batch
@@ -87,8 +87,18 @@ class EncoderConfig:
   dtype: str = "float32"
   cache_dir: str = ""  # "" = $JAXREC_CACHE or ~/.cache/jaxrec
   lora_rank: int = 8
-  lora_alpha: float = 16.0
-  lora_ffn: bool = False
+  lora_alpha: float = 16.0  # lora and adalora: adapters scale by alpha / rank (adalora: its initial rank)
+  lora_ffn: bool = False  # lora and adalora: adapters on the MLP too, not only attention query/value
+  # adalora (Zhang et al., ICLR 2023; defaults peft's AdaLoraConfig, orth_reg the paper's code's):
+  # SVD-form adapters whose singular values are pruned by importance to a shrinking total rank.
+  adalora_init_rank: int = 12  # rank of every adapter at the start
+  adalora_target_rank: int = 8  # average rank per adapter after the budget has shrunk (total = this x adapters)
+  adalora_tinit: int = 0  # steps at the full initial rank before pruning starts
+  adalora_tfinal: int = 0  # last steps that train with the final mask fixed
+  adalora_delta_t: int = 1  # steps between re-allocations while the budget shrinks
+  adalora_beta1: float = 0.85  # EMA of the sensitivity |w * grad| (smoothed importance)
+  adalora_beta2: float = 0.85  # EMA of its uncertainty |sensitivity - its EMA|
+  adalora_orth_reg: float = 0.1  # weight of the orthogonality penalty on P and Q in the training loss
   lr_multiplier: float = 0.1  # full mode: encoder lr = train.learning_rate * this
   # lora/full: the live encoder runs on each batch's distinct items, padded to the smallest of this
   # many capacities (worst case * i / n) and cut to the length bucket of the batch's longest text,
@@ -401,6 +411,29 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
   return config
 
 
+def _validate_adalora(config: Config) -> None:
+  enc, steps = config.encoder, config.train.steps
+  if enc.adalora_init_rank < 1:
+    raise ConfigError(f"config key 'encoder.adalora_init_rank' must be >= 1; got {enc.adalora_init_rank}")
+  if not 0 <= enc.adalora_target_rank <= enc.adalora_init_rank:
+    raise ConfigError(f"config key 'encoder.adalora_target_rank' must be in [0, encoder.adalora_init_rank="
+                      f"{enc.adalora_init_rank}]; got {enc.adalora_target_rank}")
+  for key in ("adalora_tinit", "adalora_tfinal"):
+    if getattr(enc, key) < 0:
+      raise ConfigError(f"config key 'encoder.{key}' must be >= 0; got {getattr(enc, key)}")
+  if enc.adalora_tinit + enc.adalora_tfinal >= steps:
+    # peft refuses the same: the budget must have steps in which to shrink.
+    raise ConfigError(f"config keys 'encoder.adalora_tinit'={enc.adalora_tinit} + 'encoder.adalora_tfinal'="
+                      f"{enc.adalora_tfinal} must be below train.steps={steps}, so the budget has steps to shrink in")
+  if enc.adalora_delta_t < 1:
+    raise ConfigError(f"config key 'encoder.adalora_delta_t' must be >= 1; got {enc.adalora_delta_t}")
+  for key in ("adalora_beta1", "adalora_beta2"):
+    if not 0.0 < getattr(enc, key) < 1.0:
+      raise ConfigError(f"config key 'encoder.{key}' must be in (0, 1); got {getattr(enc, key)}")
+  if enc.adalora_orth_reg < 0:
+    raise ConfigError(f"config key 'encoder.adalora_orth_reg' must be >= 0; got {enc.adalora_orth_reg}")
+
+
 def validate(config: Config) -> Config:
   """Cross-field checks that types alone cannot express."""
   choices = {
@@ -408,7 +441,7 @@ def validate(config: Config) -> Config:
       "data.split": (config.data.split, ("random", "loo", "temporal", "predefined")),
       "data.history": (config.data.history, ("auto", "recent", "sampled")),
       "data.duplicates": (config.data.duplicates, ("keep", "drop", "error")),
-      "encoder.mode": (config.encoder.mode, ("frozen", "lora", "full", "none")),
+      "encoder.mode": (config.encoder.mode, ("frozen", "lora", "full", "none", "adalora")),
       "encoder.pooling": (config.encoder.pooling, ("mean", "cls")),
       "model.dtype": (config.model.dtype, ("float32", "bfloat16")),
       "encoder.dtype": (config.encoder.dtype, ("float32", "bfloat16")),
@@ -436,13 +469,14 @@ def validate(config: Config) -> Config:
   if not config.model.use_text and not config.model.use_item_ids:
     raise ConfigError("config: model.use_text and model.use_item_ids are both false; the item tower needs one")
   if config.model.query == "text" and (not config.model.use_text or config.encoder.mode == "none"):
-    raise ConfigError(f"config key 'model.query'=text needs model.use_text=true and encoder.mode frozen|lora|full "
+    raise ConfigError(f"config key 'model.query'=text needs model.use_text=true and encoder.mode "
+                      f"frozen|lora|full|adalora "
                       f"(the pretrained text encoder reads the history); got model.use_text="
                       f"{str(config.model.use_text).lower()}, encoder.mode={config.encoder.mode}")
   if config.model.query == "text" and config.data.history_len < 1:
     raise ConfigError("config key 'data.history_len' must be >= 1 with model.query=text (it reads the history's titles)")
   if config.model.use_text and config.encoder.mode == "none":
-    raise ConfigError("config: model.use_text=true needs encoder.mode frozen|lora|full (got none)")
+    raise ConfigError("config: model.use_text=true needs encoder.mode frozen|lora|full|adalora (got none)")
   if not 0.0 < config.data.train_fraction <= 1.0:
     raise ConfigError(f"config key 'data.train_fraction' must be in (0, 1]; got {config.data.train_fraction}")
   if config.data.split in ("random", "temporal") and (len(config.data.split_ratios) != 3 or abs(sum(config.data.split_ratios) - 1) > 1e-6):
@@ -455,7 +489,9 @@ def validate(config: Config) -> Config:
   for key, value in (("checkpoint.every", config.checkpoint.every), ("train.eval_every", config.train.eval_every)):
     if value % k:
       raise ConfigError(f"config key '{key}'={value} must be a multiple of train.steps_per_call={k}")
-  if config.train.negatives == "catalog" and config.model.use_text and config.encoder.mode in ("lora", "full"):
+  if config.encoder.mode == "adalora":
+    _validate_adalora(config)
+  if config.train.negatives == "catalog" and config.model.use_text and config.encoder.mode in ("lora", "full", "adalora"):
     raise ConfigError(f"config key 'train.negatives'=catalog needs the cached text of encoder.mode=frozen (or no "
                       f"text): a {config.encoder.mode} encoder would re-encode the whole catalog every step")
   if config.train.mixed_negatives < 0:

@@ -1,12 +1,12 @@
-"""BERT-family text encoder in Flax NNX, LoRA adapters, and sentence pooling.
+"""BERT-family text encoder in Flax NNX, LoRA and AdaLoRA adapters, and sentence pooling.
 
 One forward serves texts as padded rows [B, L] and as a token stream [N] (``TokenStream``);
 ``sentence_vectors`` is the pooled sentence vector of either layout.
 
 Dimension legend:
   B batch, L tokens, D encoder width (hidden_size), H attention heads, K head width (D // H),
-  F MLP width (intermediate_size), V vocab, P max positions, T token types, R LoRA rank,
-  S texts and N tokens of a token stream.
+  F MLP width (intermediate_size), V vocab, P max positions, T token types, R adapter rank,
+  S texts and N tokens of a token stream; I and O an adapted matrix's input and output widths.
 
 The layout follows Hugging Face's ``BertModel`` (post-LayerNorm blocks, exact-erf GELU, learned
 absolute positions, token types) so that a checkpoint maps onto it one tensor at a time
@@ -36,6 +36,8 @@ SUPPORTED_MODEL_TYPES = ("bert",)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+ADAPTERS = ("lora", "adalora")  # BertConfig.adapter: the module in each adapted matrix's slot
+
 
 def _precision(cfg: "BertConfig") -> jax.lax.Precision | None:
   # float32 must mean float32 on accelerators: GPUs otherwise run f32 matmuls as TF32 (~1e-3 error)
@@ -60,9 +62,10 @@ class BertConfig:
   hidden_act: str = "gelu"
   model_type: str = "bert"
   dtype: str = "float32"  # compute dtype of matmuls; softmax, LayerNorm statistics and pooling stay float32
-  lora_rank: int = 0  # 0 = no adapters
+  lora_rank: int = 0  # 0 = no adapters; adalora: the initial rank of each adapter
   lora_alpha: float = 16.0
   lora_ffn: bool = False  # adapters on the MLP too, not only attention query/value
+  adapter: str = "lora"  # lora (x A B) | adalora (SVD form x Q diag(lambda) P, ranks pruned in training)
 
   def __post_init__(self):
     if self.hidden_act != "gelu":
@@ -75,6 +78,8 @@ class BertConfig:
       raise ConfigFileError(f"dtype {self.dtype!r} must be one of {', '.join(_DTYPES)}")
     if self.lora_rank < 0:
       raise ConfigFileError(f"lora_rank must be >= 0; got {self.lora_rank}")
+    if self.adapter not in ADAPTERS:
+      raise ConfigFileError(f"adapter {self.adapter!r} must be one of {', '.join(ADAPTERS)}")
 
   @property
   def head_dim(self) -> int:
@@ -157,6 +162,43 @@ class LoRA(nnx.Module):
     a, b = self.a[...].astype(self.dtype), self.b[...].astype(self.dtype)
     x_BxLxR = jnp.matmul(x_BxLxI.astype(self.dtype), a, precision=self.precision)
     return jnp.matmul(x_BxLxR, b, precision=self.precision) * self.scaling
+
+
+class AdaLoRAParam(LoRAParam):
+  """AdaLoRA's adapter weights (a ``LoRAParam``, so LoRA's filters train them); their own type so the
+  rank allocator (``jaxrec/adalora.py``) finds them."""
+
+
+class AdaLoRA(nnx.Module):
+  """AdaLoRA's SVD-form adapter (Zhang et al., ICLR 2023): delta(x) = x @ Q @ diag(lambda) @ P * alpha / R.
+
+  In the kernel layout [I, O] of ``nnx.Linear``: ``q`` [I, R] holds the right singular vectors
+  (peft's ``lora_A`` [R, I], transposed), ``e`` [R] the singular values lambda (``lora_E``) and
+  ``p`` [R, O] the left singular vectors (``lora_B`` [O, R], transposed). lambda starts at zero, so
+  a fresh adapter changes nothing, while P and Q start random (normal 0.02, as peft) so every
+  triplet has a gradient. The rank allocator prunes triplets by zeroing their lambda; R and the
+  scaling alpha / R stay those of the initial rank (peft divides by the initial rank too).
+  """
+
+  def __init__(self, in_features: int, out_features: int, in_axis: str, out_axis: str, cfg: BertConfig, *, rngs: nnx.Rngs):
+    rank = cfg.lora_rank
+    self.q = AdaLoRAParam(_partitioned(_normal, (in_axis, None))(rngs.params(), (in_features, rank), jnp.float32))
+    self.e = AdaLoRAParam(_partitioned(_zeros, (None,))(rngs.params(), (rank,), jnp.float32))
+    self.p = AdaLoRAParam(_partitioned(_normal, (None, out_axis))(rngs.params(), (rank, out_features), jnp.float32))
+    self.scaling = cfg.lora_alpha / rank
+    self.dtype, self.precision = _DTYPES[cfg.dtype], _precision(cfg)
+
+  def __call__(self, x_BxLxI: jax.Array) -> jax.Array:
+    # diag(lambda) folds into Q's columns: an [I, R] scale, not a third matmul.
+    q = (self.q[...] * self.e[...][None, :]).astype(self.dtype)
+    x_BxLxR = jnp.matmul(x_BxLxI.astype(self.dtype), q, precision=self.precision)
+    return jnp.matmul(x_BxLxR, self.p[...].astype(self.dtype), precision=self.precision) * self.scaling
+
+
+def _adapter(in_features: int, out_features: int, in_axis: str, out_axis: str, cfg: BertConfig, *,
+             rngs: nnx.Rngs) -> LoRA | AdaLoRA:
+  cls = AdaLoRA if cfg.adapter == "adalora" else LoRA
+  return cls(in_features, out_features, in_axis, out_axis, cfg, rngs=rngs)
 
 
 def _transposed_copy(x_MxK: jax.Array) -> jax.Array:
@@ -350,8 +392,8 @@ class BertAttention(nnx.Module):
     self.out = _linear(cfg, d, d, "heads", "embed", rngs=rngs)
     self.norm = _layer_norm(cfg, rngs=rngs)
     if cfg.lora_rank:
-      self.query_lora = LoRA(d, d, "embed", "heads", cfg, rngs=rngs)
-      self.value_lora = LoRA(d, d, "embed", "heads", cfg, rngs=rngs)
+      self.query_lora = _adapter(d, d, "embed", "heads", cfg, rngs=rngs)
+      self.value_lora = _adapter(d, d, "embed", "heads", cfg, rngs=rngs)
     else:
       self.query_lora = self.value_lora = None
 
@@ -396,8 +438,8 @@ class BertMLP(nnx.Module):
     self.ffn_out = _linear(cfg, f, d, "mlp", "embed", rngs=rngs)
     self.norm = _layer_norm(cfg, rngs=rngs)
     if cfg.lora_rank and cfg.lora_ffn:
-      self.ffn_in_lora = LoRA(d, f, "embed", "mlp", cfg, rngs=rngs)
-      self.ffn_out_lora = LoRA(f, d, "mlp", "embed", cfg, rngs=rngs)
+      self.ffn_in_lora = _adapter(d, f, "embed", "mlp", cfg, rngs=rngs)
+      self.ffn_out_lora = _adapter(f, d, "mlp", "embed", cfg, rngs=rngs)
     else:
       self.ffn_in_lora = self.ffn_out_lora = None
 
