@@ -3,7 +3,8 @@ explicit shardings and a donated state.
 
 The state is a plain pytree ``{"params", "tables", "opt", "step"}`` of pure dicts: ``params``
 are the trained weights, ``tables`` the model's constants (see ``recommender.py``), ``opt`` the
-optax state. Everything static that the step needs travels in one ``StepSpec``.
+optax state; with ``encoder.mode=adalora`` also ``adalora``, the rank allocator's state
+(``adalora.Allocator.init``). Everything static that the step needs travels in one ``StepSpec``.
 
 Dimension legend: B global batch, L history length, U distinct items of a batch, M mixed
 negatives, N catalog items, D text width, E tower output.
@@ -21,9 +22,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxrec import losses, optim, sharding
+from jaxrec import adalora, losses, optim, sharding
 from jaxrec.batch import BatchLayout
 from jaxrec.config import Config
+from jaxrec.models.encoder import AdaLoRAParam
 from jaxrec.models.two_tower import TwoTower
 from jaxrec.recommender import Recommender
 
@@ -40,13 +42,39 @@ class StepSpec:
   remove_accidental_hits: bool
   seed: int
   candidates_N: np.ndarray  # bool [N]: items that may compete in the catalog softmax (those trained on)
+  allocator: adalora.Allocator | None = None  # encoder.mode=adalora: the rank allocator
 
   @classmethod
   def of(cls, recommender: Recommender, tx: optax.GradientTransformationExtraArgs, layout: BatchLayout) -> "StepSpec":
     train = recommender.cfg.train
     return cls(graphdef=recommender.graphdef, tx=tx, layout=layout, negatives=train.negatives,
                logq_correction=train.logq_correction, remove_accidental_hits=train.remove_accidental_hits,
-               seed=train.seed, candidates_N=recommender.item_trained)
+               seed=train.seed, candidates_N=recommender.item_trained, allocator=allocator_of(recommender))
+
+
+def allocator_of(recommender: Recommender) -> adalora.Allocator | None:
+  """AdaLoRA's allocator for the model's AdaLoRA adapters (found by their Variable type); None in
+  every other mode, and when the model carries no live encoder."""
+  cfg = recommender.cfg
+  if cfg.encoder.mode != "adalora":
+    return None
+  found = []
+
+  def find(params, tables):  # the paths are static: recorded while tracing shapes
+    model = nnx.merge(recommender.graphdef, params, tables)
+    found.extend((path[:-1], v.get_value().shape[0]) for path, v in nnx.to_flat_state(nnx.state(model, AdaLoRAParam))
+                 if path[-1] == "e")
+    return 0
+
+  abstract = recommender.abstract_params()
+  jax.eval_shape(find, abstract["params"], abstract["tables"])
+  if not found:
+    return None
+  enc = cfg.encoder
+  return adalora.Allocator(groups=tuple(p for p, _ in found), ranks=tuple(r for _, r in found),
+                           target_rank=enc.adalora_target_rank, tinit=enc.adalora_tinit, tfinal=enc.adalora_tfinal,
+                           total_steps=cfg.train.steps, delta_t=enc.adalora_delta_t, beta1=enc.adalora_beta1,
+                           beta2=enc.adalora_beta2, orth_reg=enc.adalora_orth_reg, clip_norm=cfg.train.clip_norm)
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
@@ -56,18 +84,30 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
 
 # ------------------------------------------------------------------ state
 
+def _abstract_allocator_state(allocator: adalora.Allocator, abstract_params: dict) -> dict:
+  return jax.eval_shape(lambda params: allocator.init(allocator.adapters(params)), abstract_params)
+
+
 def state_shardings(recommender: Recommender, tx: optax.GradientTransformationExtraArgs) -> dict:
   params = recommender.param_shardings
   abstract_opt = jax.eval_shape(tx.init, recommender.abstract_params()["params"])
-  return {"params": params, "tables": recommender.table_shardings,
-          "opt": sharding.like_params(abstract_opt, params, recommender.mesh),
-          "step": sharding.replicated(recommender.mesh)}
+  out = {"params": params, "tables": recommender.table_shardings,
+         "opt": sharding.like_params(abstract_opt, params, recommender.mesh),
+         "step": sharding.replicated(recommender.mesh)}
+  allocator = allocator_of(recommender)
+  if allocator is not None:  # the EMAs and the mask shard like the adapter entries they score
+    abstract = _abstract_allocator_state(allocator, recommender.abstract_params()["params"])
+    out["adalora"] = sharding.like_params(abstract, params, recommender.mesh)
+  return out
 
 
 def abstract_state(recommender: Recommender, tx: optax.GradientTransformationExtraArgs) -> dict:
   """Shapes, dtypes and target shardings of the train state: the restore target."""
   model = recommender.abstract_params()
   shapes = {**model, "opt": jax.eval_shape(tx.init, model["params"]), "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  allocator = allocator_of(recommender)
+  if allocator is not None:
+    shapes["adalora"] = _abstract_allocator_state(allocator, model["params"])
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                       state_shardings(recommender, tx))
 
@@ -78,7 +118,12 @@ def init_state(recommender: Recommender, tx: optax.GradientTransformationExtraAr
   shardings = state_shardings(recommender, tx)
   opt = jax.jit(tx.init, out_shardings=shardings["opt"])(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-  return {"params": params, "tables": tables, "opt": opt, "step": step}
+  state = {"params": params, "tables": tables, "opt": opt, "step": step}
+  allocator = allocator_of(recommender)
+  if allocator is not None:
+    init = jax.jit(lambda p: allocator.init(allocator.adapters(p)), out_shardings=shardings["adalora"])
+    state["adalora"] = init(params)
+  return state
 
 
 # ------------------------------------------------------------------ loss and step
@@ -185,26 +230,51 @@ def global_norm(tree: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def _adalora_objective(params: dict, tables: dict, batch: dict, key: jax.Array,
+                       spec: StepSpec) -> tuple[jax.Array, dict]:
+  """AdaLoRA's training objective: the retrieval loss plus ``orth_reg`` times the orthogonality
+  penalty of P and Q. The aux ``loss`` is the retrieval loss alone, comparable across modes."""
+  loss, aux = loss_fn(params, tables, batch, key, spec)
+  allocator = spec.allocator
+  orth = adalora.orthogonality(allocator.adapters(params), allocator.groups)
+  return loss + allocator.orth_reg * orth, {**aux, "loss": loss, "adalora/orth_reg": orth}
+
+
 def train_step(state: dict, batch: dict, spec: StepSpec) -> tuple[dict, dict]:
-  """One optimizer step; a step whose loss or gradient is not finite leaves the state as it was."""
+  """One optimizer step; a step whose loss or gradient is not finite leaves the state as it was.
+
+  With AdaLoRA (``spec.allocator``) the objective carries the orthogonality penalty, and after
+  the optimizer's update the rank allocator scores, re-allocates and masks (``Allocator.step``);
+  its state rides through the same cond as the parameters."""
   key = jax.random.fold_in(jax.random.key(spec.seed), state["step"])
-  loss_of = functools.partial(loss_fn, spec=spec)
+  allocator = spec.allocator
+  loss_of = functools.partial(loss_fn if allocator is None else _adalora_objective, spec=spec)
   (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"], state["tables"], batch, key)
+  loss = aux.get("loss", loss)  # AdaLoRA's objective reports the retrieval loss without its penalty
   grad_norm = global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  step = state["step"] + 1
+  extra = {} if allocator is None else {"adalora": state["adalora"]}
 
-  def update(params, opt, grads):
+  def update(params, opt, extra, grads):
     updates, opt = spec.tx.update(grads, opt, params, grad_norm=grad_norm)
-    return jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates), opt
+    params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+    if allocator is not None:
+      params, allocated = allocator.step(params, grads, extra["adalora"], step, grad_norm)
+      extra = {"adalora": allocated}
+    return params, opt, extra
 
   # The host loop then stops or skips (train.nan_policy). A cond, not jnp.where(finite, new, old)
   # per leaf: with a select each AdamW moment is read by two fusions while its donated buffer is
   # rewritten, and XLA copies every moment first (348 copies, 45 MB more temporaries a step when
   # fine-tuning MiniLM).
-  params, opt = jax.lax.cond(finite, update, lambda params, opt, grads: (params, opt),
-                             state["params"], state["opt"], grads)
-  new_state = {"params": params, "tables": state["tables"], "opt": opt, "step": state["step"] + 1}
-  return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, "logits_shape": aux["logits_shape"]}
+  params, opt, extra = jax.lax.cond(finite, update, lambda params, opt, extra, grads: (params, opt, extra),
+                                    state["params"], state["opt"], extra, grads)
+  new_state = {"params": params, "tables": state["tables"], "opt": opt, "step": step, **extra}
+  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "logits_shape": aux["logits_shape"]}
+  if allocator is not None:
+    metrics.update({"adalora/orth_reg": aux["adalora/orth_reg"], **allocator.metrics(extra["adalora"], step)})
+  return new_state, metrics
 
 
 def train_call(state: dict, batches: dict, spec: StepSpec) -> tuple[dict, dict]:
