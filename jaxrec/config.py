@@ -245,6 +245,10 @@ class EvalConfig:
   batch_size: int = 512
   split: str = "test"  # test | valid
   max_users: int = 0  # 0 = all users with test items
+  # beta: rank by cos(q, v) / model.temperature + beta * log(1 + the item's training interactions
+  # in this split): the split's popularity as a prior, for a model that never saw this catalog's
+  # popularity (zero-shot on another dataset, a text-only item tower); 0 = the model's scores alone
+  popularity_prior: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

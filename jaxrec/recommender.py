@@ -234,9 +234,18 @@ class Recommender:
       protocol = dataclasses.replace(protocol, groups={**protocol.groups, **groups})
     text_NxD = self.catalog_text(params, tables)
     items_NxE = self.item_vectors(params, tables, text_NxD=text_NxD)
-    return evaluation.full_ranking(
-        protocol, items_NxE, lambda users, known: self.query_vectors(params, tables, users, known, text_NxD),
-        ks=self.cfg.eval.ks, batch_size=self.cfg.eval.batch_size, mesh=self.mesh, rules=self.rules)
+    queries = lambda users, known: self.query_vectors(params, tables, users, known, text_NxD)  # noqa: E731
+    beta = self.cfg.eval.popularity_prior
+    if beta:
+      # cos / t + beta * log(1 + n_i) = (q . v + t * beta * log(1 + n_i)) / t: one more column
+      # ([v, t beta log(1 + n)] against [q, 1]), so the same top-k kernel ranks it.
+      prior_N = self.cfg.model.temperature * beta * np.log1p(protocol.train_counts_N.astype(np.float64))
+      items_NxE = jnp.concatenate([items_NxE, jnp.asarray(prior_N, jnp.float32)[:, None]], axis=1)
+      scores = queries
+      queries = lambda users, known: jnp.concatenate(  # noqa: E731
+          [scores(users, known), jnp.ones((len(users), 1), jnp.float32)], axis=1)
+    return evaluation.full_ranking(protocol, items_NxE, queries, ks=self.cfg.eval.ks,
+                                   batch_size=self.cfg.eval.batch_size, mesh=self.mesh, rules=self.rules)
 
   def build_index(self, params: dict, tables: dict, step: int):
     """The serving artifact: every item's vector, and every user's query vector and known items."""

@@ -173,3 +173,33 @@ def test_init_from_the_same_data_loads_the_id_tables_too(transferable_source, tm
   start = flat(trainer.init_state()["params"])
   assert set(start) == set(source_params)
   assert all(np.array_equal(start[name], source_params[name]) for name in source_params)
+
+
+def test_the_popularity_prior_ranks_by_cosine_over_temperature_plus_beta_log_count(transferable_source):
+  """eval.popularity_prior against a direct numpy ranking of every evaluated user."""
+  import dataclasses
+
+  from jaxrec.data.pipeline import Sequences
+  workdir, _, _ = transferable_source
+  cfg = target_config(workdir, *OTHER_WORLD, "eval.popularity_prior=1.5")
+  rec, _, params, tables = transfer.zero_shot(cfg)
+  result = rec.evaluate(params, tables)
+  ds, sp = rec.dataset, rec.split
+  counts = np.bincount(ds.items[sp.train], minlength=ds.num_items)
+  known = Sequences.from_interactions(ds, np.concatenate([sp.train, sp.valid]))
+  users = np.unique(ds.users[sp.test])
+  q = np.asarray(rec.query_vectors(params, tables, users, known), np.float64)
+  v = np.asarray(rec.item_vectors(params, tables), np.float64)
+  scores = q @ v.T / cfg.model.temperature + 1.5 * np.log1p(counts)[None, :]
+  recalls = []
+  for row, user in enumerate(users):
+    seen = known.items[known.start[user]:known.start[user + 1]]
+    s = scores[row].copy()
+    s[seen] = -np.inf
+    top = np.argsort(-s, kind="stable")[:10]
+    truth = set(ds.items[sp.test][ds.users[sp.test] == user])
+    recalls.append(len(truth & set(top)) / len(truth))
+  assert result["recall@10"] == pytest.approx(np.mean(recalls), abs=1e-9)
+  without = dataclasses.replace(rec.cfg, eval=dataclasses.replace(rec.cfg.eval, popularity_prior=0.0))
+  rec.cfg = without
+  assert rec.evaluate(params, tables)["recall@10"] != result["recall@10"]
