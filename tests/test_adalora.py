@@ -151,7 +151,6 @@ def _adalora(encoder_dir, *overrides):
           "encoder.adalora_init_rank=4", "encoder.adalora_target_rank=2", "encoder.adalora_tinit=2",
           "encoder.adalora_tfinal=6", "encoder.adalora_delta_t=2", "encoder.adalora_orth_reg=1.0",
           f"train.steps={STEPS}", "train.warmup_steps=0", "train.learning_rate=0.05", "train.end_lr_fraction=1.0",
-          "mesh.num_devices=1",
           "checkpoint.async_save=false", *overrides]
 
 
@@ -162,7 +161,7 @@ def _lambdas(state):
 
 @pytest.mark.slow
 def test_adalora_training_prunes_to_the_budget_keeps_pruned_lambdas_zero_and_orthogonalises(tmp_path, tiny_bert_dir):
-  trainer = Trainer(load_config(TINY, _adalora(tiny_bert_dir, f"workdir={tmp_path}")))
+  trainer = Trainer(load_config(TINY, _adalora(tiny_bert_dir, "mesh.num_devices=1", f"workdir={tmp_path}")))
   alloc = trainer.spec.allocator
   assert len(alloc.groups) == 8 and alloc.init_total == 32 and alloc.target_total == 16
   budget_T, _, remask_T = alloc.tables
@@ -208,7 +207,7 @@ def test_adalora_training_prunes_to_the_budget_keeps_pruned_lambdas_zero_and_ort
 
 @pytest.mark.slow
 def test_adalora_resume_equals_uninterrupted(tmp_path, tiny_bert_dir):
-  common = _adalora(tiny_bert_dir, "checkpoint.every=8", "checkpoint.keep=5")
+  common = _adalora(tiny_bert_dir, "mesh.num_devices=1", "checkpoint.every=8", "checkpoint.keep=5")
   straight = Trainer(load_config(TINY, common + [f"workdir={tmp_path / 'straight'}"]))
   want = straight.run()["train/losses"]
   # The resumed run starts from the straight run's step-8 checkpoint (mask and EMAs included).
@@ -233,3 +232,22 @@ def test_other_modes_carry_no_allocator_state(tiny_bert_dir):
     trainer = Trainer(load_config(TINY, ["mesh.num_devices=1", *overrides]))
     assert trainer.spec.allocator is None
     assert set(trainer.init_state()) == set(trainer.abstract_state()) == {"params", "tables", "opt", "step"}
+
+
+@pytest.mark.slow
+def test_adalora_prunes_the_same_triplets_on_every_mesh_shape(tiny_bert_dir):
+  """The allocation is global over adapters whose EMAs are sharded like their weights (Q over fsdp,
+  P over tensor): every mesh keeps the same triplets and trains to the same losses."""
+  runs = []
+  for mesh in (["mesh.num_devices=1"], ["mesh.data=2", "mesh.tensor=4"]):
+    trainer = Trainer(load_config(TINY, _adalora(tiny_bert_dir, "train.steps=6", "encoder.adalora_tinit=1",
+                                                 "encoder.adalora_tfinal=2", "encoder.adalora_delta_t=1", *mesh)))
+    state, builder, losses = trainer.init_state(), trainer.batch_builder(), []
+    for i in range(6):
+      state, metrics = trainer.train_step(state, trainer.layout.put(builder.map(i)))
+      losses.append(float(metrics["loss"]))
+    runs.append((losses, np.concatenate([np.asarray(m) for m in jax.tree.leaves(state["adalora"]["mask"])])))
+  (ref_losses, ref_mask), (losses, mask) = runs
+  assert ref_mask.sum() == 16
+  np.testing.assert_array_equal(mask, ref_mask)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
