@@ -86,19 +86,17 @@ class EncoderConfig:
   # CPU has AVX512-BF16; frozen vectors cached per dtype).
   dtype: str = "float32"
   cache_dir: str = ""  # "" = $JAXREC_CACHE or ~/.cache/jaxrec
-  lora_rank: int = 8
+  lora_rank: int = 8  # lora: every adapter's rank (adalora's start at adalora_init_rank)
   lora_alpha: float = 16.0  # lora and adalora: adapters scale by alpha / rank (adalora: its initial rank)
   lora_ffn: bool = False  # lora and adalora: adapters on the MLP too, not only attention query/value
-  # adalora (Zhang et al., ICLR 2023; defaults peft's AdaLoraConfig, orth_reg the paper's code's):
-  # SVD-form adapters whose singular values are pruned by importance to a shrinking total rank.
-  adalora_init_rank: int = 12  # rank of every adapter at the start
+  adalora_init_rank: int = 12  # adalora (Zhang et al. 2023; defaults peft's): every SVD adapter's rank at the start
   adalora_target_rank: int = 8  # average rank per adapter after the budget has shrunk (total = this x adapters)
   adalora_tinit: int = 0  # steps at the full initial rank before pruning starts
   adalora_tfinal: int = 0  # last steps that train with the final mask fixed
   adalora_delta_t: int = 1  # steps between re-allocations while the budget shrinks
   adalora_beta1: float = 0.85  # EMA of the sensitivity |w * grad| (smoothed importance)
   adalora_beta2: float = 0.85  # EMA of its uncertainty |sensitivity - its EMA|
-  adalora_orth_reg: float = 0.1  # weight of the orthogonality penalty on P and Q in the training loss
+  adalora_orth_reg: float = 0.1  # weight of the orthogonality penalty on P and Q in the loss (the paper's code's)
   lr_multiplier: float = 0.1  # full mode: encoder lr = train.learning_rate * this
   # lora/full: the live encoder runs on each batch's distinct items, padded to the smallest of this
   # many capacities (worst case * i / n) and cut to the length bucket of the batch's longest text,
