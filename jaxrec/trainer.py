@@ -299,7 +299,8 @@ class Trainer:
 
   def _record(self, first_step, call_metrics, history, writer, progress, ckpt) -> None:
     """Host side of one finished call (``[K]`` metrics of K steps)."""
-    host = jax.device_get({k: call_metrics[k] for k in ("loss", "finite", "grad_norm")})
+    keys = ("loss", "finite", "grad_norm", *(k for k in call_metrics if k.startswith("adalora/")))
+    host = jax.device_get({k: call_metrics[k] for k in keys})
     for i in range(len(host["loss"])):
       self._record_step(first_step + i, {k: v[i] for k, v in host.items()}, history, writer, progress, ckpt)
 
@@ -325,6 +326,8 @@ class Trainer:
     if writer is not None and log_now:
       writer.add_scalar("train/loss", loss, done)
       writer.add_scalar("train/grad_norm", float(step_metrics["grad_norm"]), done)
+      for key in (k for k in step_metrics if k.startswith("adalora/")):  # rank, budget, orthogonality
+        writer.add_scalar(f"train/{key}", float(step_metrics[key]), done)
 
   def _restore_or_init(self, ckpt: Checkpointer, resume: bool, resume_with_changes: bool = False):
     """Restore order: this workdir's latest checkpoint, then checkpoint.resume_from, then

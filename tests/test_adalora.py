@@ -223,6 +223,17 @@ def test_adalora_resume_equals_uninterrupted(tmp_path, tiny_bert_dir):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a[part]), jax.tree.map(np.asarray, b[part]))
   saved = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
   assert saved["steps"] == STEPS
+  # TensorBoard gets the allocator's rank and budget beside the loss: the rank (the last
+  # allocation's) falls with the budget's schedule to its target.
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(str(tmp_path / "straight" / "tb"))
+  events.Reload()
+  rank = {e.step: e.value for e in events.Scalars("train/adalora/rank")}
+  budget = {e.step: e.value for e in events.Scalars("train/adalora/budget")}
+  steps = sorted(rank)
+  assert steps == sorted(budget) and len(steps) >= 3
+  assert all(rank[a] >= rank[b] for a, b in zip(steps, steps[1:])) and rank[steps[0]] > 16
+  assert rank[STEPS] == budget[STEPS] == 16
 
 
 @pytest.mark.slow
