@@ -239,7 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     from jaxrec import host_memory
     host_memory.restart_with_huge_pages()
   argv = sys.argv[1:] if argv is None else argv
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args, rest = parser.parse_known_args(argv)
+  # Overrides after an option (`evaluate --workdir W data.x=1 --split valid eval.y=2`): argparse
+  # gives the positional list only its first run of words.
+  if rest and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in rest):
+    args.overrides = [*args.overrides, *rest]
+  elif rest:
+    parser.parse_args(argv)  # argparse's own message and exit code for what it does not know
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "tensorboardX", "orbax", "jax._src.xla_bridge", "asyncio"):

@@ -129,6 +129,15 @@ def test_config_show_lists_every_key_with_its_type_value_default_and_comment(tmp
   assert _table(jaxrec("config", "show", "--workdir", str(tmp_path), check=True).stdout)["train.steps"][1] == "7"
 
 
+def test_overrides_may_follow_an_option():
+  # argparse alone gives the positional overrides only their first run of words.
+  rows = _table(jaxrec("config", "show", "--config", TINY, "train.steps=5", "--debug", "eval.split=valid",
+                       check=True).stdout)
+  assert rows["train.steps"][1] == "5" and rows["eval.split"][1] == "valid"
+  proc = jaxrec("config", "show", "--config", TINY, "--bogus")
+  assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
 def test_config_errors_exit_2_as_bad_usage(tmp_path):
   _one_line_error(jaxrec("config", "show", "--config", TINY, "model.use_text=yes"), 2,
                   "config key 'model.use_text' expects bool (true, false, 1 or 0), got 'yes'")
