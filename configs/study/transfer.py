@@ -1,0 +1,66 @@
+"""The transfer study: does a model trained on ML-1M help on ML-100K, and with how much data?
+Run with `jaxrec study --config configs/study/transfer.py` from the repository root.
+
+Two sources are trained first, as the study's first cells (configs/ml1m_source.py: text and
+genre/decade features, no id table; source_ids: the same with an item id table); the target cells
+start from their workdirs. Target: ML-100K, temporal leave-one-out, with a share of its training
+interactions (data.train_fraction; valid and test stay whole), 300 steps of 256 for every cell,
+the model's scores alone (no popularity prior).
+
+Models on the target:
+  scratch      from scratch, the source's architecture (text + features, no ids)
+  hybrid       from scratch, with item ids, user ids and user features (the usual in-domain hybrid)
+  finetune     configs/ml1m_source.py's parameters, all trained on the target (checkpoint.init_from)
+  scratch_ids  from scratch, with item ids (source_ids' architecture)
+  finetune_ids source_ids' parameters, all trained; the target's id table is new
+  adapt_ids    source_ids' parameters kept, only the target's new id table trained
+               (checkpoint.init_trainable=new: parameter-efficient transfer)
+  adalora      configs/ml1m_source.py's parameters kept, the text encoder trained through new
+               AdaLoRA adapters (encoder.mode=adalora, checkpoint.init_trainable=new); one seed at
+               10%: a live MiniLM is slow on 2 CPU cores
+
+Zero-shot (no target training) is one command per source, not a cell:
+  jaxrec evaluate --workdir runs/study/transfer/ml1m/random/source/f1/s0 data.source=ml100k \\
+      data.split=loo data.cold_item_fraction=0 [data.train_fraction=0.1]
+"""
+
+from jaxrec.study import DatasetSpec, Grid, Model, SplitSpec, Study
+
+OUT = "runs/study/transfer"
+FROM = f"checkpoint.init_from={OUT}/ml1m/random/source/f1/s0"
+FROM_IDS = f"checkpoint.init_from={OUT}/ml1m/random/source_ids/f1/s0"
+IDS = ("model.use_item_ids=true",)
+
+SOURCE = DatasetSpec("ml1m", "configs/ml1m_source.py")
+TARGET = DatasetSpec("ml100k", "configs/ml1m_source.py", ("data.source=ml100k", "data.path=", "train.steps=300",
+                                                          "train.batch_size=256", "eval.popularity_prior=0"))
+RANDOM = SplitSpec("random")
+LOO = SplitSpec("loo", ("data.split=loo", "data.cold_item_fraction=0"))
+
+SOURCES = (Model("source", (), "ML-1M source, text + features"),
+           Model("source_ids", (*IDS, "eval.popularity_prior=0"), "ML-1M source with item ids"))
+MODELS = (
+    Model("scratch", (), "from scratch, text + features"),
+    Model("hybrid", (*IDS, "model.use_user_ids=true", "model.use_user_features=true"), "from scratch, hybrid"),
+    Model("finetune", (FROM,), "ML-1M, fine-tuned"),
+    Model("scratch_ids", IDS, "from scratch, text + features + ids"),
+    Model("finetune_ids", (*IDS, FROM_IDS), "ML-1M with ids, fine-tuned"),
+    Model("adapt_ids", (*IDS, FROM_IDS, "checkpoint.init_trainable=new"), "ML-1M with ids, new id table trained"),
+)
+
+ADALORA = Model("adalora", (FROM, "encoder.mode=adalora", "checkpoint.init_trainable=new"),
+                "ML-1M, AdaLoRA adapters trained")
+
+
+def get_study() -> Study:
+  return Study(
+      name="transfer",
+      out=OUT,
+      overrides=("train.progress=false",),
+      grids=(
+          Grid(models=SOURCES, datasets=(SOURCE,), splits=(RANDOM,)),
+          Grid(models=MODELS, datasets=(TARGET,), splits=(LOO,), train_fractions=(0.1,), seeds=(0, 1, 2)),
+          Grid(models=MODELS, datasets=(TARGET,), splits=(LOO,), train_fractions=(0.01, 0.05, 0.25, 1.0)),
+          Grid(models=(ADALORA,), datasets=(TARGET,), splits=(LOO,), train_fractions=(0.1,)),
+      ),
+  )
