@@ -3,9 +3,9 @@ Run with `jaxrec study --config configs/study/transfer.py` from the repository r
 
 Two sources are trained first, as the study's first cells (configs/ml1m_source.py: text and
 genre/decade features, no id table; source_ids: the same with an item id table); the target cells
-start from their workdirs. Target: ML-100K, temporal leave-one-out, with a share of its training
-interactions (data.train_fraction; valid and test stay whole), 300 steps of 256 for every cell,
-the model's scores alone (no popularity prior).
+start from their workdirs. Target: ML-100K, temporal leave-one-out (and, one seed, its random
+8:1:1 split), with a share of its training interactions (data.train_fraction; valid and test stay
+whole), 300 steps of 256 for every cell, the model's scores alone (no popularity prior).
 
 Models on the target:
   scratch      from scratch, the source's architecture (text + features, no ids)
@@ -36,6 +36,7 @@ TARGET = DatasetSpec("ml100k", "configs/ml1m_source.py", ("data.source=ml100k", 
                                                           "train.batch_size=256", "eval.popularity_prior=0"))
 RANDOM = SplitSpec("random")
 LOO = SplitSpec("loo", ("data.split=loo", "data.cold_item_fraction=0"))
+RANDOM_WARM = SplitSpec("random", ("data.split=random", "data.cold_item_fraction=0"))
 
 SOURCES = (Model("source", (), "ML-1M source, text + features"),
            Model("source_ids", (*IDS, "eval.popularity_prior=0"), "ML-1M source with item ids"))
@@ -62,5 +63,6 @@ def get_study() -> Study:
           Grid(models=MODELS, datasets=(TARGET,), splits=(LOO,), train_fractions=(0.1,), seeds=(0, 1, 2)),
           Grid(models=MODELS, datasets=(TARGET,), splits=(LOO,), train_fractions=(0.01, 0.05, 0.25, 1.0)),
           Grid(models=(ADALORA,), datasets=(TARGET,), splits=(LOO,), train_fractions=(0.1,)),
+          Grid(models=MODELS, datasets=(TARGET,), splits=(RANDOM_WARM,), train_fractions=(0.1, 1.0)),
       ),
   )
