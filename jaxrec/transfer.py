@@ -254,9 +254,16 @@ def train_only_new(tx: optax.GradientTransformationExtraArgs, p: Plan, params: d
 
 # ------------------------------------------------------------------ zero-shot on another dataset
 
+def _data_without_path(cfg: Config):
+  return dataclasses.replace(cfg.data, path="")
+
+
 def changes_data(saved: Config, cfg: Config) -> bool:
-  """Whether ``cfg`` asks a workdir's model about other data than it was trained on."""
-  return saved.data != cfg.data
+  """Whether ``cfg`` asks a workdir's model about other data than it was trained on (another
+  spelling of the same directory is the same data)."""
+  same_path = saved.data.path == cfg.data.path or (
+      bool(saved.data.path and cfg.data.path) and os.path.realpath(saved.data.path) == os.path.realpath(cfg.data.path))
+  return not same_path or _data_without_path(saved) != _data_without_path(cfg)
 
 
 def saved_config(workdir: str) -> Config:
@@ -266,10 +273,12 @@ def saved_config(workdir: str) -> Config:
 
 
 def check_config(cfg: Config) -> None:
-  """What the config alone shows a model cannot carry to another dataset's users (before any data loads)."""
+  """What the config alone shows a model cannot carry to another dataset's users (before any data
+  loads). A change of ``data.path`` alone may be a copy of the same data: the plan, with both
+  datasets' row digests, decides that one."""
   keys = [k for k, on in (("model.use_user_ids=false", cfg.model.use_user_ids),
                           ("model.history_ids=false", cfg.model.history_ids)) if on]
-  if keys:
+  if keys and _data_without_path(saved_config(cfg.workdir)) != _data_without_path(cfg):
     raise TransferError(f"the model in {cfg.workdir} cannot score another dataset's users without training: its query "
                         f"tower embeds the ids of the users (or history items) it trained on; a transferable model "
                         f"is trained with {' '.join(keys)}, or fine-tune one with checkpoint.init_from={cfg.workdir}")

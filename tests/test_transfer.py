@@ -203,3 +203,12 @@ def test_the_popularity_prior_ranks_by_cosine_over_temperature_plus_beta_log_cou
   without = dataclasses.replace(rec.cfg, eval=dataclasses.replace(rec.cfg.eval, popularity_prior=0.0))
   rec.cfg = without
   assert rec.evaluate(params, tables)["recall@10"] != result["recall@10"]
+
+
+def test_another_spelling_of_the_training_data_is_not_another_dataset(tmp_path):
+  from jaxrec.config import load_config as load
+  (tmp_path / "data").mkdir()
+  saved = load(TINY, [f"data.path={tmp_path / 'data'}"])
+  assert not transfer.changes_data(saved, load(TINY, [f"data.path={tmp_path / 'data' / '..' / 'data'}"]))
+  assert transfer.changes_data(saved, load(TINY, [f"data.path={tmp_path}"]))
+  assert transfer.changes_data(saved, load(TINY, [f"data.path={tmp_path / 'data'}", "data.split=loo"]))
