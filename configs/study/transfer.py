@@ -19,6 +19,9 @@ Models on the target:
                AdaLoRA adapters (encoder.mode=adalora, checkpoint.init_trainable=new); one seed at
                10%: a live MiniLM is slow on 2 CPU cores
 
+Amazon Musical Instruments (random 8:1:1, 100 steps of 256, text only: it has no genres) takes
+scratch, scratch_ids and finetune from source_text, the ML-1M source without genre features.
+
 Zero-shot (no target training) is one command per source, not a cell:
   jaxrec evaluate --workdir runs/study/transfer/ml1m/random/source/f1/s0 data.source=ml100k \\
       data.split=loo data.cold_item_fraction=0 [data.train_fraction=0.1]
@@ -29,17 +32,28 @@ from jaxrec.study import DatasetSpec, Grid, Model, SplitSpec, Study
 OUT = "runs/study/transfer"
 FROM = f"checkpoint.init_from={OUT}/ml1m/random/source/f1/s0"
 FROM_IDS = f"checkpoint.init_from={OUT}/ml1m/random/source_ids/f1/s0"
+FROM_TEXT = f"checkpoint.init_from={OUT}/ml1m/random/source_text/f1/s0"
 IDS = ("model.use_item_ids=true",)
 
 SOURCE = DatasetSpec("ml1m", "configs/ml1m_source.py")
 TARGET = DatasetSpec("ml100k", "configs/ml1m_source.py", ("data.source=ml100k", "data.path=", "train.steps=300",
                                                           "train.batch_size=256", "eval.popularity_prior=0"))
+# Amazon Musical Instruments has no genres: its cells (and their source) use text alone.
+AMAZON = DatasetSpec("amazon", "configs/ml1m_source.py",
+                     ("data.source=amazon", "data.path=", "data.item_text=summaries+reviews",
+                      "model.use_item_features=false", "train.steps=100", "eval.popularity_prior=0"))
 RANDOM = SplitSpec("random")
 LOO = SplitSpec("loo", ("data.split=loo", "data.cold_item_fraction=0"))
 RANDOM_WARM = SplitSpec("random", ("data.split=random", "data.cold_item_fraction=0"))
 
 SOURCES = (Model("source", (), "ML-1M source, text + features"),
-           Model("source_ids", (*IDS, "eval.popularity_prior=0"), "ML-1M source with item ids"))
+           Model("source_ids", (*IDS, "eval.popularity_prior=0"), "ML-1M source with item ids"),
+           Model("source_text", ("model.use_item_features=false",), "ML-1M source, text only"))
+AMAZON_MODELS = (
+    Model("scratch", (), "from scratch, text only"),
+    Model("scratch_ids", IDS, "from scratch, text + ids"),
+    Model("finetune", (FROM_TEXT,), "ML-1M text-only source, fine-tuned"),
+)
 MODELS = (
     Model("scratch", (), "from scratch, text + features"),
     Model("hybrid", (*IDS, "model.use_user_ids=true", "model.use_user_features=true"), "from scratch, hybrid"),
@@ -64,5 +78,6 @@ def get_study() -> Study:
           Grid(models=MODELS, datasets=(TARGET,), splits=(LOO,), train_fractions=(0.01, 0.05, 0.25, 1.0)),
           Grid(models=(ADALORA,), datasets=(TARGET,), splits=(LOO,), train_fractions=(0.1,)),
           Grid(models=MODELS, datasets=(TARGET,), splits=(RANDOM_WARM,), train_fractions=(0.1, 1.0)),
+          Grid(models=AMAZON_MODELS, datasets=(AMAZON,), splits=(RANDOM_WARM,), train_fractions=(0.1, 1.0)),
       ),
   )
