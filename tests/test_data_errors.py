@@ -36,15 +36,19 @@ def test_tiny_fixture_loads(tmp_path):
   assert dataset.num_interactions == 3 and dataset.item_titles[1] == "Misérables, Les (1995)"
 
 
-def test_missing_file(tmp_path):
+def test_missing_file(tmp_path, monkeypatch):
   path = _ml100k(tmp_path)
   os.remove(os.path.join(path, "u.user"))
   with pytest.raises(DataError, match=r"u\.user: expected MovieLens-100K user list u\.user; got no such file"):
     _load(path)
   with pytest.raises(DataError, match=r"ml-nowhere/u\.data: expected MovieLens-100K ratings u\.data .*no such file"):
     _load(str(tmp_path / "ml-nowhere"))
-  with pytest.raises(DataError, match="data.path set to the dataset's directory"):
+  # An empty data.path reads the source's folder under the data root: the error names that folder.
+  monkeypatch.setenv("JAXREC_DATA", str(tmp_path / "root"))
+  with pytest.raises(DataError, match=r"root/ml-100k/u\.data: expected MovieLens-100K ratings u\.data .*no such file"):
     sources.load(DataConfig(source="ml100k", path=""))
+  with pytest.raises(DataError, match="data.path set to the dataset's directory"):
+    sources.load(DataConfig(source="files", path=""))
 
 
 @pytest.mark.parametrize("u_data, line, got", [
