@@ -3,8 +3,8 @@ Run with `jaxrec study --config configs/study/transfer.py` from the repository r
 
 Two sources are trained first, as the study's first cells (configs/ml1m_source.py: text and
 genre/decade features, no id table; source_ids: the same with an item id table); the target cells
-start from their workdirs. Target: ML-100K, temporal leave-one-out (and, one seed, its random
-8:1:1 split), with a share of its training interactions (data.train_fraction; valid and test stay
+start from their workdirs. Target: ML-100K, temporal leave-one-out (3 seeds; one seed on its
+random 8:1:1 split), with a share of its training interactions (data.train_fraction; valid and test stay
 whole), 300 steps of 256 for every cell, the model's scores alone (no popularity prior).
 
 Models on the target:
@@ -74,8 +74,8 @@ def get_study() -> Study:
       overrides=("train.progress=false",),
       grids=(
           Grid(models=SOURCES, datasets=(SOURCE,), splits=(RANDOM,)),
-          Grid(models=MODELS, datasets=(TARGET,), splits=(LOO,), train_fractions=(0.1,), seeds=(0, 1, 2)),
-          Grid(models=MODELS, datasets=(TARGET,), splits=(LOO,), train_fractions=(0.01, 0.05, 0.25, 1.0)),
+          Grid(models=MODELS, datasets=(TARGET,), splits=(LOO,), train_fractions=(0.01, 0.05, 0.1, 0.25, 1.0),
+               seeds=(0, 1, 2)),
           Grid(models=(ADALORA,), datasets=(TARGET,), splits=(LOO,), train_fractions=(0.1,)),
           Grid(models=MODELS, datasets=(TARGET,), splits=(RANDOM_WARM,), train_fractions=(0.1, 1.0)),
           Grid(models=AMAZON_MODELS, datasets=(AMAZON,), splits=(RANDOM_WARM,), train_fractions=(0.1, 1.0)),
