@@ -76,11 +76,12 @@ class Trainer:
     # What this run's indexed tables mean (written to the workdir), and where its parameters
     # start when checkpoint.init_from names a trained model.
     self.inputs = transfer.inputs_of(cfg, rec.dataset, rec.id_row)
-    self.init_plan = transfer.plan(cfg.checkpoint.init_from, rec.abstract_params()["params"], self.inputs, cfg,
+    abstract_params = rec.abstract_params()["params"]
+    self.init_plan = transfer.plan(cfg.checkpoint.init_from, abstract_params, self.inputs, cfg,
                                    zero_shot=False) if cfg.checkpoint.init_from else None
     self.tx = step_lib.make_optimizer(cfg)
     if self.init_plan is not None and cfg.checkpoint.init_trainable == "new":
-      self.tx = transfer.train_only_new(self.tx, self.init_plan, rec.abstract_params()["params"])
+      self.tx = transfer.train_only_new(self.tx, self.init_plan, abstract_params)
     self.spec = step_lib.StepSpec.of(rec, self.tx, self.layout)
     self.state_shardings = step_lib.state_shardings(rec, self.tx)
     self.train_step = step_lib.jit_step(self.spec, self.state_shardings)

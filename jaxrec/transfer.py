@@ -68,28 +68,29 @@ def write_inputs(workdir: str, inputs: dict) -> None:
     write_json_atomically(os.path.join(workdir, INPUTS), inputs)
 
 
-def _index_key(name: str) -> str | None:
-  """Which meaning of rows a parameter (``'item_tower/ids/embedding'``) is indexed by, if any."""
-  parts = name.split("/")
-  if parts[:2] in (["item_tower", "ids"], ["query_tower", "history_ids"]):
-    return "item_rows"
-  if parts[:2] == ["query_tower", "ids"]:
-    return "users"
-  if parts[:2] == ["item_tower", "features"]:
-    return f"item_features/{parts[2]}"
-  if parts[:2] == ["query_tower", "features"]:
-    return f"user_features/{parts[2]}"
-  return None
+# Parameters indexed by one dataset's rows: (path prefix, what their rows mean, the config key that
+# takes them out of a model). A feature's table is keyed by the feature's name, the path's 3rd part.
+_INDEXED = ((("item_tower", "ids"), "item_rows", ""),
+            (("query_tower", "history_ids"), "item_rows", "model.history_ids=false"),
+            (("query_tower", "ids"), "users", "model.use_user_ids=false"),
+            (("item_tower", "features"), "item_features", "model.use_item_features=false"),
+            (("query_tower", "features"), "user_features", "model.use_user_features=false"))
+
+
+def _indexed(name: str) -> tuple[str | None, str]:
+  """``(key, remedy)`` of a parameter (``'item_tower/ids/embedding'``): which meaning of rows it is
+  indexed by (``'item_rows'``, ``'item_features/genre'``, ...; None if none) and the key that
+  removes it."""
+  parts = tuple(name.split("/"))
+  for prefix, meaning, remedy in _INDEXED:
+    if parts[:2] == prefix:
+      return (f"{meaning}/{parts[2]}" if meaning.endswith("features") else meaning), remedy
+  return None, ""
 
 
 def _meaning(inputs: dict, key: str) -> str | None:
   group, _, feature = key.partition("/")
   return inputs.get(group, {}).get(feature) if feature else inputs.get(group)
-
-
-# The config key that takes each kind of dataset-bound parameter out of a model.
-_REMEDY = {"users": "model.use_user_ids=false", "item_features": "model.use_item_features=false",
-           "user_features": "model.use_user_features=false", "history_ids": "model.history_ids=false"}
 
 
 # ------------------------------------------------------------------ the plan
@@ -153,7 +154,7 @@ def plan(source: str, target_params: dict, target_inputs: dict, cfg: Config, *, 
   source_inputs = read_inputs(workdir)
   loaded, cold, new = [], [], {}
   for name, want in _flat(target_params).items():
-    have, key = saved.get(name), _index_key(name)
+    have, (key, _) = saved.get(name), _indexed(name)
     if have is None:
       new[name] = "not in the source model"
     elif key is not None and (source_inputs is None or _meaning(source_inputs, key) != _meaning(target_inputs, key)):
@@ -193,9 +194,7 @@ def refuse_unless_complete(p: Plan, dataset_name: str) -> None:
     return
   remedies = []
   for name in p.new:
-    key = _index_key(name)
-    group = "history_ids" if name.startswith("query_tower/history_ids") else (key or "").split("/")[0]
-    remedy = _REMEDY.get(group)
+    remedy = _indexed(name)[1]
     if remedy and remedy not in remedies:
       remedies.append(remedy)
   first = next(iter(p.new.items()))
@@ -246,9 +245,10 @@ def train_only_new(tx: optax.GradientTransformationExtraArgs, p: Plan, params: d
   loaded, except the text encoder's adapters (parameter-efficient transfer: adapters, the new id
   and feature tables, and whatever else did not fit train; the rest stays the source's)."""
   loaded = set(p.loaded)
-  frozen = {name: name in loaded and "lora" not in name for name in _flat(params)}
-  mask = traverse_util.unflatten_dict({k: frozen["/".join(map(str, k))] for k in traverse_util.flatten_dict(params)})
+  names = {k: "/".join(map(str, k)) for k in traverse_util.flatten_dict(params)}
+  frozen = {k: name in loaded and "lora" not in name for k, name in names.items()}
   log.info("init_trainable=new: %d of %d parameter arrays stay as loaded", sum(frozen.values()), len(frozen))
+  mask = traverse_util.unflatten_dict(frozen)
   return optax.chain(tx, optax.masked(optax.set_to_zero(), mask))
 
 
@@ -261,8 +261,8 @@ def _data_without_path(cfg: Config):
 def changes_data(saved: Config, cfg: Config) -> bool:
   """Whether ``cfg`` asks a workdir's model about other data than it was trained on (another
   spelling of the same directory is the same data)."""
-  same_path = saved.data.path == cfg.data.path or (
-      bool(saved.data.path and cfg.data.path) and os.path.realpath(saved.data.path) == os.path.realpath(cfg.data.path))
+  a, b = saved.data.path, cfg.data.path
+  same_path = a == b or bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
   return not same_path or _data_without_path(saved) != _data_without_path(cfg)
 
 
