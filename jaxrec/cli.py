@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "jaxrec.mesh" in sys.modules:  # a multi-process run must not wait at exit for a process that died
       from jaxrec.mesh import stop_if_peer_lost
-      stop_if_peer_lost(f"jaxrec {args.command}: error: ", message, code)
+      stop_if_peer_lost(f"jaxrec {args.command}: error: ", message)
     print(f"jaxrec {args.command}: error: {message}", file=sys.stderr)
     return code
 

@@ -79,14 +79,19 @@ _LOST_PEER_SIGNS = ("Connection reset by peer", "Connection closed by peer", "Co
                     "Socket closed", "Read error", "Write error", "heartbeat timeout", "stopped sending heartbeats")
 
 
-def stop_if_peer_lost(prefix: str, message: str, code: int) -> None:
+# EX_PROTOCOL: this process failed only because another one is gone. A launcher that sees it reports
+# the process that failed first instead (launch/local.sh), since this one's exit is a consequence.
+EXIT_PEER_LOST = 76
+
+
+def stop_if_peer_lost(prefix: str, message: str) -> None:
   """Ends this process at once when its multi-process run failed because another process is gone.
 
   A collective whose peer died fails at once (gloo: "Connection reset by peer"). A normal exit would
   then run jax.distributed.shutdown, whose barrier waits for every process until the heartbeat
   timeout and then aborts with a C++ stack; so print one line naming the cause and skip it. Other
   errors return and exit normally: the barrier keeps process 0's coordination service up while the
-  others still close their checkpoints.
+  others still close their checkpoints. The exit status is EXIT_PEER_LOST.
   """
   if not jax.distributed.is_initialized() or not any(sign in message for sign in _LOST_PEER_SIGNS):
     return
@@ -95,7 +100,7 @@ def stop_if_peer_lost(prefix: str, message: str, code: int) -> None:
         file=sys.stderr)
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(code)
+  os._exit(EXIT_PEER_LOST)
 
 
 def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int | None = None) -> bool:

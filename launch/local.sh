@@ -7,7 +7,10 @@
 # Process 0 prints to the terminal; process i>0 logs to $JAXREC_LOG_DIR/process_i.log (default:
 # the system temp dir). When a process fails, the others are stopped (SIGTERM, then SIGKILL after
 # $JAXREC_STOP_GRACE seconds, default 10), one line names the failed process, and the launcher exits
-# with its exit status. SIGINT/SIGTERM/SIGHUP to the launcher stop every process the same way.
+# with its exit status. A process that failed only because another one is gone (jaxrec's status 76,
+# "lost contact with another process") is not the cause: the launcher waits up to
+# $JAXREC_CAUSE_WAIT seconds (default 5) for a process that failed otherwise and names that one.
+# SIGINT/SIGTERM/SIGHUP to the launcher stop every process the same way.
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS COMMAND..." >&2
@@ -24,10 +27,21 @@ fi
 num=$1; devices=$2; shift 2
 log_dir=${JAXREC_LOG_DIR:-${TMPDIR:-/tmp}}
 grace=${JAXREC_STOP_GRACE:-10}
+cause_wait=${JAXREC_CAUSE_WAIT:-5}
+peer_lost=76  # jaxrec.mesh.EXIT_PEER_LOST
 port=${JAXREC_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
 pids=()     # pids[i]: process i, which setsid makes the leader of its own process group
 running=()  # pids not yet reaped
+timer=""    # a sleep bounding the wait for the cause of a lost peer
+
+forget() {  # drops $1 from running
+  local pid still=()
+  for pid in "${running[@]}"; do
+    if [ "$pid" != "$1" ]; then still+=("$pid"); fi
+  done
+  running=(${still[@]+"${still[@]}"})
+}
 
 # Signals every process group still alive; a group outlives its leader when the leader left children.
 signal_all() {
@@ -66,7 +80,8 @@ on_signal() {
 trap 'on_signal INT 130' INT
 trap 'on_signal TERM 143' TERM
 trap 'on_signal HUP 129' HUP
-trap 'signal_all KILL' EXIT  # never leave a process behind, whatever ends this script
+# never leave a process behind, whatever ends this script
+trap 'signal_all KILL; if [ -n "$timer" ]; then kill "$timer" 2>/dev/null || true; fi' EXIT
 
 export JAXREC_COORDINATOR="127.0.0.1:$port" JAXREC_NUM_PROCESSES="$num" JAXREC_LOCAL_DEVICES="$devices" \
     JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices"
@@ -96,11 +111,32 @@ while [ ${#running[@]} -gt 0 ]; do
     stop_all
     break
   fi
-  still=()
-  for pid in "${running[@]}"; do
-    if [ "$pid" != "$finished" ]; then still+=("$pid"); fi
-  done
-  running=(${still[@]+"${still[@]}"})
+  forget "$finished"
+  if [ "$code" -eq "$peer_lost" ] && [ ${#running[@]} -gt 0 ]; then
+    # This process stopped because another one is gone; that one has usually exited already (a killed
+    # peer breaks the survivor's collective at once) and is the failure worth naming.
+    sleep "$cause_wait" &
+    timer=$!
+    while [ ${#running[@]} -gt 0 ]; do
+      other=""
+      other_code=0
+      wait -n -p other "${running[@]}" "$timer" 2>/dev/null || other_code=$?
+      if [ -z "${other:-}" ]; then
+        if [ "$other_code" -gt 128 ]; then continue; fi
+        break
+      fi
+      if [ "$other" = "$timer" ]; then break; fi
+      forget "$other"
+      if [ "$other_code" -ne 0 ] && [ "$other_code" -ne "$peer_lost" ]; then
+        finished=$other
+        code=$other_code
+        break
+      fi
+    done
+    kill "$timer" 2>/dev/null || true
+    wait "$timer" 2>/dev/null || true
+    timer=""
+  fi
   if [ "$code" -ne 0 ]; then
     i=${index_of[$finished]}
     how="exited with status $code"

@@ -91,20 +91,22 @@ def test_a_failed_collective_ends_the_process_with_one_line_and_no_shutdown_barr
   exits = []
   monkeypatch.setattr(mesh.jax.distributed, "is_initialized", lambda: True)
   monkeypatch.setattr(mesh.os, "_exit", exits.append)
-  mesh.stop_if_peer_lost("jaxrec train: error: ", "INTERNAL: the loss is negative", 1)
+  mesh.stop_if_peer_lost("jaxrec train: error: ", "INTERNAL: the loss is negative")
   assert exits == [] and capsys.readouterr().err == ""  # other errors exit normally, through the barrier
   gloo = "UNKNOWN: Gloo all-reduce failed: [pair.cc:538] Read error [127.0.0.1]:4242: Connection reset by peer"
-  mesh.stop_if_peer_lost("jaxrec train: error: ", gloo, 1)
-  assert exits == [1]
+  mesh.stop_if_peer_lost("jaxrec train: error: ", gloo)
+  assert exits == [mesh.EXIT_PEER_LOST]
   assert capsys.readouterr().err == (f"jaxrec train: error: process 0 of 1 lost contact with another process ({gloo}); "
                                      "stopping without waiting for it: see the other processes' logs for the first failure\n")
 
 
 # A stand-in worker: records its pid and a child's, then process FAIL_ID fails; the others wait long.
+# Process LOST_ID, when set, first exits as a process whose peer is gone (jaxrec.mesh.EXIT_PEER_LOST).
 FAKE_WORKER = """
 sleep 600 &
 echo "$$ $!" > "$PID_DIR/process_$JAXREC_PROCESS_ID"
-if [ "$JAXREC_PROCESS_ID" = "$FAIL_ID" ]; then sleep 0.5; exit 7; fi
+if [ "$JAXREC_PROCESS_ID" = "${LOST_ID:-}" ]; then sleep 0.3; exit 76; fi
+if [ "$JAXREC_PROCESS_ID" = "$FAIL_ID" ]; then sleep 1; exit 7; fi
 wait
 """
 
@@ -126,8 +128,9 @@ def launched():
       proc.wait()
 
 
-def _fake_run(launched, tmp_path, num, fail_id):
-  env = dict(os.environ, JAXREC_LOG_DIR=str(tmp_path), PID_DIR=str(tmp_path), FAIL_ID=str(fail_id), JAXREC_STOP_GRACE="5")
+def _fake_run(launched, tmp_path, num, fail_id, lost_id=""):
+  env = dict(os.environ, JAXREC_LOG_DIR=str(tmp_path), PID_DIR=str(tmp_path), FAIL_ID=str(fail_id), JAXREC_STOP_GRACE="5",
+             LOST_ID=str(lost_id), JAXREC_CAUSE_WAIT="3")
   return launched([str(num), "1", "bash", "-c", FAKE_WORKER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -154,6 +157,20 @@ def test_launcher_stops_every_process_and_names_the_one_that_failed(tmp_path, la
   assert line.search(stderr), stderr
   assert "no such job" not in stderr and "unbound variable" not in stderr and "Killed" not in stderr
   assert _alive(_recorded_pids(tmp_path, 3)) == []  # workers and what they started, not only wrapper shells
+
+
+@pytest.mark.parametrize("fail_id", [2, -1])
+def test_launcher_names_the_failure_that_made_another_process_lose_its_peer(tmp_path, launched, fail_id):
+  # Process 0 exits first, as a survivor of a dead peer does; the process that failed on its own a
+  # moment later is the cause to report. With none (fail_id -1), the survivor is named after the wait.
+  assert mesh.EXIT_PEER_LOST == 76  # the status launch/local.sh knows
+  launcher = _fake_run(launched, tmp_path, 3, fail_id, lost_id=0)
+  _, stderr = launcher.communicate(timeout=60)
+  named, status = (fail_id, 7) if fail_id >= 0 else (0, 76)
+  assert launcher.returncode == status, stderr
+  assert re.search(rf"launch/local.sh: process {named} of 3 \(pid \d+\) exited with status {status}\b", stderr), stderr
+  assert stderr.count("launch/local.sh:") == 1, stderr
+  assert _alive(_recorded_pids(tmp_path, 3)) == []
 
 
 def test_launcher_stops_every_process_when_it_is_terminated(tmp_path, launched):
