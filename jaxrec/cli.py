@@ -65,6 +65,8 @@ def _load_config(args, from_workdir: bool):
   overrides = list(args.overrides)
   if any(o.startswith("data.source=") for o in overrides) and not any(o.startswith("data.path=") for o in overrides):
     overrides.append("data.path=")  # the config's path belongs to its own source: the new one's default folder
+  if any(o.startswith("data.source=") for o in overrides) and not any(o.startswith("data.union=") for o in overrides):
+    overrides.append("data.union=")  # likewise the parts of a union source
   if from_workdir and not args.config:
     path = os.path.join(args.workdir, "config.json")
     if not os.path.isdir(args.workdir):

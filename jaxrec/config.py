@@ -46,7 +46,10 @@ class SyntheticConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "synthetic"  # synthetic | ml100k | ml1m | amazon | tfds | files
+  source: str = "synthetic"  # synthetic | ml100k | ml1m | amazon | tfds | files | union
+  # source=union: its parts, each "source[:item_text][=path]" (e.g. ml1m:title+genres,amazon:summaries),
+  # one catalog of all their items with users kept apart, each part split alone (data/union.py)
+  union: tuple[str, ...] = ()
   path: str = ""  # directory (or TFDS name for source=tfds)
   item_text: str = "default"  # which text fields describe an item; source-specific choices
   split: str = "random"  # random | loo | temporal | predefined
@@ -439,7 +442,7 @@ def _validate_adalora(config: Config) -> None:
 def validate(config: Config) -> Config:
   """Cross-field checks that types alone cannot express."""
   choices = {
-      "data.source": (config.data.source, ("synthetic", "ml100k", "ml1m", "amazon", "tfds", "files")),
+      "data.source": (config.data.source, ("synthetic", "ml100k", "ml1m", "amazon", "tfds", "files", "union")),
       "data.split": (config.data.split, ("random", "loo", "temporal", "predefined")),
       "data.history": (config.data.history, ("auto", "recent", "sampled")),
       "data.duplicates": (config.data.duplicates, ("keep", "drop", "error")),
@@ -460,6 +463,9 @@ def validate(config: Config) -> Config:
   for key, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+  if (config.data.source == "union") != bool(config.data.union) or config.data.source == "union" and len(config.data.union) < 2:
+    raise ConfigError(f"config key 'data.union' lists two or more parts (source[:item_text][=path]) exactly when "
+                      f"data.source=union; got data.source={config.data.source!r}, data.union={list(config.data.union)}")
   if config.data.history_len < 0:
     raise ConfigError(f"config key 'data.history_len' must be >= 0 (0 = no history in the query tower); "
                       f"got {config.data.history_len}")

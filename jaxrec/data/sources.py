@@ -94,6 +94,9 @@ def load(cfg: DataConfig) -> tuple[Dataset, Split]:
   cold = None
   predefined = None
   reviews = None
+  if cfg.source == "union":
+    from jaxrec.data import union
+    return union.load(cfg, load)
   if cfg.source == "synthetic":
     from jaxrec.data import synthetic
     dataset, cold = synthetic.generate(cfg.synthetic)
