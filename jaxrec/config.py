@@ -163,6 +163,9 @@ class ModelConfig:
   query_heads: int = 2  # transformer: attention heads (model.embed_dim must divide by it)
   query_dropout: float = 0.2  # transformer: dropout on its inputs, attention weights and block outputs
   query_positions: int = 200  # transformer: rows of the learned position table (>= data.history_len)
+  # transformer: the fusion MLP also reads the mean of the item vectors up to each slot, the
+  # long-term profile beside the attention's short-term reading (NARM's and STAMP's global + local)
+  query_profile: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -519,6 +522,9 @@ def validate(config: Config) -> Config:
     raise ConfigError(f"config key 'data.num_threads' must be >= 1; got {config.data.num_threads}")
   if not 0.0 <= config.data.synthetic.topic_drift <= 1.0:
     raise ConfigError(f"config key 'data.synthetic.topic_drift' must be in [0, 1]; got {config.data.synthetic.topic_drift}")
+  if config.model.query_profile and config.model.query != "transformer":
+    raise ConfigError(f"config key 'model.query_profile'=true adds the pooled profile to the transformer's reading; "
+                      f"model.query={config.model.query!r} has no transformer (pool already is the profile)")
   if config.model.query == "transformer":
     m = config.model
     if config.data.history_len > m.query_positions:

@@ -42,6 +42,27 @@ def test_a_slot_reads_only_the_slots_before_it():
     assert np.abs(changed[:, t + 1:] - out[:, t + 1:]).max() > 1e-3  # the changed slot and later ones move
 
 
+def test_the_profile_beside_the_attention_is_causal_too():
+  # model.query_profile: slot t's query also reads the mean of the item vectors at slots <= t.
+  trainer = _trainer("mesh.num_devices=1", "model.query_dropout=0", "model.query_profile=true")
+  state = trainer.init_state()
+  tower = trainer.recommender.model(state["params"], state["tables"]).query_tower
+  x = jax.random.normal(jax.random.key(4), (3, 8, 16))
+  mask = np.array([[0, 0, 1, 1, 1, 1, 1, 1]] * 3, bool)
+  users = jnp.arange(3)
+  out = np.asarray(tower.sequence_queries(users, x, mask))
+  for t in range(2, 7):
+    changed = np.asarray(tower.sequence_queries(users, x.at[:, t + 1].multiply(-3.0), mask))
+    np.testing.assert_array_equal(changed[:, 2:t + 1], out[:, 2:t + 1])  # real slots <= t (0, 1 are padding)
+    assert np.abs(changed[:, t + 1:] - out[:, t + 1:]).max() > 1e-4
+  plain_trainer = _trainer("mesh.num_devices=1")
+  plain_state = plain_trainer.init_state()
+  plain = plain_trainer.recommender.model(plain_state["params"], plain_state["tables"]).query_tower
+  assert tower.mlp.hidden[0].kernel.shape[0] == plain.mlp.hidden[0].kernel.shape[0] + 16  # the profile's E columns
+  with pytest.raises(ConfigError, match="model.query_profile'=true adds the pooled profile"):
+    load_config(TINY, ["model.query_profile=true"])
+
+
 def test_padding_holds_nothing_a_real_slot_reads():
   encoder = _encoder()
   x = jax.random.normal(jax.random.key(2), (2, 6, 16))

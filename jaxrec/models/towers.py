@@ -175,6 +175,9 @@ class QueryTower(nnx.Module):
     self.embed_dim, self.item_bias, self.query = cfg.embed_dim, cfg.item_bias, cfg.query
     in_dim = text_dim if cfg.query == "text" else cfg.embed_dim  # the history's text vector, or pooled (attended) history
     self.sequence = SequenceEncoder(cfg, rngs=rngs) if cfg.query == "transformer" else None
+    self.profile = cfg.query == "transformer" and cfg.query_profile
+    if self.profile:
+      in_dim += cfg.embed_dim
     self.use_history_ids = cfg.history_ids
     if self.use_history_ids:
       self.history_row = Table(jnp.asarray(catalog.id_row, jnp.int32))
@@ -227,8 +230,14 @@ class QueryTower(nnx.Module):
     history_BxLxE = history_BxLxE[..., :self.embed_dim]
     b, l = history_mask_BxL.shape
     read_BxLxE = self.sequence(history_BxLxE, history_mask_BxL, dropout_key)
+    parts = [read_BxLxE.reshape(b * l, -1)]
+    if self.profile:  # the mean of slots <= t: causal like the attention
+      mask_BxLx1 = history_mask_BxL.astype(jnp.float32)[..., None]
+      total_BxLxE = jnp.cumsum(history_BxLxE.astype(jnp.float32) * mask_BxLx1, axis=1)
+      profile_BxLxE = total_BxLxE / jnp.maximum(jnp.cumsum(mask_BxLx1, axis=1), 1.0)
+      parts.append(profile_BxLxE.reshape(b * l, -1))
     users_R = jnp.repeat(users_B, l)
-    q_RxE = self._fuse([read_BxLxE.reshape(b * l, -1)], users_R)
+    q_RxE = self._fuse(parts, users_R)
     return q_RxE.reshape(b, l, -1)
 
   def _fuse(self, parts: list[jax.Array], users_B: jax.Array) -> jax.Array:
