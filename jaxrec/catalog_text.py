@@ -113,6 +113,7 @@ class CatalogText:
   encoder_config: Any = None
   encoder_path: str = ""  # with encoder_config: the model directory its pretrained weights come from
   length_buckets: tuple[int, ...] = ()  # lora/adalora/full: the encoder's token length buckets
+  pooling: str = "mean"  # with encoder_config: the encoder's pooling (encoder.pooling, else the model's own)
   history: HistoryText | None = None  # model.query=text: the titles the history text is built from
 
   @property
@@ -133,7 +134,8 @@ def _encoder_options(cfg: Config) -> dict[str, Any]:
   elif enc.mode == "adalora":  # SVD-form adapters at their initial rank; the allocator prunes them
     adapters = {"lora_rank": enc.adalora_init_rank, "lora_alpha": enc.lora_alpha, "lora_ffn": enc.lora_ffn,
                 "adapter": "adalora"}
-  return dict(max_length=cfg.encoder.max_length or None, pooling=cfg.encoder.pooling, dtype=cfg.encoder.dtype,
+  # pooling None: the model directory's own (1_Pooling/config.json), so training pools as TextEncoder does.
+  return dict(max_length=cfg.encoder.max_length or None, pooling=cfg.encoder.pooling or None, dtype=cfg.encoder.dtype,
               **adapters)
 
 
@@ -149,14 +151,14 @@ def catalog_text(cfg: Config, dataset: Dataset, *, abstract: bool = False) -> Ca
     tokenizer = TextTokenizer.from_pretrained(path, **_encoder_options(cfg))
     return CatalogText(dim=tokenizer.hidden_size, tokens=tokenizer.tokenize(list(dataset.item_text)),
                        encoder_config=tokenizer.config, encoder_path=tokenizer.path,
-                       length_buckets=tokenizer.length_buckets,
+                       length_buckets=tokenizer.length_buckets, pooling=tokenizer.pooling,
                        history=HistoryText.of(tokenizer, dataset.item_titles, cfg.model.query_separator)
                        if query_text else None)
   # Frozen with the text query: the model also carries the encoder (its weights as constants).
   query_encoder = {}
   if query_text:
     tokenizer = TextTokenizer.from_pretrained(path, **_encoder_options(cfg))
-    query_encoder = dict(encoder_config=tokenizer.config, encoder_path=tokenizer.path,
+    query_encoder = dict(encoder_config=tokenizer.config, encoder_path=tokenizer.path, pooling=tokenizer.pooling,
                    history=HistoryText.of(tokenizer, dataset.item_titles, cfg.model.query_separator))
   if abstract:  # the width is all a restore needs: config.json says it
     from jaxrec.text_encoder import default_model_dir

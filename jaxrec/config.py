@@ -81,7 +81,9 @@ class EncoderConfig:
   path: str = ""  # local HF BERT-family dir; "" = packaged all-MiniLM-L6-v2
   mode: str = "frozen"  # frozen | lora | full | adalora | none (ID-only model)
   max_length: int = 0  # 0 = the model's own max_seq_length (256 for MiniLM)
-  pooling: str = "mean"  # mean | cls
+  # "" = the model's own (sentence-transformers' 1_Pooling/config.json, else mean) | mean | cls | max |
+  # weightedmean | lasttoken | mean_sqrt_len_tokens: overrides the model's, in training and encoding alike
+  pooling: str = ""
   batch_size: int = 64  # catalog encoding batch
   # Encoder compute dtype (weights stay float32): float32 (exact; HIGHEST precision on
   # accelerators) | bfloat16 (the accelerators' fast path; on CPU bf16 operands for every matmul,
@@ -450,7 +452,8 @@ def validate(config: Config) -> Config:
       "data.history": (config.data.history, ("auto", "recent", "sampled")),
       "data.duplicates": (config.data.duplicates, ("keep", "drop", "error")),
       "encoder.mode": (config.encoder.mode, ("frozen", "lora", "full", "none", "adalora")),
-      "encoder.pooling": (config.encoder.pooling, ("mean", "cls")),
+      "encoder.pooling": (config.encoder.pooling, ("", "mean", "cls", "max", "weightedmean", "lasttoken",
+                                                   "mean_sqrt_len_tokens")),
       "model.dtype": (config.model.dtype, ("float32", "bfloat16")),
       "encoder.dtype": (config.encoder.dtype, ("float32", "bfloat16")),
       "model.fusion": (config.model.fusion, ("mlp", "sum")),

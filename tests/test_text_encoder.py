@@ -304,8 +304,8 @@ def test_bad_arguments(tmp_path):
   path = tiny_bert.write(tmp_path / "tiny")
   with pytest.raises(ValueError, match="max_length 65 must be in"):
     TextEncoder.from_pretrained(path, max_length=65)
-  with pytest.raises(ValueError, match="pooling 'max'"):
-    TextEncoder.from_pretrained(path, pooling="max")
+  with pytest.raises(ValueError, match="pooling 'maximum' must be one of mean, cls, max"):
+    TextEncoder.from_pretrained(path, pooling="maximum")
   enc = TextEncoder.from_pretrained(path)
   with pytest.raises(TypeError, match="sequence of strings"):
     enc.encode("one text")
@@ -330,11 +330,40 @@ def test_sentence_transformers_configs_are_read(tmp_path):
   assert st.max_length == 32 and st.pooling == "cls" and st.lower_case
   assert st.tokenize(["THE Movie"])["input_ids"][0, :4].tolist() == [2, 5, 7, 3]
   assert st.identity != plain.identity
+  assert TextEncoder.from_pretrained(path, pooling="").pooling == "cls"  # "" (encoder.pooling's default): the model's
+  for key, mode in [("pooling_mode_max_tokens", "max"), ("pooling_mode_weightedmean_tokens", "weightedmean"),
+                    ("pooling_mode_lasttoken", "lasttoken"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens")]:
+    with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+      json.dump({key: True}, f)
+    assert TextEncoder.from_pretrained(path).pooling == mode
   with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
-    json.dump({"pooling_mode_max_tokens": True}, f)
-  with pytest.raises(WeightsError, match=r"1_Pooling/config.json: pooling \['pooling_mode_max_tokens'\] is not supported"):
+    json.dump({"pooling_mode_max_tokens": True, "pooling_mode_mean_tokens": True}, f)  # concatenated: not supported
+  with pytest.raises(WeightsError, match=r"1_Pooling/config.json: pooling \['pooling_mode_max_tokens', "
+                                         r"'pooling_mode_mean_tokens'\] is not supported"):
     TextEncoder.from_pretrained(path)
   assert TextEncoder.from_pretrained(path, pooling="mean").pooling == "mean"  # an explicit choice wins
+
+
+def test_modules_json_stages_are_run_or_refused_by_name(tmp_path):
+  import json
+  path = tiny_bert.write(tmp_path / "st")
+  os.makedirs(os.path.join(path, "pool"))
+  with open(os.path.join(path, "pool", "config.json"), "w") as f:
+    json.dump({"pooling_mode_cls_token": True}, f)
+  stages = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "pool", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+  with open(os.path.join(path, "modules.json"), "w") as f:
+    json.dump(stages, f)
+  assert TextEncoder.from_pretrained(path).pooling == "cls"  # the Pooling stage's folder, as modules.json names it
+  dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+  with open(os.path.join(path, "modules.json"), "w") as f:
+    json.dump([*stages[:2], dense, stages[2]], f)
+  with pytest.raises(WeightsError, match=r"modules.json: stage '2_Dense' \(sentence_transformers.models.Dense\) is "
+                                         r"not supported \(jaxrec runs Transformer, Pooling, Normalize\)"):
+    TextEncoder.from_pretrained(path)
+  with pytest.raises(WeightsError, match="stage '2_Dense'"):  # the tokenizer side alone (the trainer's) refuses it too
+    TextTokenizer.from_pretrained(path)
 
 
 def test_encode_shows_a_progress_bar_of_texts_only_when_asked(tmp_path, capsys):

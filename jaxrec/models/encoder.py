@@ -506,17 +506,39 @@ class BertEncoder(nnx.Module):
     return x_BxLxD if stream is None else stream.texts(x_BxLxD)
 
 
+# sentence-transformers' pooling modes (its Pooling module's names), each a reading of the last
+# hidden states [B, L, D] over a text's tokens (the mask): their mean; [CLS]'s state; the per-feature
+# max; the mean weighted by position 1..L (SGPT); the last token's state (decoder-style
+# embedders); the sum over sqrt of the token count.
+POOLING_MODES = ("mean", "cls", "max", "weightedmean", "lasttoken", "mean_sqrt_len_tokens")
+
+
 def pool(hidden_BxLxD: jax.Array, mask_BxL: jax.Array, mode: str = "mean", normalize: bool = True) -> jax.Array:
-  """Sentence embeddings [B, D] in float32: masked mean (sentence-transformers' default) or CLS."""
+  """Sentence embeddings [B, D] in float32 by one of ``POOLING_MODES``, as sentence-transformers'
+  ``Pooling`` computes them for right-padded rows; a row with no tokens pools to zeros."""
   hidden_BxLxD = hidden_BxLxD.astype(jnp.float32)
-  if mode == "mean":
-    mask_BxLx1 = mask_BxL.astype(jnp.float32)[..., None]
-    count_Bx1 = jnp.maximum(mask_BxLx1.sum(axis=1), 1e-9)  # sentence-transformers' clamp
-    out_BxD = (hidden_BxLxD * mask_BxLx1).sum(axis=1) / count_Bx1
+  mask_BxLx1 = mask_BxL.astype(jnp.float32)[..., None]
+  count_Bx1 = mask_BxLx1.sum(axis=1)
+  if mode in ("mean", "mean_sqrt_len_tokens"):
+    sum_BxD = (hidden_BxLxD * mask_BxLx1).sum(axis=1)
+    clamped_Bx1 = jnp.maximum(count_Bx1, 1e-9)  # sentence-transformers' clamp
+    out_BxD = sum_BxD / (clamped_Bx1 if mode == "mean" else jnp.sqrt(clamped_Bx1))
+  elif mode == "weightedmean":
+    weight_BxLx1 = mask_BxLx1 * jnp.arange(1, hidden_BxLxD.shape[1] + 1, dtype=jnp.float32)[None, :, None]
+    out_BxD = (hidden_BxLxD * weight_BxLx1).sum(axis=1) / jnp.maximum(weight_BxLx1.sum(axis=1), 1e-9)
   elif mode == "cls":
     out_BxD = hidden_BxLxD[:, 0]
+  elif mode == "max":
+    # sentence-transformers sets padding to -1e9 before the max; a row without tokens gives zeros here.
+    out_BxD = jnp.where(mask_BxLx1 > 0, hidden_BxLxD, -1e9).max(axis=1)
+    out_BxD = jnp.where(count_Bx1 > 0, out_BxD, 0.0)
+  elif mode == "lasttoken":
+    # Right padding: the last real token sits at count - 1 (a row without tokens reads row 0, then zeros).
+    last_B = jnp.maximum(count_Bx1[:, 0].astype(jnp.int32) - 1, 0)
+    out_BxD = jnp.take_along_axis(hidden_BxLxD, last_B[:, None, None], axis=1)[:, 0]
+    out_BxD = jnp.where(count_Bx1 > 0, out_BxD, 0.0)
   else:
-    raise ValueError(f"pooling mode {mode!r} must be 'mean' or 'cls'")
+    raise ValueError(f"pooling mode {mode!r} must be one of {', '.join(POOLING_MODES)}")
   if normalize:
     norm_Bx1 = jnp.linalg.norm(out_BxD, axis=-1, keepdims=True)
     out_BxD = out_BxD / jnp.maximum(norm_Bx1, 1e-12)  # torch.nn.functional.normalize's eps
