@@ -165,7 +165,10 @@ def cmd_export(args) -> int:
   step, params, tables = rec.restore(args.step)
   index = rec.build_index(params, tables, step)
   index.save(args.out)
-  print(f"exported step {step}: {len(index.item_ids)} items to {args.out}")
+  tower = index.query_tower
+  print(f"exported step {step}: {len(index.item_ids)} items to {args.out}, with the query tower "
+        f"(query_tower.jaxexport: {', '.join(tower.input_names)} -> [batch, {tower.width}], for "
+        f"{', '.join(tower.spec['platforms'])})")
   return 0
 
 

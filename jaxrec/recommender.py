@@ -248,8 +248,10 @@ class Recommender:
                                    batch_size=self.cfg.eval.batch_size, mesh=self.mesh, rules=self.rules)
 
   def build_index(self, params: dict, tables: dict, step: int):
-    """The serving artifact: every item's vector, and every user's query vector and known items."""
+    """The serving artifact: every item's vector, every user's query vector and known items, and
+    the query tower exported with its parameters (``serving.py``) for histories of new users."""
     from jaxrec.retrieval import ItemIndex
+    from jaxrec.serving import export_query_tower
     ds, sp, cfg = self.dataset, self.split, self.cfg
     known = Sequences.from_interactions(ds, np.concatenate([sp.train, sp.valid]))
     users = np.arange(ds.num_users, dtype=np.int32)
@@ -263,7 +265,9 @@ class Recommender:
                                "model": "two_tower", "text_encoder": cfg.encoder.path or "all-MiniLM-L6-v2"
                                if cfg.model.use_text else "none"},
                      user_vectors=user_vectors, user_ids=ds.user_raw_ids,
-                     user_seen=(known.start.astype(np.int64), known.items.astype(np.int64)))
+                     user_seen=(known.start.astype(np.int64), known.items.astype(np.int64)),
+                     query_tower=export_query_tower(self, params, tables, user_vectors=user_vectors,
+                                                    text_NxD=text_NxD))
 
 
 def build(cfg: Config, devices: list | None = None, *, restore_only: bool = False,

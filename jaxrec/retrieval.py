@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxrec import serving
 from jaxrec.sharding import round_up
 
 NEG_INF = float("-inf")
@@ -446,7 +447,7 @@ class IndexWriteError(OSError):
 # Every file the format holds. Loading refuses any other name, so a manifest cannot make `load`
 # open a path of its choosing.
 _INDEX_FILES = ("vectors.npy", "item_ids.npy", "titles.json", "user_vectors.npy", "user_ids.npy",
-                "user_seen_indptr.npy", "user_seen_indices.npy")
+                "user_seen_indptr.npy", "user_seen_indices.npy", *serving.FILES)
 _ID_KINDS = "iuUS"  # raw ids: ints or strings, as `load` can trust them
 
 
@@ -572,6 +573,10 @@ def _check_manifest(manifest, mpath) -> dict:
   for required in ("vectors.npy", "item_ids.npy", "titles.json"):
     if required not in files:
       raise IndexFormatError(f"{mpath} lists no {required}")
+  tower_files = [f for f in serving.FILES if f in files]
+  if tower_files and len(tower_files) != len(serving.FILES):
+    raise IndexFormatError(f"{mpath} lists {', '.join(tower_files)} without "
+                           f"{', '.join(f for f in serving.FILES if f not in files)}")
   for needs, what in (("user_ids.npy", "user_vectors.npy"), ("user_vectors.npy", "user_ids.npy"),
                       ("user_seen_indices.npy", "user_seen_indptr.npy"),
                       ("user_seen_indptr.npy", "user_seen_indices.npy"),
@@ -606,10 +611,12 @@ class ItemIndex:
     user_vectors: float32 [U, E] query vectors, one per user, computed at export time.
     user_ids: [U] raw user ids.
     user_seen: (indptr [U+1], indices [T]) CSR rows of the items each user already knows.
+    query_tower: the exported query tower (``serving.QueryTower``) that turns a history of item
+      rows (and the user's row and features) into a query vector: new users and new histories.
   """
 
   def __init__(self, vectors, item_ids, titles: Sequence[str], metadata: dict | None = None, *,
-               user_vectors=None, user_ids=None, user_seen=None):
+               user_vectors=None, user_ids=None, user_seen=None, query_tower: "serving.QueryTower | None" = None):
     self.vectors = np.ascontiguousarray(np.asarray(vectors, np.float32))
     if self.vectors.ndim != 2:
       raise ValueError(f"vectors must be [N, E], got shape {self.vectors.shape}")
@@ -637,6 +644,9 @@ class ItemIndex:
         if len(indices) and (indices.min() < 0 or indices.max() >= num_n):
           raise ValueError(f"user_seen indices must be item rows in [0, {num_n})")
         self.user_seen = (indptr, indices)
+    self.query_tower = query_tower
+    if query_tower is not None and query_tower.width != self.vectors.shape[1]:
+      raise ValueError(f"the query tower gives [B, {query_tower.width}] vectors for [N, {self.vectors.shape[1]}] items")
     self._item_row = {_id_key(v): i for i, v in enumerate(self.item_ids.tolist())}
     self._user_row = ({} if self.user_ids is None else
                       {_id_key(v): i for i, v in enumerate(self.user_ids.tolist())})
@@ -739,6 +749,26 @@ class ItemIndex:
     return [(i.item() if isinstance(i, np.generic) else i, self.titles[self._item_row[_id_key(i)]],
              float(s)) for i, s in zip(ids[0], scores[0]) if s > NEG_INF]
 
+  def history_query(self, history) -> np.ndarray:
+    """The query vector [E] of a user unknown at training whose history is ``history`` (raw item
+    ids, oldest first), through the exported query tower; an unknown id raises KeyError naming it."""
+    if self.query_tower is None:
+      raise ValueError("this index holds no query tower (re-export it with `jaxrec export`), so a history "
+                       "cannot be scored")
+    inputs = self.query_tower.new_user_inputs([self.item_rows(history)])
+    return self.query_tower(**inputs)[0]
+
+  def recommend_history(self, history, k: int = 10, exclude_seen: bool = True):
+    """[(item_id, title, score)] for an ad-hoc history (raw item ids, oldest first; the query tower
+    reads its most recent items), best first, the history's items left out."""
+    q_E = self.history_query(history)
+    if not np.isfinite(q_E).all():
+      raise ValueError("the query tower gave a NaN or inf query vector for this history")
+    exclude = [list(history)] if exclude_seen and len(history) else None
+    scores, ids = self.search(q_E[None], k, exclude=exclude)
+    return [(i.item() if isinstance(i, np.generic) else i, self.titles[self._item_row[_id_key(i)]],
+             float(s)) for i, s in zip(ids[0], scores[0]) if s > NEG_INF]
+
   def to_faiss(self):
     """An exact faiss.IndexFlatIP holding the item vectors (row i = item_ids[i])."""
     try:
@@ -782,7 +812,8 @@ class ItemIndex:
       if name in arrays and arrays[name].dtype.kind not in _ID_KINDS:
         raise ValueError(f"{name} has dtype {arrays[name].dtype}; use int or str ids")
     check_save_target(path)  # refuse before the (possibly long) write
-    needed = sum(arr.nbytes for arr in arrays.values())
+    needed = sum(arr.nbytes for arr in arrays.values()) + (0 if self.query_tower is None else
+                                                          len(self.query_tower.serialized))
     parent = os.path.dirname(path)
     tmp = None
     try:
@@ -797,6 +828,12 @@ class ItemIndex:
       with open(os.path.join(tmp, "titles.json"), "w", encoding="utf-8") as f:
         json.dump(self.titles, f, ensure_ascii=False)
       files["titles.json"] = {"shape": [len(self.titles)], "dtype": "json"}
+      for fname, blob in ({} if self.query_tower is None else self.query_tower.files()).items():
+        with open(os.path.join(tmp, fname), "wb") as f:
+          f.write(blob)
+          f.flush()
+          os.fsync(f.fileno())
+        files[fname] = {"shape": [len(blob)], "dtype": "bytes"}
       for fname, entry in files.items():
         full = os.path.join(tmp, fname)
         entry.update(bytes=os.path.getsize(full), sha256=_sha256(full))
@@ -866,7 +903,11 @@ class ItemIndex:
       if verify_checksums and _sha256(full) != entry["sha256"]:
         raise IndexFormatError(f"{full} fails its sha256 checksum (corrupted)")
       try:
-        if fname.endswith(".json"):
+        if fname in serving.FILES:  # read whole; the query tower parses them together below
+          with open(full, "rb") as f:
+            value = f.read()
+          shape = [len(value)]
+        elif fname.endswith(".json"):
           value = _read_json(full)
           if not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
             raise IndexFormatError(f"{full}: expected a JSON list of strings")
@@ -889,10 +930,17 @@ class ItemIndex:
     seen = None
     if "user_seen_indptr.npy" in loaded:
       seen = (loaded["user_seen_indptr.npy"], loaded["user_seen_indices.npy"])
+    query_tower = None
+    if serving.EXPORT_FILE in loaded:
+      try:
+        query_tower = serving.QueryTower.from_files({f: loaded.pop(f) for f in serving.FILES},
+                                                    os.path.join(path, serving.SPEC_FILE))
+      except Exception as e:  # a spec or examples file that checksummed but does not parse
+        raise IndexFormatError(f"{path}: the query tower's files cannot be read: {_one_line(e)}") from e
     try:
       return cls(loaded["vectors.npy"], loaded["item_ids.npy"], loaded["titles.json"],
                  manifest.get("metadata"), user_vectors=loaded.get("user_vectors.npy"),
-                 user_ids=loaded.get("user_ids.npy"), user_seen=seen)
+                 user_ids=loaded.get("user_ids.npy"), user_seen=seen, query_tower=query_tower)
     except ValueError as e:
       raise IndexFormatError(f"{path}: inconsistent contents: {_one_line(e)}") from e
 
@@ -908,6 +956,8 @@ class ItemIndex:
                 "user_ids.npy": ((num_u,), _ID_KINDS), "user_seen_indptr.npy": ((num_u + 1,), "iu"),
                 "user_seen_indices.npy": ((num_t,), "iu")}
     for fname, value in loaded.items():
+      if fname in serving.FILES:  # bytes, checked when the query tower reads them
+        continue
       shape, kinds = expected[fname]
       full = os.path.join(path, fname)
       got = (len(value),) if fname.endswith(".json") else value.shape
