@@ -41,9 +41,12 @@ def _parser() -> argparse.ArgumentParser:
   common(p, workdir_required=True)
   p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
   p.add_argument("--split", choices=("test", "valid"), help="which held-out split")
-  p = sub.add_parser("recommend", help="top-k items for one user, with titles")
+  p = sub.add_parser("recommend", help="top-k items for one user, or for an ad-hoc history, with titles")
   common(p, workdir_required=True)
-  p.add_argument("--user", required=True, help="user id as in the dataset")
+  who = p.add_mutually_exclusive_group(required=True)
+  who.add_argument("--user", help="user id as in the dataset")
+  who.add_argument("--history", help="item ids as in the dataset, comma-separated, oldest first: recommends for "
+                                     "a new user with this history through the exported query tower")
   p.add_argument("--k", type=int, default=10)
   p = sub.add_parser("export", help="write the ItemIndex artifact of a checkpoint")
   common(p, workdir_required=True)
@@ -179,6 +182,8 @@ def cmd_recommend(args) -> int:
   if args.k <= 0:
     raise UsageError(f"--k must be positive; got {args.k}")
   cfg = _transfer_config(args)
+  if cfg is not None and args.history is not None:
+    raise UsageError("--history reads the workdir's own catalog; drop the data.* overrides")
   if cfg is not None:  # another dataset: its catalog and the user's history there, through the trained towers
     from jaxrec import transfer
     index = transfer.index_for_users(cfg, [args.user])
@@ -188,6 +193,8 @@ def cmd_recommend(args) -> int:
     raise UsageError(f"no index in workdir {args.workdir}: run `jaxrec train` or `jaxrec export --workdir {args.workdir} "
                      f"--out {path}` first")
   index = ItemIndex.load(path)
+  if args.history is not None:
+    return _print_history_recommendations(index, args.history, args.k, args.workdir)
   user = _match_id(args.user, index.user_ids)
   if user is None:
     raise UsageError(f"unknown user id {args.user!r} (this dataset has {len(index.user_ids)} users, "
@@ -202,6 +209,32 @@ def _print_recommendations(index, user, k: int) -> int:
   for item_id, title in reversed(seen[-10:]):
     print(f"  [{item_id}] {title}")
   recommended = index.recommend(user, k)  # k is clamped to the items the user has not seen
+  print(f"top {len(recommended)} recommendations:")
+  for rank, (item_id, title, score) in enumerate(recommended, 1):
+    print(f"  {rank:2d}. [{item_id}] {title}  ({score:.3f})")
+  return 0
+
+
+def _print_history_recommendations(index, history_text: str, k: int, workdir: str) -> int:
+  words = [w.strip() for w in history_text.split(",") if w.strip()]
+  if not words:
+    raise UsageError("--history needs at least one item id (comma-separated, oldest first)")
+  if index.query_tower is None:
+    raise UsageError(f"the index in workdir {workdir} has no query tower (written before jaxrec exported one): "
+                     f"run `jaxrec export --workdir {workdir} --out {os.path.join(workdir, 'index')}`")
+  history = []
+  for word in words:
+    item = _match_id(word, index.item_ids)
+    if item is None:
+      raise UsageError(f"unknown item id {word!r} in --history (this catalog has {len(index.item_ids)} items, "
+                       f"e.g. {', '.join(str(i) for i in index.item_ids[:3])})")
+    history.append(item)
+  length = index.query_tower.history_len
+  print(f"history of {len(history)} items{f' (the query tower reads the {length} most recent)' if len(history) > length else ''}, "
+        f"newest first:")
+  for item_id in reversed(history[-10:]):
+    print(f"  [{item_id}] {index.titles[int(index.item_rows([item_id])[0])]}")
+  recommended = index.recommend_history(history, k)
   print(f"top {len(recommended)} recommendations:")
   for rank, (item_id, title, score) in enumerate(recommended, 1):
     print(f"  {rank:2d}. [{item_id}] {title}  ({score:.3f})")
