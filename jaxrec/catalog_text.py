@@ -36,11 +36,12 @@ LIVE_MODES = ("lora", "adalora", "full")
 class HistoryText:
   """``model.query=text``: the catalog's titles as tokens, from which a history's text is built.
 
-  The text of a history is its items' titles, most recent last, joined by the separator: the
-  newest titles that fit in the encoder's ``max_length`` with ``[CLS]`` and ``[SEP]`` (whole titles;
-  the newest alone is cut where the tokenizer cuts it). Its tokens are the titles' own tokens
-  joined by the separator's (``models.two_tower.history_text_rows``), which equal the tokenizer's
-  tokens of the joined string (checked when built).
+  The text of a history is the prefix (``encoder.query_prefix``), then its items' titles, most
+  recent last, joined by the separator: the newest titles that fit in the encoder's ``max_length``
+  with ``[CLS]``, the prefix and ``[SEP]`` (whole titles; the newest alone is cut where the
+  tokenizer cuts it). Its tokens are the prefix's and the titles' own tokens joined by the
+  separator's (``models.two_tower.history_text_rows``), which equal the tokenizer's tokens of the
+  joined string (checked when built).
   """
 
   titles_NxW: np.ndarray  # int32 [N, W]: each item's title tokens, no special tokens, pad-padded
@@ -51,16 +52,18 @@ class HistoryText:
   sep_id: int
   pad_id: int
   max_length: int  # the encoder's: the most tokens a history text holds, [CLS] and [SEP] included
+  prefix: str = ""  # encoder.query_prefix: before the titles
+  prefix_ids: tuple[int, ...] = ()  # its tokens
 
   def width(self, history_len: int) -> int:
     """Tokens per history text row: the encoder's max length, or less when L titles cannot fill it."""
     widest = history_len * (self.titles_NxW.shape[1] + len(self.separator_ids)) - len(self.separator_ids) + 2
-    return max(2, min(self.max_length, widest))
+    return max(2 + len(self.prefix_ids), min(self.max_length, widest + len(self.prefix_ids)))
 
   def kept(self, items: Sequence[int]) -> list[int]:
     """Of a history's items (most recent last), those whose titles its text holds: the newest
     titles that fit with the separators between them (the newest always, cut if it alone is too long)."""
-    room, s = self.max_length - 2, len(self.separator_ids)
+    room, s = self.max_length - 2 - len(self.prefix_ids), len(self.separator_ids)
     out, used = [], -s
     for item in reversed(list(items)):
       need = used + s + int(self.lengths_N[item])
@@ -72,16 +75,20 @@ class HistoryText:
 
   def text(self, titles: Sequence[str], items: Sequence[int]) -> str:
     """The history text of ``items`` (most recent last) as a string: what the encoder reads."""
-    return self.separator.join(titles[i] for i in self.kept(items))
+    return self.prefix + self.separator.join(titles[i] for i in self.kept(items))
 
   @classmethod
-  def of(cls, tokenizer, titles: Sequence[str], separator: str, *, probes: int = 64) -> "HistoryText":
+  def of(cls, tokenizer, titles: Sequence[str], separator: str, *, prefix: str = "", probes: int = 64) -> "HistoryText":
     """The catalog's titles as tokens for ``model.query=text``, after checking on ``probes`` pairs of
-    titles that joining their tokens with the separator's gives the tokenizer's tokens of the joined
-    string (so the model reads exactly the text ``HistoryText.text`` names)."""
+    titles that joining the prefix's tokens and theirs with the separator's gives the tokenizer's
+    tokens of the joined string (so the model reads exactly the text ``HistoryText.text`` names)."""
     titles = list(titles)
     pieces = tokenizer.pieces(titles)
     (separator_ids,) = tokenizer.pieces([separator]) if separator else ([],)
+    (prefix_ids,) = tokenizer.pieces([prefix]) if prefix else ([],)
+    if len(prefix_ids) > tokenizer.max_length - 3:
+      raise ValueError(f"encoder.query_prefix={prefix!r}: its {len(prefix_ids)} tokens leave no room for a title in "
+                       f"the encoder's max_length {tokenizer.max_length}")
     cls_id, sep_id, pad_id = tokenizer.special_ids
     lengths_N = np.array([len(p) for p in pieces], np.int32)
     titles_NxW = np.full((len(titles), max(int(lengths_N.max(initial=0)), 1)), pad_id, np.int32)
@@ -89,18 +96,19 @@ class HistoryText:
       titles_NxW[row, :len(piece)] = piece
     out = cls(titles_NxW=titles_NxW, lengths_N=lengths_N, separator=separator,
               separator_ids=tuple(int(t) for t in separator_ids), cls_id=cls_id, sep_id=sep_id, pad_id=pad_id,
-              max_length=tokenizer.max_length)
+              max_length=tokenizer.max_length, prefix=prefix, prefix_ids=tuple(int(t) for t in prefix_ids))
     rng = np.random.default_rng(0)
     pairs = rng.integers(0, len(titles), (min(probes, len(titles)), 2)) if titles else np.zeros((0, 2), int)
     joined = tokenizer.tokenize([out.text(titles, pair) for pair in pairs])
     for pair, ids, mask in zip(pairs, joined["input_ids"], joined["attention_mask"]):
       kept = out.kept(pair)
-      want = [cls_id] + [t for k, item in enumerate(kept) for t in (list(separator_ids) if k else []) + pieces[item]]
+      want = [cls_id, *prefix_ids] + [t for k, item in enumerate(kept) for t in (list(separator_ids) if k else []) + pieces[item]]
       want = want[:tokenizer.max_length - 1] + [sep_id]
       if ids[mask > 0].tolist() != want:
-        raise ValueError(f"model.query_separator={separator!r}: tokenizing {out.text(titles, pair)!r} gives other "
-                         f"tokens than its titles' and the separator's tokens joined; use a separator that splits "
-                         f"from the words around it (such as ' ; ')")
+        raise ValueError(f"model.query_separator={separator!r}, encoder.query_prefix={prefix!r}: tokenizing "
+                         f"{out.text(titles, pair)!r} gives other tokens than the prefix's, its titles' and the "
+                         f"separator's tokens joined; use a separator that splits from the words around it (such "
+                         f"as ' ; ') and a prefix that ends in a space or punctuation")
     return out
 
 
@@ -134,9 +142,21 @@ def _encoder_options(cfg: Config) -> dict[str, Any]:
   elif enc.mode == "adalora":  # SVD-form adapters at their initial rank; the allocator prunes them
     adapters = {"lora_rank": enc.adalora_init_rank, "lora_alpha": enc.lora_alpha, "lora_ffn": enc.lora_ffn,
                 "adapter": "adalora"}
+  adapters.update(item_prefix=enc.item_prefix, query_prefix=enc.query_prefix)  # None: the model's own prompts
   # pooling None: the model directory's own (1_Pooling/config.json), so training pools as TextEncoder does.
   return dict(max_length=cfg.encoder.max_length or None, pooling=cfg.encoder.pooling or None, dtype=cfg.encoder.dtype,
               **adapters)
+
+
+def _item_texts(tokenizer, dataset: Dataset) -> list[str]:
+  """The catalog's texts as the encoder reads them: each after the item prefix (E5's "passage: ")."""
+  if tokenizer.item_prefix:
+    log.info("item texts read with the prefix %r", tokenizer.item_prefix)
+  return [tokenizer.item_prefix + t for t in dataset.item_text]
+
+
+def _history_text(tokenizer, cfg: Config, dataset: Dataset) -> HistoryText:
+  return HistoryText.of(tokenizer, dataset.item_titles, cfg.model.query_separator, prefix=tokenizer.query_prefix)
 
 
 def catalog_text(cfg: Config, dataset: Dataset, *, abstract: bool = False) -> CatalogText:
@@ -149,17 +169,16 @@ def catalog_text(cfg: Config, dataset: Dataset, *, abstract: bool = False) -> Ca
   query_text = cfg.model.query == "text"
   if cfg.encoder.mode in LIVE_MODES:
     tokenizer = TextTokenizer.from_pretrained(path, **_encoder_options(cfg))
-    return CatalogText(dim=tokenizer.hidden_size, tokens=tokenizer.tokenize(list(dataset.item_text)),
+    return CatalogText(dim=tokenizer.hidden_size, tokens=tokenizer.tokenize(_item_texts(tokenizer, dataset)),
                        encoder_config=tokenizer.config, encoder_path=tokenizer.path,
                        length_buckets=tokenizer.length_buckets, pooling=tokenizer.pooling,
-                       history=HistoryText.of(tokenizer, dataset.item_titles, cfg.model.query_separator)
-                       if query_text else None)
+                       history=_history_text(tokenizer, cfg, dataset) if query_text else None)
   # Frozen with the text query: the model also carries the encoder (its weights as constants).
   query_encoder = {}
   if query_text:
     tokenizer = TextTokenizer.from_pretrained(path, **_encoder_options(cfg))
     query_encoder = dict(encoder_config=tokenizer.config, encoder_path=tokenizer.path, pooling=tokenizer.pooling,
-                   history=HistoryText.of(tokenizer, dataset.item_titles, cfg.model.query_separator))
+                   history=_history_text(tokenizer, cfg, dataset))
   if abstract:  # the width is all a restore needs: config.json says it
     from jaxrec.text_encoder import default_model_dir
     from jaxrec.weights import read_config
@@ -168,6 +187,6 @@ def catalog_text(cfg: Config, dataset: Dataset, *, abstract: bool = False) -> Ca
   log.info("loading the text encoder %s (encoder.mode=%s)", cfg.encoder.path or "all-MiniLM-L6-v2 (packaged)",
            cfg.encoder.mode)
   encoder = TextEncoder.from_pretrained(path, **_encoder_options(cfg))
-  vectors = encode_cached(encoder, list(dataset.item_text), cache_dir(cfg), batch_size=cfg.encoder.batch_size,
+  vectors = encode_cached(encoder, _item_texts(encoder, dataset), cache_dir(cfg), batch_size=cfg.encoder.batch_size,
                           progress=cfg.train.progress and jax.process_index() == 0)
   return CatalogText(dim=int(vectors.shape[1]), vectors=np.asarray(vectors, np.float32), **query_encoder)

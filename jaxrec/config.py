@@ -84,6 +84,12 @@ class EncoderConfig:
   # "" = the model's own (sentence-transformers' 1_Pooling/config.json, else mean) | mean | cls | max |
   # weightedmean | lasttoken | mean_sqrt_len_tokens: overrides the model's, in training and encoding alike
   pooling: str = ""
+  # Text put before every item text (item_prefix) and, with model.query=text, before each history
+  # text (query_prefix), as E5's "passage: "/"query: " or BGE's query instruction. None = the
+  # model's own sentence-transformers prompts (config_sentence_transformers.json: "document" or
+  # "passage" for items, "query" for queries), else none; "" = no prefix.
+  item_prefix: str | None = None
+  query_prefix: str | None = None
   batch_size: int = 64  # catalog encoding batch
   # Encoder compute dtype (weights stay float32): float32 (exact; HIGHEST precision on
   # accelerators) | bfloat16 (the accelerators' fast path; on CPU bf16 operands for every matmul,

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxrec import hub
 from jaxrec.files import atomic_file
 from jaxrec.models.encoder import POOLING_MODES, BertConfig, BertEncoder, sentence_vectors, uses_cpu_bf16_matmul
 from jaxrec.weights import ShardingSpec, WeightsError, check_vocab, find_weights_file, load_encoder, read_config
@@ -117,6 +118,22 @@ def _pooling_from_dir(path: str) -> str:
   return supported[0]
 
 
+# Names under which sentence-transformers' config_sentence_transformers.json keeps the prompt for
+# the texts searched (the items) and for the searches (the queries), in the order tried.
+ITEM_PROMPTS = ("document", "passage", "corpus")
+QUERY_PROMPTS = ("query",)
+
+
+def model_prompts(path: str) -> tuple[str, str]:
+  """(item prefix, query prefix) from the model's own sentence-transformers prompts ("" where none)."""
+  file = os.path.join(path, "config_sentence_transformers.json")
+  prompts = (_read_json(file) or {}).get("prompts") or {}
+  if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+    raise WeightsError(f"{file}: 'prompts' is not a mapping of names to strings")
+  first = lambda names: next((prompts[n] for n in names if n in prompts), "")  # noqa: E731
+  return first(ITEM_PROMPTS), first(QUERY_PROMPTS)
+
+
 def _dir_fingerprint(path: str) -> str:
   """Cheap content fingerprint: small files hashed whole, large ones (weights) by size and mtime."""
   h = hashlib.sha256()
@@ -168,7 +185,7 @@ class TextTokenizer:
   """
 
   def __init__(self, hf_tokenizer: Any, config: BertConfig, *, max_length: int, pooling: str = "mean",
-               lower_case: bool = False, path: str = ""):
+               lower_case: bool = False, path: str = "", item_prefix: str = "", query_prefix: str = ""):
     if pooling not in POOLING_MODES:
       raise ValueError(f"pooling {pooling!r} must be one of {', '.join(POOLING_MODES)}")
     if not 2 <= max_length <= config.max_position_embeddings:
@@ -177,21 +194,27 @@ class TextTokenizer:
     self.hf_tokenizer, self.config, self.path = hf_tokenizer, config, path
     self.max_length, self.pooling = max_length, pooling
     self.lower_case = lower_case  # sentence_bert_config's do_lower_case: lowercases before tokenizing
+    # Put before item texts and history texts by their callers (catalog_text), not by tokenize/encode.
+    self.item_prefix, self.query_prefix = item_prefix, query_prefix
     self.hidden_size = config.hidden_size
     self.length_buckets = tuple(b for b in LENGTH_BUCKETS if b < max_length) + (max_length,)
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike | None = None, *, max_length: int | None = None,
-                      pooling: str | None = None, **config_overrides: Any) -> "TextTokenizer":
-    """The tokenizer side of a local HF BERT-family directory; no path = the packaged all-MiniLM-L6-v2.
+                      pooling: str | None = None, item_prefix: str | None = None, query_prefix: str | None = None,
+                      **config_overrides: Any) -> "TextTokenizer":
+    """The tokenizer side of a local HF BERT-family directory or a hub id (``org/name[@revision]``,
+    through ``jaxrec.hub.resolve``); no path = the packaged all-MiniLM-L6-v2.
 
     ``max_length`` defaults to sentence_bert_config.json's max_seq_length, else the tokenizer's and
     model's limit; ``pooling`` (None or "": the model's own) to 1_Pooling/config.json's mode, else
-    mean. A modules.json stage other than Transformer, Pooling and Normalize is refused by name. ``config_overrides``
+    mean. A modules.json stage other than Transformer, Pooling and Normalize is refused by name.
+    ``item_prefix``/``query_prefix`` (None: the model's own sentence-transformers prompts,
+    ``model_prompts``) are kept as attributes for callers that build item and query texts. ``config_overrides``
     (``lora_rank``, ``lora_alpha``, ``lora_ffn``, ``dtype``) go to ``BertConfig`` (``.config``).
     The directory must hold a weights file (checked, not read).
     """
-    path = default_model_dir() if path is None else os.fspath(path)
+    path = default_model_dir() if path is None else hub.resolve(os.fspath(path)).path  # org/name: the hub's snapshot
     cfg = read_config(path, **config_overrides)  # checks config.json, weights file and architecture first
     hf_tokenizer = cls._load_tokenizer(path)
     check_vocab(len(hf_tokenizer), cfg, path)
@@ -202,8 +225,11 @@ class TextTokenizer:
     check_modules(path)
     if not pooling:
       pooling = _pooling_from_dir(path)
+    own_item, own_query = model_prompts(path)
     return cls(hf_tokenizer, cfg, max_length=int(max_length), pooling=pooling,
-               lower_case=bool(st_config.get("do_lower_case", False)), path=path)
+               lower_case=bool(st_config.get("do_lower_case", False)), path=path,
+               item_prefix=own_item if item_prefix is None else item_prefix,
+               query_prefix=own_query if query_prefix is None else query_prefix)
 
   @staticmethod
   def _load_tokenizer(path: str):
@@ -272,6 +298,7 @@ class TextEncoder:
       raise ValueError(f"the module's config {cfg} is not the tokenizer's {tokenizer.config}")
     self.tokenizer, self.module, self.config, self.normalize = tokenizer, module, cfg, normalize
     self.path, self.max_length, self.pooling = tokenizer.path, tokenizer.max_length, tokenizer.pooling
+    self.item_prefix, self.query_prefix = tokenizer.item_prefix, tokenizer.query_prefix
     self.lower_case, self.hidden_size, self.length_buckets = (tokenizer.lower_case, tokenizer.hidden_size,
                                                               tokenizer.length_buckets)
     max_length, pooling, lower_case = self.max_length, self.pooling, self.lower_case
@@ -291,13 +318,16 @@ class TextEncoder:
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike | None = None, *, max_length: int | None = None,
                       pooling: str | None = None, normalize: bool = True, sharding: ShardingSpec = None,
-                      seed: int = 0, **config_overrides: Any) -> "TextEncoder":
+                      seed: int = 0, item_prefix: str | None = None, query_prefix: str | None = None,
+                      **config_overrides: Any) -> "TextEncoder":
     """Loads a local HF BERT-family directory; no path = the packaged all-MiniLM-L6-v2 (offline).
 
-    ``max_length``, ``pooling`` and ``config_overrides`` as in ``TextTokenizer.from_pretrained``;
-    ``sharding`` and ``seed`` (LoRA adapters' init) as in ``jaxrec.weights.load_encoder``.
+    ``max_length``, ``pooling``, the prefixes and ``config_overrides`` as in
+    ``TextTokenizer.from_pretrained``; ``sharding`` and ``seed`` (LoRA adapters' init) as in
+    ``jaxrec.weights.load_encoder``. ``encode`` reads texts as given: the prefixes are for callers.
     """
-    tokenizer = TextTokenizer.from_pretrained(path, max_length=max_length, pooling=pooling, **config_overrides)
+    tokenizer = TextTokenizer.from_pretrained(path, max_length=max_length, pooling=pooling, item_prefix=item_prefix,
+                                              query_prefix=query_prefix, **config_overrides)
     module, _ = load_encoder(tokenizer.path, sharding=sharding, seed=seed, **config_overrides)
     identity = f"{_dir_fingerprint(tokenizer.path)}|{os.path.basename(find_weights_file(tokenizer.path))}"
     return cls(tokenizer, module, normalize=normalize, identity=identity)

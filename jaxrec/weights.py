@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxrec import hub
 from jaxrec.models.encoder import BertConfig, BertEncoder, ConfigFileError, LoRAParam
 
 log = logging.getLogger("jaxrec")
@@ -271,8 +272,9 @@ def place(value: np.ndarray | jax.Array, path: tuple, logical_names: tuple, shar
 
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> BertConfig:
-  """The config of a model directory, after checking the directory has config.json and weights."""
-  path = os.fspath(path)
+  """The config of a model directory (or hub id, ``jaxrec.hub.resolve``), after checking the directory
+  has config.json and weights."""
+  path = hub.resolve(os.fspath(path)).path
   if not os.path.isdir(path):
     raise WeightsError(f"{path}: not a directory (expected a Hugging Face model directory with config.json and weights)")
   if not os.path.isfile(os.path.join(path, "config.json")):
@@ -352,7 +354,7 @@ def read_encoder_weights(path: str | os.PathLike, cfg: BertConfig) -> tuple[dict
   problem is collected and raised once as a ``WeightsError``. ``cfg`` is usually
   ``read_config(path, **overrides)``.
   """
-  path = os.fspath(path)
+  path = hub.resolve(os.fspath(path)).path
   variables = dict(nnx.to_flat_state(nnx.state(abstract_encoder(cfg))))  # shapes and dtypes only
   return _read_weights(path, cfg, variables)
 
@@ -368,7 +370,7 @@ def load_encoder(path: str | os.PathLike, *, sharding: ShardingSpec = None, seed
   them on the default device. ``seed`` initialises LoRA adapters, the only parameters not read
   from the checkpoint.
   """
-  path = os.fspath(path)
+  path = hub.resolve(os.fspath(path)).path
   cfg = read_config(path, **config_overrides)
   graphdef, abstract_state = nnx.split(abstract_encoder(cfg, seed))
   variables = dict(nnx.to_flat_state(abstract_state))

@@ -46,3 +46,137 @@ def test_a_cls_pooled_model_trains_with_cls_pooling_without_an_override(tmp_path
   # ... which mean pooling (what training used before the model's own pooling reached it) is not.
   mean = TextEncoder(TextTokenizer.from_pretrained(path, pooling="mean"), model.text_encoder)
   assert np.abs(got - mean.encode(texts)).max() > 0.1
+
+
+# Words of the tiny BERT's vocabulary ("query" and "passage" are not: they tokenize to [UNK]).
+TITLES = ["the movie", "a great war story", "love", "the old city at night", "dog and cat", "sad",
+          "a new hero of the sea and the sky", "red house"]
+
+
+def _prompted_bert(path, prompts: dict) -> str:
+  from fixtures import tiny_bert
+  path = tiny_bert.write(path)
+  with open(os.path.join(path, "config_sentence_transformers.json"), "w") as f:
+    json.dump({"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}, f)
+  return path
+
+
+def test_prefixes_default_to_the_models_own_prompts_and_an_explicit_one_wins(tmp_path):
+  from fixtures import tiny_bert
+  e5 = _prompted_bert(tmp_path / "e5", {"query": "query: ", "passage": "passage: "})
+  tok = TextTokenizer.from_pretrained(e5)
+  assert (tok.item_prefix, tok.query_prefix) == ("passage: ", "query: ")
+  bge = _prompted_bert(tmp_path / "bge", {"query": "the sky of the movie ", "document": ""})
+  assert (TextEncoder.from_pretrained(bge).item_prefix, TextEncoder.from_pretrained(bge).query_prefix) == (
+      "", "the sky of the movie ")
+  explicit = TextTokenizer.from_pretrained(e5, item_prefix="", query_prefix="a ")
+  assert (explicit.item_prefix, explicit.query_prefix) == ("", "a ")
+  plain = TextTokenizer.from_pretrained(tiny_bert.write(tmp_path / "plain"))
+  assert (plain.item_prefix, plain.query_prefix) == ("", "")
+
+
+def test_the_item_prefix_reaches_frozen_vectors_and_live_tokens(tmp_path):
+  from jaxrec.catalog_text import catalog_text
+  from jaxrec.data.sources import load
+  path = _prompted_bert(tmp_path / "e5", {"query": "query: ", "document": "the movie : "})
+  base = ["model.use_text=true", f"encoder.path={path}", f"encoder.cache_dir={tmp_path / 'cache'}"]
+  cfg = load_config(TINY, base + ["encoder.mode=frozen"])
+  dataset, _ = load(cfg.data)
+  texts = list(dataset.item_text)
+  encoder = TextEncoder.from_pretrained(path)
+  frozen = catalog_text(cfg, dataset)
+  np.testing.assert_allclose(frozen.vectors, encoder.encode(["the movie : " + t for t in texts]), rtol=0, atol=1e-6)
+  assert np.abs(frozen.vectors - encoder.encode(texts)).max() > 1e-2
+  live = catalog_text(load_config(TINY, base + ["encoder.mode=lora"]), dataset)
+  np.testing.assert_array_equal(live.tokens["input_ids"], encoder.tokenize(["the movie : " + t for t in texts])["input_ids"])
+  unprefixed = catalog_text(load_config(TINY, base + ["encoder.mode=lora", "encoder.item_prefix="]), dataset)
+  np.testing.assert_array_equal(unprefixed.tokens["input_ids"], encoder.tokenize(texts)["input_ids"])
+
+
+def test_history_rows_carry_the_query_prefix_after_cls(tmp_path):
+  from jaxrec.catalog_text import HistoryText
+  from jaxrec.models.two_tower import history_text_rows
+  path = _prompted_bert(tmp_path / "q", {"query": "the sky : "})
+  tokenizer = TextTokenizer.from_pretrained(path, max_length=16)
+  ht = HistoryText.of(tokenizer, TITLES, " ; ", prefix=tokenizer.query_prefix)
+  assert ht.prefix_ids == tuple(tokenizer.pieces(["the sky : "])[0]) and len(ht.prefix_ids) == 3
+  # 11 tokens after [CLS] and the prefix's 3 (16 - 2 - 3): "sad ; a new hero ... sky" is 1 + 1 + 9.
+  assert ht.kept([0, 1, 7, 5, 6]) == [5, 6]
+  assert ht.text(TITLES, [2, 4]) == "the sky : love ; dog and cat"
+  rng = np.random.default_rng(0)
+  history = rng.integers(0, len(TITLES), (32, 6)).astype(np.int32)
+  mask = rng.random((32, 6)) < 0.7
+  mask[0] = False  # no history: "[CLS] the sky : [SEP]"
+  history = np.where(mask, history, -1)
+  width = ht.width(6)
+  assert width == 16
+  got = {k: np.asarray(v) for k, v in history_text_rows(
+      jnp.asarray(ht.titles_NxW), jnp.asarray(ht.lengths_N), jnp.asarray(history), jnp.asarray(mask),
+      separator=ht.separator_ids, cls_id=ht.cls_id, sep_id=ht.sep_id, pad_id=ht.pad_id, width=width,
+      prefix=ht.prefix_ids).items()}
+  want = tokenizer.tokenize([ht.text(TITLES, h[m]) for h, m in zip(history, mask)], max_length=16)
+  for name in ("input_ids", "attention_mask"):
+    padded = np.full((32, width), tokenizer.special_ids[2] if name == "input_ids" else 0, np.int32)
+    padded[:, :want[name].shape[1]] = want[name]
+    np.testing.assert_array_equal(got[name], padded, err_msg=name)
+  assert got["attention_mask"][0].sum() == 2 + 3
+  with pytest.raises(ValueError, match="encoder.query_prefix"):
+    HistoryText.of(tokenizer, TITLES, " ; ", prefix="the " * 14)
+
+
+def _fake_hub(monkeypatch, tmp_path, *, online: bool = True):
+  """huggingface_hub.snapshot_download over a cache in tmp_path: nothing reaches a network."""
+  import huggingface_hub
+  from huggingface_hub.errors import LocalEntryNotFoundError
+  from fixtures import tiny_bert
+  snapshot = tiny_bert.write(tmp_path / "hf" / "models--org--tiny" / "snapshots" / "0123abcd")
+  calls, cached = [], []
+
+  def snapshot_download(repo_id, *, revision=None, allow_patterns=None, local_files_only=False, **kwargs):
+    calls.append(dict(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns, local=local_files_only))
+    if repo_id != "org/tiny" or (local_files_only and not cached) or not online:
+      raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache and outgoing traffic has "
+                                    "been disabled.")
+    cached.append(True)  # downloaded once: in the cache from now on
+    return snapshot
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+  return snapshot, calls
+
+
+def test_a_hub_id_resolves_through_snapshot_download_once_then_from_the_cache(tmp_path, monkeypatch, caplog):
+  import logging
+  snapshot, calls = _fake_hub(monkeypatch, tmp_path)
+  with caplog.at_level(logging.INFO, logger="jaxrec"):
+    enc = TextEncoder.from_pretrained("org/tiny")
+  assert enc.path == snapshot
+  # First the cache alone, then the hub; only the files an encoder reads.
+  assert [c["local"] for c in calls[:2]] == [True, False]
+  assert "model.safetensors" in calls[1]["allow_patterns"] and "*.onnx" not in calls[1]["allow_patterns"]
+  assert "encoder.path=org/tiny: revision 0123abcd from the Hugging Face hub" in caplog.text
+  assert "pin it with encoder.path=org/tiny@0123abcd" in caplog.text
+  np.testing.assert_array_equal(enc.encode(["the movie"]), TextEncoder.from_pretrained(snapshot).encode(["the movie"]))
+  calls.clear()
+  from jaxrec import hub
+  pinned = hub.resolve("org/tiny@0123abcd")
+  assert (pinned.path, pinned.repo, pinned.revision) == (snapshot, "org/tiny", "0123abcd")
+  assert calls == [dict(repo_id="org/tiny", revision="0123abcd", allow_patterns=calls[0]["allow_patterns"], local=True)]
+  # The trainer's catalog goes the same way (frozen vectors, and the live encoder's directory).
+  from jaxrec.catalog_text import catalog_text
+  from jaxrec.data.sources import load
+  cfg = load_config(TINY, ["model.use_text=true", "encoder.path=org/tiny", "encoder.mode=lora"])
+  assert catalog_text(cfg, load(cfg.data)[0]).encoder_path == snapshot
+
+
+def test_an_unreachable_hub_names_the_local_directory_alternative(tmp_path, monkeypatch):
+  from jaxrec.hub import HubError
+  _fake_hub(monkeypatch, tmp_path, online=False)
+  with pytest.raises(HubError, match=r"encoder.path='org/tiny' is not a local directory and the Hugging Face hub "
+                                     r"could not provide it \(LocalEntryNotFoundError: .*\); on a connected machine "
+                                     r"run `huggingface-cli download org/tiny --local-dir DIR`.*encoder.path=DIR"):
+    TextEncoder.from_pretrained("org/tiny")
+  # A local directory of that name wins, without asking the hub.
+  from fixtures import tiny_bert
+  monkeypatch.chdir(tmp_path)
+  tiny_bert.write(tmp_path / "org" / "tiny")
+  assert TextEncoder.from_pretrained("org/tiny").path == "org/tiny"

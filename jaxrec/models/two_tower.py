@@ -17,14 +17,16 @@ from jaxrec.models.towers import Catalog, ItemTower, QueryTower, Table, Users
 
 
 def history_text_rows(titles_NxW: jax.Array, lengths_N: jax.Array, history_BxL: jax.Array, mask_BxL: jax.Array, *,
-                      separator: tuple[int, ...], cls_id: int, sep_id: int, pad_id: int, width: int) -> dict[str, jax.Array]:
+                      separator: tuple[int, ...], cls_id: int, sep_id: int, pad_id: int, width: int,
+                      prefix: tuple[int, ...] = ()) -> dict[str, jax.Array]:
   """Each history's text as padded token rows [B, T=width] (``PADDED_INPUTS``): ``[CLS]``, the
-  titles of its real slots in slot order (most recent last) joined by the separator's tokens,
-  ``[SEP]``. Only the newest titles that fit in ``width - 2`` tokens are kept, whole (the newest
+  prefix's tokens, the titles of its real slots in slot order (most recent last) joined by the
+  separator's tokens, ``[SEP]``. Only the newest titles that fit in ``width - 2 - len(prefix)``
+  tokens are kept, whole (the newest
   always, cut to fit): ``catalog_text.HistoryText.kept``. Pure and shape-static, so the step builds
   the rows from the batch's history ids on the device."""
   b, l = history_BxL.shape
-  s, room = len(separator), width - 2
+  s, room = len(separator), width - 2 - len(prefix)
   real_BxL = mask_BxL.astype(bool)
   items_BxL = jnp.maximum(history_BxL, 0)
   length_BxL = jnp.where(real_BxL, lengths_N[items_BxL], 0)
@@ -49,11 +51,12 @@ def history_text_rows(titles_NxW: jax.Array, lengths_N: jax.Array, history_BxL: 
   title_BxK = titles_NxW[item_BxK, jnp.clip(offset_BxK - lead_BxK, 0, titles_NxW.shape[1] - 1)]
   content_BxK = jnp.where(offset_BxK < lead_BxK, separator_S[jnp.clip(offset_BxK, 0, len(separator_S) - 1)], title_BxK)
   content_BxK = jnp.where(p_K[None, :] < total_B[:, None], content_BxK, pad_id)
-  ids_BxT = jnp.concatenate([jnp.full((b, 1), cls_id, jnp.int32), content_BxK.astype(jnp.int32),
-                             jnp.full((b, 1), pad_id, jnp.int32)], axis=1)
+  lead_BxP = jnp.broadcast_to(jnp.asarray((cls_id, *prefix), jnp.int32)[None], (b, 1 + len(prefix)))
+  ids_BxT = jnp.concatenate([lead_BxP, content_BxK.astype(jnp.int32), jnp.full((b, 1), pad_id, jnp.int32)], axis=1)
   t_T = jnp.arange(width)
-  ids_BxT = jnp.where(t_T[None, :] == total_B[:, None] + 1, sep_id, ids_BxT)
-  return {"input_ids": ids_BxT, "attention_mask": (t_T[None, :] < total_B[:, None] + 2).astype(jnp.int32),
+  end_B = total_B + 1 + len(prefix)  # where [SEP] goes
+  ids_BxT = jnp.where(t_T[None, :] == end_B[:, None], sep_id, ids_BxT)
+  return {"input_ids": ids_BxT, "attention_mask": (t_T[None, :] <= end_B[:, None]).astype(jnp.int32),
           "token_type_ids": jnp.zeros((b, width), jnp.int32)}
 
 
@@ -78,6 +81,7 @@ class TwoTower(nnx.Module):
       # Static (ints): part of the graph, so the step's shapes follow from them.
       self.separator_ids, self.special_ids = history_text.separator_ids, (history_text.cls_id, history_text.sep_id,
                                                                           history_text.pad_id)
+      self.prefix_ids = history_text.prefix_ids  # encoder.query_prefix's tokens
       self.history_text_width = history_text.width(history_len)
     self.item_tower = ItemTower(catalog, cfg, text_dim, row_multiple=row_multiple, rngs=rngs)
     self.query_tower = QueryTower(users, cfg, catalog=catalog, row_multiple=row_multiple, text_dim=text_dim,
@@ -106,7 +110,7 @@ class TwoTower(nnx.Module):
     cls_id, sep_id, pad_id = self.special_ids
     return history_text_rows(self.titles[...], self.title_lengths[...], history_BxL, mask_BxL,
                              separator=self.separator_ids, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id,
-                             width=self.history_text_width)
+                             width=self.history_text_width, prefix=self.prefix_ids)
 
   def history_text_vectors(self, history_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
     """``model.query=text``: the encoder's pooled, L2-normalised vector [B, D] of each history's text."""
