@@ -175,8 +175,10 @@ def _inputs_spec(rec, num_users: int) -> list[dict[str, Any]]:
   cfg = rec.cfg
   length = cfg.data.history_len
   inputs = [{"name": "history_items", "dtype": "int32", "shape": ["b", length],
-             "meaning": f"the user's history: rows of item_ids.npy, most recent last, -1 padded (at most the "
-                        f"{length} most recent items; a shorter history is padded in front)"}]
+             "meaning": f"the user's history: rows of item_ids.npy, most recent last, -1 padded in front; "
+                        + (f"its {length} most recent items" if rec.history_mode == "recent" else
+                           f"up to {length} of its items (the model trained on a random sample of each history, "
+                           f"data.history=sampled; the known users' rows here are such samples)")}]
   if cfg.model.use_user_ids:
     inputs.append({"name": "user_rows", "dtype": "int32", "shape": ["b"],
                    "meaning": f"the user's row of user_ids.npy ({num_users} users known at training); -1 for a user "
