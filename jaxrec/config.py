@@ -207,7 +207,10 @@ class TrainConfig:
   user_weight_power: float = 0.0
   steps_per_call: int = 1  # K: train steps run inside one jitted call (lax.scan over K batches); K > 1
   # removes per-step dispatch and transfer overhead for small models
-  log_every: int = 10  # steps between the loss in the progress bar and TensorBoard's train/loss
+  log_every: int = 10  # steps between the loss in the progress bar and the writers' train/ scalars (loss, learning rate)
+  # Where metrics go (jaxrec/writers.py): tensorboard (WORKDIR/tb), jsonl (WORKDIR/metrics.jsonl),
+  # wandb, mlflow (each needs its package installed); e.g. train.writers=tensorboard,jsonl,wandb
+  writers: tuple[str, ...] = ("tensorboard",)
   eval_every: int = 0  # 0 = evaluate at the end only
   progress: bool = True
   nan_policy: str = "stop"  # stop | skip
@@ -472,6 +475,10 @@ def validate(config: Config) -> Config:
       "eval.split": (config.eval.split, ("test", "valid")),
       "checkpoint.init_trainable": (config.checkpoint.init_trainable, ("all", "new")),
   }
+  from jaxrec import writers
+  for name in config.train.writers:
+    if name not in writers.WRITERS:
+      raise ConfigError(f"config key 'train.writers' names {name!r}; writers are {', '.join(writers.WRITERS)}")
   for key, (value, allowed) in choices.items():
     if value not in allowed:
       raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")

@@ -24,6 +24,7 @@ from jaxrec.config import Config, to_dict
 
 # Prefixes (a group ends with '.') or exact keys.
 BOOKKEEPING = ("workdir", "train.steps", "train.log_every", "train.eval_every", "train.progress", "train.profile",
+               "train.writers",
                "train.steps_per_call", "data.num_threads", "checkpoint.", "eval.", "mesh.", "encoder.cache_dir",
                "encoder.batch_size")
 ADJUSTABLE = ("data.path", "train.learning_rate", "train.warmup_steps", "train.end_lr_fraction", "train.weight_decay",

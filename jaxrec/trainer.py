@@ -9,6 +9,7 @@ the profiler and MFU; then the final evaluation, the item index and ``metrics.js
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec import recommender as recommender_lib, sharding, step as step_lib, transfer
+from jaxrec import optim, recommender as recommender_lib, sharding, step as step_lib, transfer, writers
 from jaxrec.batch import BatchLayout
 from jaxrec.checkpoint import Checkpointer
 from jaxrec.config import Config, to_json
@@ -163,7 +164,10 @@ class Trainer:
     if (cfg.train.steps - start_step) % k:  # the shorter last call, compiled before the clock starts too
       executable(self.layout.worst_shape, (cfg.train.steps - start_step) % k)
 
-    writer = _summary_writer(os.path.join(workdir, "tb")) if is_main else None
+    writer = writers.open_writers(cfg.train.writers, workdir, json.loads(to_json(cfg))) if is_main else None
+    # The schedule's rate at every optimizer count, read on the host before the loop: logging it
+    # then costs no device work (which would wait behind the running step).
+    self._learning_rates = np.asarray(optim.schedule(cfg.train)(np.arange(max(cfg.train.steps, 1))), np.float64)
     progress = _progress(cfg, start_step) if is_main else None
     best = Checkpointer(os.path.join(workdir, "checkpoints", "best"), cfg.checkpoint, cfg.checkpoint.best_metric) \
         if cfg.checkpoint.best_metric else None
@@ -275,9 +279,8 @@ class Trainer:
       write_json_atomically(os.path.join(workdir, "metrics.json"), result)
       write_atomically(os.path.join(workdir, "config.json"), to_json(cfg))
       if writer is not None:
-        for key, value in result.items():
-          if isinstance(value, float):
-            writer.add_scalar("eval/" + key.replace("@", "_at_"), value, cfg.train.steps)
+        writer.write(cfg.train.steps, {"eval/" + key.replace("@", "_at_"): value for key, value in result.items()
+                                       if isinstance(value, float)})
         writer.close()
     self.state = state
     return result
@@ -288,9 +291,8 @@ class Trainer:
     log.info("step %d validation: %s", step, ", ".join(f"{k}={metrics_[k]:.4f}" for k in ("recall@10", "ndcg@10")
                                                      if k in metrics_))
     if writer is not None:
-      for key, value in metrics_.items():
-        if isinstance(value, float) and not key.startswith("popularity/"):
-          writer.add_scalar("valid/" + key.replace("@", "_at_"), value, step)
+      writer.write(step, {"valid/" + key.replace("@", "_at_"): value for key, value in metrics_.items()
+                          if isinstance(value, float) and not key.startswith("popularity/")})
     if best is not None:
       if self.cfg.checkpoint.best_metric not in metrics_:
         raise ValueError(f"checkpoint.best_metric={self.cfg.checkpoint.best_metric!r} is not a validation metric "
@@ -325,10 +327,12 @@ class Trainer:
         rate = progress.format_dict.get("rate") or 0.0
         progress.set_postfix(loss=f"{loss:.4f}", examples_per_s=f"{rate * self.cfg.train.batch_size:,.0f}")
     if writer is not None and log_now:
-      writer.add_scalar("train/loss", loss, done)
-      writer.add_scalar("train/grad_norm", float(step_metrics["grad_norm"]), done)
-      for key in (k for k in step_metrics if k.startswith("adalora/")):  # rank, budget, orthogonality
-        writer.add_scalar(f"train/{key}", float(step_metrics[key]), done)
+      # The rate this step's update used (the schedule at its optimizer count, done - 1); with
+      # encoder.mode=full the encoder's is this times encoder.lr_multiplier.
+      writer.write(done, {"train/loss": loss, "train/learning_rate": float(self._learning_rates[done - 1]),
+                          "train/grad_norm": float(step_metrics["grad_norm"]),
+                          # AdaLoRA's rank, budget, orthogonality
+                          **{f"train/{k}": float(v) for k, v in step_metrics.items() if k.startswith("adalora/")}})
 
   def _restore_or_init(self, ckpt: Checkpointer, resume: bool, resume_with_changes: bool = False):
     """Restore order: this workdir's latest checkpoint, then checkpoint.resume_from, then
@@ -442,17 +446,13 @@ def _progress(cfg: Config, start: int):
   return tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _summary_writer(path: str):
-  from tensorboardX import SummaryWriter
-  return SummaryWriter(path)
-
-
 def train(cfg: Config, *, resume_with_changes: bool = False) -> dict[str, Any]:
   """Public API: trains ``cfg``, evaluates, writes ``cfg.workdir``; returns the final metrics.
 
   A workdir with checkpoints resumes them; a changed config is refused unless its changes are
   safe (``resume_with_changes=True`` for optimisation settings, see ``jaxrec.config_diff``)."""
   _show_progress_logs()
+  writers.check(cfg.train.writers)  # a missing wandb/mlflow package before any data or compile
   checkpoints = os.path.join(os.path.abspath(cfg.workdir), "checkpoints")
   if os.path.isdir(checkpoints):  # refuse a different experiment before loading data and compiling
     ckpt = Checkpointer(checkpoints, cfg.checkpoint)
