@@ -169,9 +169,10 @@ def cmd_export(args) -> int:
   index = rec.build_index(params, tables, step)
   index.save(args.out)
   tower = index.query_tower
-  print(f"exported step {step}: {len(index.item_ids)} items to {args.out}, with the query tower "
-        f"(query_tower.jaxexport: {', '.join(tower.input_names)} -> [batch, {tower.width}], for "
-        f"{', '.join(tower.spec['platforms'])})")
+  print(f"exported step {step}: {len(index.item_ids)} items to {args.out}, " + (
+      "without the query tower (its export failed: see the warning above)" if tower is None else
+      f"with the query tower (query_tower.jaxexport: {', '.join(tower.input_names)} -> [batch, {tower.width}], "
+      f"for {', '.join(tower.spec['platforms'])})"))
   return 0
 
 

@@ -259,6 +259,12 @@ class Recommender:
     text_NxD = self.catalog_text(params, tables)
     user_vectors = np.concatenate([np.asarray(self.query_vectors(params, tables, users[i:i + bs], known, text_NxD))
                                    for i in range(0, len(users), bs)])
+    try:
+      query_tower = export_query_tower(self, params, tables, user_vectors=user_vectors, text_NxD=text_NxD)
+    except Exception as e:  # the index without it is still the index: a finished run keeps its metrics
+      log.warning("the index is written without the query tower, which failed to export: %s",
+                  " ".join(str(e).split())[:500] or type(e).__name__)
+      query_tower = None
     return ItemIndex(np.asarray(self.item_vectors(params, tables, text_NxD=text_NxD)), ds.item_raw_ids,
                      list(ds.item_titles),
                      metadata={"config_hash": config_hash(cfg), "step": int(step), "dataset": ds.name,
@@ -266,8 +272,7 @@ class Recommender:
                                if cfg.model.use_text else "none"},
                      user_vectors=user_vectors, user_ids=ds.user_raw_ids,
                      user_seen=(known.start.astype(np.int64), known.items.astype(np.int64)),
-                     query_tower=export_query_tower(self, params, tables, user_vectors=user_vectors,
-                                                    text_NxD=text_NxD))
+                     query_tower=query_tower)
 
 
 def build(cfg: Config, devices: list | None = None, *, restore_only: bool = False,
