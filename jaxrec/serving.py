@@ -109,6 +109,10 @@ class QueryTower:
         raise QueryTowerError(f"query tower inputs disagree on the batch: {entry['name']} has {value.shape[0]} rows, "
                               f"{names[0]} {batch}")
       batch = value.shape[0]
+      low, high = entry["range"]
+      if value.size and (value.min() < low or value.max() > high):  # XLA would clamp the lookup silently
+        bad = value[(value < low) | (value > high)].flat[0]
+        raise QueryTowerError(f"query tower input {entry['name']} holds {bad}, outside [{low}, {high}]")
       arrays.append(value.astype(entry["dtype"]))
     return arrays
 
@@ -174,17 +178,18 @@ def _user_features(rec) -> dict[str, np.ndarray]:
 def _inputs_spec(rec, num_users: int) -> list[dict[str, Any]]:
   cfg = rec.cfg
   length = cfg.data.history_len
-  inputs = [{"name": "history_items", "dtype": "int32", "shape": ["b", length],
+  inputs = [{"name": "history_items", "dtype": "int32", "shape": ["b", length], "range": [-1, rec.dataset.num_items - 1],
              "meaning": f"the user's history: rows of item_ids.npy, most recent last, -1 padded in front; "
                         + (f"its {length} most recent items" if rec.history_mode == "recent" else
                            f"up to {length} of its items (the model trained on a random sample of each history, "
                            f"data.history=sampled; the known users' rows here are such samples)")}]
   if cfg.model.use_user_ids:
-    inputs.append({"name": "user_rows", "dtype": "int32", "shape": ["b"],
+    inputs.append({"name": "user_rows", "dtype": "int32", "shape": ["b"], "range": [-1, num_users - 1],
                    "meaning": f"the user's row of user_ids.npy ({num_users} users known at training); -1 for a user "
                               f"unknown at training time (the model's shared unknown-user row)"})
   for name, values_UxM in _user_features(rec).items():
     inputs.append({"name": f"user_{name}", "dtype": "int32", "shape": ["b", int(values_UxM.shape[1])],
+                   "range": [0, rec.dataset.user_feature_sizes[name] - 1],
                    "meaning": f"user feature {name!r}: value ids as the training data numbered them "
                               f"(1..{rec.dataset.user_feature_sizes[name] - 1}, 0 = unknown or padding); a known user's "
                               f"row is row user_rows of {name} in {USER_FEATURES_FILE}"})

@@ -100,6 +100,7 @@ def test_query_tower_json_lists_the_ordered_inputs_with_a_symbolic_batch(trained
   assert [(i["name"], i["dtype"], i["shape"]) for i in spec["inputs"]] == [
       ("history_items", "int32", ["b", length]), ("user_rows", "int32", ["b"]), ("user_age", "int32", ["b", 1])]
   assert all(i["meaning"] for i in spec["inputs"])
+  assert [i["range"] for i in spec["inputs"]] == [[-1, 89], [-1, 119], [0, 6]]
   assert spec["output"]["shape"] == ["b", 16] and spec["output"]["dtype"] == "float32"
   assert spec["query"] == trained.model.query and spec["platforms"][0] == "cpu"
 
@@ -172,5 +173,12 @@ def test_recommend_history_names_an_unknown_item_in_one_line(pooled, capsys):
   assert cli.main(["recommend", "--workdir", str(trained.workdir), "--history", "3,no-such-item"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "unknown item id 'no-such-item' in --history" in err
+  # The artifact itself refuses a row out of range (XLA's lookup would clamp it silently).
+  tower = ItemIndex.load(os.path.join(trained.workdir, "index")).query_tower
+  inputs = tower.new_user_inputs([np.array([1, 2])])
+  with pytest.raises(ValueError, match=r"history_items holds 90, outside \[-1, 89\]"):
+    tower(**{**inputs, "history_items": np.full_like(inputs["history_items"], 90)})
+  with pytest.raises(ValueError, match=r"the query tower takes history_items, user_rows, user_age; missing user_age"):
+    tower(history_items=inputs["history_items"], user_rows=inputs["user_rows"])
   assert cli.main(["recommend", "--workdir", str(trained.workdir), "--history", " , "]) == 2
   assert "at least one item id" in capsys.readouterr().err
