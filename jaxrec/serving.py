@@ -119,6 +119,8 @@ class QueryTower:
   def __call__(self, **inputs) -> np.ndarray:
     """Query vectors float32 [B, width] of the inputs named in ``spec`` (any batch size)."""
     arrays = self._check(inputs)
+    if not len(arrays[0]):  # jax.export's symbolic dimensions are >= 1
+      return np.zeros((0, self.width), np.float32)
     if self._exported is None:
       self._exported = jax.export.deserialize(bytearray(self.serialized))
     return np.asarray(self._exported.call(*arrays))
