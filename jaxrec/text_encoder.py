@@ -188,9 +188,9 @@ class TextTokenizer:
                lower_case: bool = False, path: str = "", item_prefix: str = "", query_prefix: str = ""):
     if pooling not in POOLING_MODES:
       raise ValueError(f"pooling {pooling!r} must be one of {', '.join(POOLING_MODES)}")
-    if not 2 <= max_length <= config.max_position_embeddings:
-      raise ValueError(f"max_length {max_length} must be in [2, {config.max_position_embeddings}] "
-                       f"(the model's max_position_embeddings)")
+    if not 2 <= max_length <= config.max_positions:
+      raise ValueError(f"max_length {max_length} must be in [2, {config.max_positions}] (the model's "
+                       f"max_position_embeddings{f' less its position offset {config.position_offset}' if config.position_offset else ''})")
     self.hf_tokenizer, self.config, self.path = hf_tokenizer, config, path
     self.max_length, self.pooling = max_length, pooling
     self.lower_case = lower_case  # sentence_bert_config's do_lower_case: lowercases before tokenizing
@@ -221,7 +221,7 @@ class TextTokenizer:
     st_config = _read_json(os.path.join(path, "sentence_bert_config.json")) or {}
     if max_length is None:
       max_length = st_config.get("max_seq_length") or min(
-          getattr(hf_tokenizer, "model_max_length", cfg.max_position_embeddings), cfg.max_position_embeddings)
+          getattr(hf_tokenizer, "model_max_length", cfg.max_positions), cfg.max_positions)
     check_modules(path)
     if not pooling:
       pooling = _pooling_from_dir(path)

@@ -1,7 +1,9 @@
-"""Hugging Face BERT checkpoint -> ``BertEncoder``: a declared key table, strict checks, direct placement.
+"""Hugging Face BERT-family checkpoint -> ``BertEncoder``: declared key tables, strict checks, direct placement.
 
 The module is built abstractly (``nnx.eval_shape``); every parameter is then filled from the
-checkpoint through ``KEY_TABLE`` (checkpoint key, module path, transform). ``read_encoder_weights``
+checkpoint through its family's table in ``FAMILY_KEY_TABLES`` (checkpoint key, module path,
+transform): BERT's ``KEY_TABLE``/``LAYER_KEY_TABLE`` also serve RoBERTa and XLM-RoBERTa (same
+tensor names); DistilBERT and MPNet have their own. ``read_encoder_weights``
 stops before the module: host arrays keyed by module path, for a caller that places them itself
 (the trainer, straight into its sharded state); ``load_encoder`` places them with ``place``. All problems (missing
 keys, wrong shapes, non-float or non-finite tensors, unexpected encoder keys) are collected and
@@ -73,10 +75,61 @@ LAYER_KEY_TABLE: tuple[tuple[str, str, str], ...] = (
     ("encoder.layer.{i}.output.LayerNorm.weight", "layers.{i}.mlp.norm.scale", _COPY),
     ("encoder.layer.{i}.output.LayerNorm.bias", "layers.{i}.mlp.norm.bias", _COPY),
 )
-MODEL_PREFIXES = ("bert.",)  # BertFor* task models nest the encoder under this prefix
-IGNORED_KEYS = ("embeddings.position_ids",)  # a buffer, not a weight
+DISTILBERT_KEY_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("embeddings.word_embeddings.weight", "embeddings.word.embedding", _COPY),
+    ("embeddings.position_embeddings.weight", "embeddings.position.embedding", _COPY),
+    ("embeddings.LayerNorm.weight", "embeddings.norm.scale", _COPY),
+    ("embeddings.LayerNorm.bias", "embeddings.norm.bias", _COPY),
+)
+DISTILBERT_LAYER_KEY_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("transformer.layer.{i}.attention.q_lin.weight", "layers.{i}.attention.query.kernel", _TRANSPOSE),
+    ("transformer.layer.{i}.attention.q_lin.bias", "layers.{i}.attention.query.bias", _COPY),
+    ("transformer.layer.{i}.attention.k_lin.weight", "layers.{i}.attention.key.kernel", _TRANSPOSE),
+    ("transformer.layer.{i}.attention.k_lin.bias", "layers.{i}.attention.key.bias", _COPY),
+    ("transformer.layer.{i}.attention.v_lin.weight", "layers.{i}.attention.value.kernel", _TRANSPOSE),
+    ("transformer.layer.{i}.attention.v_lin.bias", "layers.{i}.attention.value.bias", _COPY),
+    ("transformer.layer.{i}.attention.out_lin.weight", "layers.{i}.attention.out.kernel", _TRANSPOSE),
+    ("transformer.layer.{i}.attention.out_lin.bias", "layers.{i}.attention.out.bias", _COPY),
+    ("transformer.layer.{i}.sa_layer_norm.weight", "layers.{i}.attention.norm.scale", _COPY),
+    ("transformer.layer.{i}.sa_layer_norm.bias", "layers.{i}.attention.norm.bias", _COPY),
+    ("transformer.layer.{i}.ffn.lin1.weight", "layers.{i}.mlp.ffn_in.kernel", _TRANSPOSE),
+    ("transformer.layer.{i}.ffn.lin1.bias", "layers.{i}.mlp.ffn_in.bias", _COPY),
+    ("transformer.layer.{i}.ffn.lin2.weight", "layers.{i}.mlp.ffn_out.kernel", _TRANSPOSE),
+    ("transformer.layer.{i}.ffn.lin2.bias", "layers.{i}.mlp.ffn_out.bias", _COPY),
+    ("transformer.layer.{i}.output_layer_norm.weight", "layers.{i}.mlp.norm.scale", _COPY),
+    ("transformer.layer.{i}.output_layer_norm.bias", "layers.{i}.mlp.norm.bias", _COPY),
+)
+MPNET_KEY_TABLE: tuple[tuple[str, str, str], ...] = (
+    *DISTILBERT_KEY_TABLE,  # the same four embedding tensors (no token types)
+    ("encoder.relative_attention_bias.weight", "relative_bias.embedding", _COPY),
+)
+MPNET_LAYER_KEY_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("encoder.layer.{i}.attention.attn.q.weight", "layers.{i}.attention.query.kernel", _TRANSPOSE),
+    ("encoder.layer.{i}.attention.attn.q.bias", "layers.{i}.attention.query.bias", _COPY),
+    ("encoder.layer.{i}.attention.attn.k.weight", "layers.{i}.attention.key.kernel", _TRANSPOSE),
+    ("encoder.layer.{i}.attention.attn.k.bias", "layers.{i}.attention.key.bias", _COPY),
+    ("encoder.layer.{i}.attention.attn.v.weight", "layers.{i}.attention.value.kernel", _TRANSPOSE),
+    ("encoder.layer.{i}.attention.attn.v.bias", "layers.{i}.attention.value.bias", _COPY),
+    ("encoder.layer.{i}.attention.attn.o.weight", "layers.{i}.attention.out.kernel", _TRANSPOSE),
+    ("encoder.layer.{i}.attention.attn.o.bias", "layers.{i}.attention.out.bias", _COPY),
+    ("encoder.layer.{i}.attention.LayerNorm.weight", "layers.{i}.attention.norm.scale", _COPY),
+    ("encoder.layer.{i}.attention.LayerNorm.bias", "layers.{i}.attention.norm.bias", _COPY),
+    *LAYER_KEY_TABLE[10:],  # intermediate.dense, output.dense, output.LayerNorm: BERT's names
+)
+# model_type -> (embedding rows, per-layer rows).
+FAMILY_KEY_TABLES: dict[str, tuple[tuple, tuple]] = {
+    "bert": (KEY_TABLE, LAYER_KEY_TABLE),
+    "roberta": (KEY_TABLE, LAYER_KEY_TABLE),
+    "xlm-roberta": (KEY_TABLE, LAYER_KEY_TABLE),
+    "distilbert": (DISTILBERT_KEY_TABLE, DISTILBERT_LAYER_KEY_TABLE),
+    "mpnet": (MPNET_KEY_TABLE, MPNET_LAYER_KEY_TABLE),
+}
+# *For* task models nest the encoder under their base model's prefix (XLM-R's is "roberta.").
+MODEL_PREFIXES = ("bert.", "roberta.", "distilbert.", "mpnet.")
+IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")  # buffers, not weights
 # Task heads and the pooler: present in many checkpoints, not part of a sentence encoder.
-EXPECTED_UNUSED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.", "lm_head.")
+EXPECTED_UNUSED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.", "lm_head.", "pre_classifier.",
+                            "vocab_transform.", "vocab_layer_norm.", "vocab_projector.")
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -90,11 +143,13 @@ class LoadReport:
   initialised: tuple[str, ...]  # module params not from the checkpoint: LoRA adapters only
 
 
-def key_table(num_layers: int) -> list[tuple[str, tuple[str | int, ...], str]]:
-  """The full mapping for ``num_layers`` layers: (checkpoint key, module path tuple, transform)."""
-  rows = list(KEY_TABLE)
+def key_table(num_layers: int, model_type: str = "bert") -> list[tuple[str, tuple[str | int, ...], str]]:
+  """The full mapping of a ``model_type`` encoder of ``num_layers`` layers: (checkpoint key, module
+  path tuple, transform)."""
+  embeddings, layer = FAMILY_KEY_TABLES[model_type]
+  rows = list(embeddings)
   for i in range(num_layers):
-    rows += [(k.format(i=i), p.format(i=i), t) for k, p, t in LAYER_KEY_TABLE]
+    rows += [(k.format(i=i), p.format(i=i), t) for k, p, t in layer]
   return [(k, tuple(int(s) if s.isdigit() else s for s in p.split(".")), t) for k, p, t in rows]
 
 
@@ -296,7 +351,7 @@ def _read_weights(path: str, cfg: BertConfig, variables: Mapping[tuple, Any]
   tensors = _strip_prefixes(tensors, problems)
   values: dict[tuple, np.ndarray] = {}
   used: set[str] = set()
-  for key, module_path, transform in key_table(cfg.num_hidden_layers):
+  for key, module_path, transform in key_table(cfg.num_hidden_layers, cfg.model_type):
     if key not in tensors:
       problems.append(f"missing key {key!r} (for {'.'.join(map(str, module_path))})")
       continue

@@ -180,3 +180,118 @@ def test_an_unreachable_hub_names_the_local_directory_alternative(tmp_path, monk
   monkeypatch.chdir(tmp_path)
   tiny_bert.write(tmp_path / "org" / "tiny")
   assert TextEncoder.from_pretrained("org/tiny").path == "org/tiny"
+
+
+# ------------------------------------------------------------------------------ encoder families
+
+FIXTURES = ROOT / "tests" / "fixtures" / "families"  # made by tests/fixtures/make_family_fixtures.py
+FAMILIES = ("roberta", "xlm-roberta", "distilbert", "mpnet")
+
+
+def _stream_inputs(padded: dict) -> dict:
+  """The padded rows' texts end to end as one token stream (``STREAM_INPUTS``), two padding tokens after."""
+  mask = np.asarray(padded["attention_mask"]) > 0
+  rows, length = mask.shape
+  lengths = mask.sum(1)
+  n = int(lengths.sum()) + 2
+  stream_index = np.full((rows, length), n, np.int32)
+  ids, types, positions, segments = (np.zeros(n, np.int32) for _ in range(4))
+  segments[:] = -1
+  at = 0
+  for r in range(rows):
+    k = int(lengths[r])
+    ids[at:at + k], types[at:at + k] = padded["input_ids"][r, :k], padded["token_type_ids"][r, :k]
+    positions[at:at + k], segments[at:at + k] = np.arange(k), r
+    stream_index[r, :k] = np.arange(at, at + k)
+    at += k
+  return {"input_ids": ids, "token_type_ids": types, "position_ids": positions, "segment_ids": segments,
+          "stream_index": stream_index}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_matches_sentence_transformers(family):
+  from jaxrec.models.encoder import sentence_vectors
+  path = str(FIXTURES / family)
+  ref = np.load(os.path.join(path, "reference.npz"))
+  texts = [str(t) for t in ref["texts"]]  # empty, CJK, Cyrillic, emoji, and texts past max_seq_length
+  enc = TextEncoder.from_pretrained(path)
+  assert (enc.config.model_type, enc.pooling, enc.max_length) == (family, str(ref["pooling"]), 24)
+  # The tokenizer feeds the model what sentence-transformers fed it (truncation included) ...
+  tokens = enc.tokenizer._token_lists(texts, enc.max_length)["input_ids"]
+  np.testing.assert_array_equal([len(t) for t in tokens], ref["token_lengths"])
+  np.testing.assert_array_equal(np.concatenate(tokens), ref["token_ids"])
+  assert max(ref["token_lengths"]) == 24 and min(ref["token_lengths"]) == 2
+  # ... and the vectors are its vectors, whatever the batches' padding.
+  for batch_size in (1, 4, 64):
+    np.testing.assert_allclose(enc.encode(texts, batch_size=batch_size), ref["embeddings"], rtol=0, atol=1e-5)
+  # The token stream (what training feeds the encoder) gives the padded rows' vectors.
+  padded = enc.tokenize(texts)
+  streamed = sentence_vectors(enc.module, {k: jnp.asarray(v) for k, v in _stream_inputs(padded).items()}, enc.pooling)
+  np.testing.assert_allclose(np.asarray(streamed), ref["embeddings"], rtol=0, atol=1e-5)
+  # bfloat16 compute tracks float32.
+  fast = TextEncoder.from_pretrained(path, dtype="bfloat16").encode(texts)
+  assert 0 < np.abs(fast - ref["embeddings"]).max() < 0.05
+
+
+def test_a_family_checkpoint_reports_every_mismatch_at_once(tmp_path):
+  import shutil
+  from safetensors.numpy import load_file, save_file
+  from jaxrec.weights import WeightsError
+  path = tmp_path / "mpnet"
+  shutil.copytree(FIXTURES / "mpnet", path)
+  tensors = load_file(str(path / "model.safetensors"))
+  del tensors["encoder.relative_attention_bias.weight"], tensors["encoder.layer.1.attention.attn.o.bias"]
+  tensors["encoder.layer.0.attention.attn.q.weight"] = tensors["encoder.layer.0.attention.attn.q.weight"][:, :8]
+  tensors["encoder.layer.2.output.dense.bias"] = np.zeros(16, np.float32)  # a third layer config.json lacks
+  save_file(tensors, str(path / "model.safetensors"))
+  with pytest.raises(WeightsError) as err:
+    TextEncoder.from_pretrained(str(path))
+  message = str(err.value)
+  assert "4 problem(s) loading into mpnet encoder" in message
+  for part in ("missing key 'encoder.relative_attention_bias.weight' (for relative_bias.embedding)",
+               "missing key 'encoder.layer.1.attention.attn.o.bias'",
+               "encoder.layer.0.attention.attn.q.weight: shape (8, 16) (transpose of (16, 8)) does not match the "
+               "model's (16, 16)",
+               "unexpected key 'encoder.layer.2.output.dense.bias' (not used by a 2-layer mpnet encoder)"):
+    assert part in message, message
+  # A BERT checkpoint under a DistilBERT config: DistilBERT's names are each reported missing.
+  bert = tmp_path / "bert_as_distilbert"
+  shutil.copytree(FIXTURES / "roberta", bert)
+  with open(bert / "config.json") as f:
+    config = json.load(f)
+  with open(bert / "config.json", "w") as f:
+    json.dump({"model_type": "distilbert", "vocab_size": config["vocab_size"], "dim": 16, "n_layers": 2, "n_heads": 2,
+               "hidden_dim": 24, "max_position_embeddings": 42, "activation": "gelu"}, f)
+  with pytest.raises(WeightsError, match=r"(?s)missing key 'transformer.layer.0.attention.q_lin.weight'.*"
+                                         r"missing key 'transformer.layer.1.output_layer_norm.bias'.*"
+                                         r"unexpected key 'embeddings.token_type_embeddings.weight'"):
+    TextEncoder.from_pretrained(str(bert))
+
+
+def _family_losses(family: str, tmp_path, mode: str, *mesh: str, steps: int = 3) -> np.ndarray:
+  trainer = Trainer(load_config(TINY, [
+      "model.use_text=true", f"encoder.mode={mode}", f"encoder.path={FIXTURES / family}",
+      f"workdir={tmp_path / (family + mode + '_'.join(mesh))}", "train.batch_size=16", "train.warmup_steps=0",
+      "train.learning_rate=0.01", "checkpoint.async_save=false", "encoder.lora_ffn=true", *mesh]))
+  assert trainer.recommender.text.encoder_config.model_type == family
+  state, builder, out = trainer.init_state(), trainer.batch_builder(), []
+  for i in range(steps):
+    state, metrics = trainer.train_step(state, trainer.layout.put(builder.map(i)))
+    out.append(float(metrics["loss"]))
+  return np.array(out)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
+def test_each_family_trains_with_lora_to_equal_losses_on_8_devices_and_on_1(tmp_path, family):
+  reference = _family_losses(family, tmp_path, "lora", "mesh.num_devices=1")
+  assert np.isfinite(reference).all() and reference[-1] != reference[0]
+  sharded = _family_losses(family, tmp_path, "lora", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+  np.testing.assert_allclose(sharded, reference, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_mpnet_fine_tunes_in_full_to_equal_losses_on_8_devices_and_on_1(tmp_path):
+  reference = _family_losses("mpnet", tmp_path, "full", "mesh.num_devices=1")
+  np.testing.assert_allclose(_family_losses("mpnet", tmp_path, "full", "mesh.data=4", "mesh.tensor=2"), reference,
+                             rtol=1e-5)

@@ -1,4 +1,4 @@
-"""BERT-family text encoder in Flax NNX, LoRA and AdaLoRA adapters, and sentence pooling.
+"""BERT-family text encoders in Flax NNX, LoRA and AdaLoRA adapters, and sentence pooling.
 
 One forward serves texts as padded rows [B, L] and as a token stream [N] (``TokenStream``);
 ``sentence_vectors`` is the pooled sentence vector of either layout.
@@ -10,7 +10,11 @@ Dimension legend:
 
 The layout follows Hugging Face's ``BertModel`` (post-LayerNorm blocks, exact-erf GELU, learned
 absolute positions, token types) so that a checkpoint maps onto it one tensor at a time
-(see ``jaxrec/weights.py``). Parameters carry logical axis names; ``jaxrec/sharding.py`` maps
+(see ``jaxrec/weights.py``). The other post-LayerNorm families are the same blocks with a few
+switches in ``BertConfig``: RoBERTa and XLM-RoBERTa number positions from ``pad_token_id + 1``
+(``position_offset``); DistilBERT has no token types (``type_vocab_size=0``); MPNet has neither
+and adds a relative position bias, shared by every layer, to the attention scores
+(``relative_attention_num_buckets``). Parameters carry logical axis names; ``jaxrec/sharding.py`` maps
 them to mesh axes. Eager sharding is off per parameter so a module never needs a mesh.
 """
 
@@ -24,6 +28,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -31,8 +36,13 @@ class ConfigFileError(ValueError):
   """A model's config.json is missing, unreadable or describes an unsupported architecture."""
 
 
-# model_type values whose checkpoints share BertModel's tensor layout and forward pass.
-SUPPORTED_MODEL_TYPES = ("bert",)
+# model_type values of config.json this module runs: BertModel's blocks, with the switches above.
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
+# Families whose positions start after the padding index (fairseq's make_positions).
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "mpnet")
+# DistilBERT's config.json names -> BertConfig's.
+_DISTILBERT_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                     "hidden_dim": "intermediate_size", "activation": "hidden_act"}
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -57,8 +67,10 @@ class BertConfig:
   num_attention_heads: int = 12
   intermediate_size: int = 1536
   max_position_embeddings: int = 512
-  type_vocab_size: int = 2
+  type_vocab_size: int = 2  # 0: no token-type embedding (DistilBERT, MPNet)
   layer_norm_eps: float = 1e-12
+  position_offset: int = 0  # position j of a text reads row j + offset (RoBERTa, XLM-R, MPNet: pad_token_id + 1)
+  relative_attention_num_buckets: int = 0  # MPNet: T5-style relative position buckets (0 = none)
   hidden_act: str = "gelu"
   model_type: str = "bert"
   dtype: str = "float32"  # compute dtype of matmuls; softmax, LayerNorm statistics and pooling stay float32
@@ -85,6 +97,11 @@ class BertConfig:
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
 
+  @property
+  def max_positions(self) -> int:
+    """The most tokens a text may hold: the position table's rows past the offset."""
+    return self.max_position_embeddings - self.position_offset
+
   @classmethod
   def from_hf_json(cls, path: str | os.PathLike, **overrides: Any) -> "BertConfig":
     """Reads a Hugging Face ``config.json`` (or the directory holding it); ``overrides`` set LoRA/dtype fields."""
@@ -100,6 +117,14 @@ class BertConfig:
     if not isinstance(raw, dict):
       raise ConfigFileError(f"{file}: config.json is not a JSON object")
     model_type = raw.get("model_type")
+    family: dict[str, Any] = {}
+    if model_type == "distilbert":
+      raw = {_DISTILBERT_NAMES.get(k, k): v for k, v in raw.items()}
+      family = dict(type_vocab_size=0, layer_norm_eps=1e-12)  # DistilBERT's LayerNorms are 1e-12, not configurable
+    elif model_type == "mpnet":
+      family = dict(type_vocab_size=0, relative_attention_num_buckets=int(raw.get("relative_attention_num_buckets", 32)))
+    if model_type in _OFFSET_POSITIONS:
+      family["position_offset"] = int(raw.get("pad_token_id", 1)) + 1
     if model_type not in SUPPORTED_MODEL_TYPES:
       archs = raw.get("architectures") or []
       raise ConfigFileError(
@@ -117,7 +142,7 @@ class BertConfig:
       raise ConfigFileError(f"{file}: config.json lacks {', '.join(missing)}")
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: raw[k] for k in (*required, "max_position_embeddings", "type_vocab_size", "layer_norm_eps") if k in raw}
-    kwargs.update(hidden_act=act, model_type=model_type)
+    kwargs.update(family, hidden_act=act, model_type=model_type)
     unknown = set(overrides) - fields
     if unknown:
       raise TypeError(f"BertConfig has no field(s) {', '.join(sorted(unknown))}")
@@ -291,20 +316,25 @@ class BertEmbeddings(nnx.Module):
     self.position = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dt,
                               embedding_init=_partitioned(_normal, (None, "embed")), rngs=rngs)
     self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=dt,
-                                embedding_init=_partitioned(_normal, (None, "embed")), rngs=rngs)
+                                embedding_init=_partitioned(_normal, (None, "embed")), rngs=rngs) if cfg.type_vocab_size else None
     self.norm = _layer_norm(cfg, rngs=rngs)
+    self.position_offset = cfg.position_offset
 
   def __call__(self, input_ids_BxL: jax.Array, token_type_ids_BxL: jax.Array,
                position_ids_BxL: jax.Array | None = None, num_positions: int | None = None) -> jax.Array:
     """Embeddings [B, L, D] of padded rows, token j of a row at position j; or, with ``position_ids``,
     of tokens in any layout (a token stream [N] gives [N, D]) at those positions, all below
-    ``num_positions`` (default the table's size)."""
-    x_BxLxD = self.word(input_ids_BxL) + _one_hot_rows(self.token_type, token_type_ids_BxL)
+    ``num_positions`` (default the table's size). Position j reads the table's row j + offset."""
+    x_BxLxD = self.word(input_ids_BxL)
+    if self.token_type is not None:
+      x_BxLxD = x_BxLxD + _one_hot_rows(self.token_type, token_type_ids_BxL)
+    offset = self.position_offset
     if position_ids_BxL is None:  # every row holds positions 0..L-1: one slice, broadcast over rows
-      x_BxLxD = x_BxLxD + self.position(jnp.arange(input_ids_BxL.shape[1]))[None]
+      x_BxLxD = x_BxLxD + self.position(offset + jnp.arange(input_ids_BxL.shape[1]))[None]
     else:
-      rows = self.position.num_embeddings if num_positions is None else min(num_positions, self.position.num_embeddings)
-      x_BxLxD = x_BxLxD + _one_hot_rows(self.position, position_ids_BxL, rows)
+      rows = self.position.num_embeddings if num_positions is None else min(num_positions + offset,
+                                                                            self.position.num_embeddings)
+      x_BxLxD = x_BxLxD + _one_hot_rows(self.position, position_ids_BxL + offset, rows)
     return self.norm(x_BxLxD)
 
 
@@ -402,7 +432,9 @@ class BertAttention(nnx.Module):
     return x_BxLxD.reshape(b, l, self.num_heads, self.head_dim)
 
   def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array, stream: TokenStream | None = None) -> jax.Array:
-    """x [B, L, D], or a token stream [N, D] with ``stream`` (attention then runs per text)."""
+    """x [B, L, D], or a token stream [N, D] with ``stream`` (attention then runs per text). The
+    additive bias broadcasts to the scores [B, H, L, L]: the padding mask [B, 1, 1, L], plus MPNet's
+    relative position bias [1, H, L, L] where the model has one."""
     q_BxLxD, k_BxLxD, v_BxLxD = self.query(x_BxLxD), self.key(x_BxLxD), self.value(x_BxLxD)
     if self.query_lora is not None:
       q_BxLxD = q_BxLxD + self.query_lora(x_BxLxD).astype(q_BxLxD.dtype)
@@ -464,6 +496,23 @@ class BertLayer(nnx.Module):
     return self.mlp(self.attention(x_BxLxD, mask_bias_Bx1x1xL, stream))
 
 
+def relative_position_buckets(length: int, num_buckets: int, max_distance: int = 128) -> np.ndarray:
+  """int32 [L, L]: the bucket of key j's offset from query i, as Hugging Face's MPNet (T5's bidirectional
+  scheme): half the buckets per direction, exact offsets below a quarter of them, logarithmic bins up
+  to ``max_distance``. Computed on the host in float32 as torch does, so every bin edge falls alike."""
+  n_LxL = -(np.arange(length)[None, :] - np.arange(length)[:, None])  # query - key
+  half = num_buckets // 2
+  bucket = (n_LxL < 0).astype(np.int64) * half
+  n_LxL = np.abs(n_LxL)
+  max_exact = half // 2
+  with np.errstate(divide="ignore"):  # log(0) where the exact branch is taken anyway
+    scaled = (np.log(n_LxL.astype(np.float32) / np.float32(max_exact)) / np.float32(math.log(max_distance / max_exact))
+              * np.float32(half - max_exact))
+  large = max_exact + np.where(np.isfinite(scaled), scaled, 0).astype(np.int64)
+  large = np.minimum(large, half - 1)
+  return (bucket + np.where(n_LxL < max_exact, n_LxL, large)).astype(np.int32)
+
+
 def _mask_bias(keep_BxL: jax.Array) -> jax.Array:
   """Additive float32 attention bias [B, 1, 1, L]: the most negative finite float, as BERT does, so
   a padded key gets exactly zero weight and a row can never turn into NaN."""
@@ -478,6 +527,17 @@ class BertEncoder(nnx.Module):
     self.cfg = cfg
     self.embeddings = BertEmbeddings(cfg, rngs=rngs)
     self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    # MPNet: one table of per-head biases by relative-position bucket, shared by every layer.
+    self.relative_bias = nnx.Embed(cfg.relative_attention_num_buckets, cfg.num_attention_heads, dtype=jnp.float32,
+                                   embedding_init=_partitioned(_normal, (None, None)), rngs=rngs
+                                   ) if cfg.relative_attention_num_buckets else None
+
+  def _position_bias(self, length: int) -> jax.Array:
+    """MPNet's relative position bias [1, H, L, L] of texts of L tokens."""
+    # Hugging Face's MPNet buckets into 32 whatever its config says (compute_position_bias's default);
+    # the table has relative_attention_num_buckets rows.
+    bucket_LxL = jnp.asarray(relative_position_buckets(length, 32))
+    return jnp.transpose(self.relative_bias(bucket_LxL), (2, 0, 1))[None].astype(jnp.float32)
 
   def __call__(self, input_ids_BxL: jax.Array, attention_mask_BxL: jax.Array | None = None,
                token_type_ids_BxL: jax.Array | None = None, *, stream: TokenStream | None = None) -> jax.Array:
@@ -501,6 +561,8 @@ class BertEncoder(nnx.Module):
     else:  # x is [N, D] until the end; attention alone visits the text layout
       mask_bias_Bx1x1xL = _mask_bias(stream.mask_SxL)
       x_BxLxD = self.embeddings(input_ids_BxL, token_type_ids_BxL, stream.position_ids_N, stream.length)
+    if self.relative_bias is not None:  # [B, 1, 1, L] + [1, H, L, L]: computed once for every layer
+      mask_bias_Bx1x1xL = mask_bias_Bx1x1xL + self._position_bias(mask_bias_Bx1x1xL.shape[-1])
     for layer in self.layers:
       x_BxLxD = layer(x_BxLxD, mask_bias_Bx1x1xL, stream)
     return x_BxLxD if stream is None else stream.texts(x_BxLxD)
