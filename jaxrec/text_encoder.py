@@ -26,7 +26,8 @@ from flax import nnx
 
 from jaxrec import hub
 from jaxrec.files import atomic_file
-from jaxrec.models.encoder import POOLING_MODES, BertConfig, BertEncoder, sentence_vectors, uses_cpu_bf16_matmul
+from jaxrec.models.encoder import (POOLING_MODES, BertConfig, BertEncoder, ModernBertEncoder, sentence_vectors,
+                                   uses_cpu_bf16_matmul)
 from jaxrec.weights import ShardingSpec, WeightsError, check_vocab, find_weights_file, load_encoder, read_config
 
 log = logging.getLogger("jaxrec")
@@ -292,7 +293,7 @@ class TextTokenizer:
 class TextEncoder:
   """A pretrained BERT-family encoder: a ``TextTokenizer`` (``.tokenizer``) and its module."""
 
-  def __init__(self, tokenizer: TextTokenizer, module: BertEncoder, *, normalize: bool = True, identity: str = ""):
+  def __init__(self, tokenizer: TextTokenizer, module: BertEncoder | ModernBertEncoder, *, normalize: bool = True, identity: str = ""):
     cfg = module.cfg
     if cfg != tokenizer.config:
       raise ValueError(f"the module's config {cfg} is not the tokenizer's {tokenizer.config}")

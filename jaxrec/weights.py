@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrec import hub
-from jaxrec.models.encoder import BertConfig, BertEncoder, ConfigFileError, LoRAParam
+from jaxrec.models.encoder import BertConfig, BertEncoder, ConfigFileError, LoRAParam, ModernBertEncoder, encoder_module
 
 log = logging.getLogger("jaxrec")
 
@@ -44,9 +44,12 @@ class WeightsError(ValueError):
 
 
 _COPY, _TRANSPOSE = "copy", "transpose"
+_QKV = ("query_of_qkv", "key_of_qkv", "value_of_qkv")
 TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     _COPY: lambda w: w,
     _TRANSPOSE: lambda w: w.T,  # torch Linear.weight is (out, in); nnx.Linear.kernel is (in, out)
+    # ModernBERT's fused Wqkv [3D, D]: query, key and value rows one after another, each transposed.
+    **{name: (lambda k: lambda w: w.reshape(3, -1, w.shape[-1])[k].T)(k) for k, name in enumerate(_QKV)},
 }
 
 # (checkpoint key without model prefix, module path, transform); "{i}" is the layer index.
@@ -116,6 +119,21 @@ MPNET_LAYER_KEY_TABLE: tuple[tuple[str, str, str], ...] = (
     ("encoder.layer.{i}.attention.LayerNorm.bias", "layers.{i}.attention.norm.bias", _COPY),
     *LAYER_KEY_TABLE[10:],  # intermediate.dense, output.dense, output.LayerNorm: BERT's names
 )
+MODERNBERT_KEY_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("embeddings.tok_embeddings.weight", "embeddings.word.embedding", _COPY),
+    ("embeddings.norm.weight", "embeddings.norm.scale", _COPY),
+    ("final_norm.weight", "final_norm.scale", _COPY),
+)
+MODERNBERT_LAYER_KEY_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("layers.{i}.attn_norm.weight", "layers.{i}.attention_norm.scale", _COPY),  # not in layer 0
+    ("layers.{i}.attn.Wqkv.weight", "layers.{i}.attention.query.kernel", _QKV[0]),
+    ("layers.{i}.attn.Wqkv.weight", "layers.{i}.attention.key.kernel", _QKV[1]),
+    ("layers.{i}.attn.Wqkv.weight", "layers.{i}.attention.value.kernel", _QKV[2]),
+    ("layers.{i}.attn.Wo.weight", "layers.{i}.attention.out.kernel", _TRANSPOSE),
+    ("layers.{i}.mlp_norm.weight", "layers.{i}.mlp_norm.scale", _COPY),
+    ("layers.{i}.mlp.Wi.weight", "layers.{i}.mlp.ffn_in.kernel", _TRANSPOSE),
+    ("layers.{i}.mlp.Wo.weight", "layers.{i}.mlp.ffn_out.kernel", _TRANSPOSE),
+)
 # model_type -> (embedding rows, per-layer rows).
 FAMILY_KEY_TABLES: dict[str, tuple[tuple, tuple]] = {
     "bert": (KEY_TABLE, LAYER_KEY_TABLE),
@@ -123,13 +141,14 @@ FAMILY_KEY_TABLES: dict[str, tuple[tuple, tuple]] = {
     "xlm-roberta": (KEY_TABLE, LAYER_KEY_TABLE),
     "distilbert": (DISTILBERT_KEY_TABLE, DISTILBERT_LAYER_KEY_TABLE),
     "mpnet": (MPNET_KEY_TABLE, MPNET_LAYER_KEY_TABLE),
+    "modernbert": (MODERNBERT_KEY_TABLE, MODERNBERT_LAYER_KEY_TABLE),
 }
 # *For* task models nest the encoder under their base model's prefix (XLM-R's is "roberta.").
-MODEL_PREFIXES = ("bert.", "roberta.", "distilbert.", "mpnet.")
+MODEL_PREFIXES = ("bert.", "roberta.", "distilbert.", "mpnet.", "model.")  # model.: ModernBert*
 IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")  # buffers, not weights
 # Task heads and the pooler: present in many checkpoints, not part of a sentence encoder.
 EXPECTED_UNUSED_PREFIXES = ("pooler.", "cls.", "classifier.", "qa_outputs.", "lm_head.", "pre_classifier.",
-                            "vocab_transform.", "vocab_layer_norm.", "vocab_projector.")
+                            "vocab_transform.", "vocab_layer_norm.", "vocab_projector.", "head.", "decoder.")
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -149,7 +168,8 @@ def key_table(num_layers: int, model_type: str = "bert") -> list[tuple[str, tupl
   embeddings, layer = FAMILY_KEY_TABLES[model_type]
   rows = list(embeddings)
   for i in range(num_layers):
-    rows += [(k.format(i=i), p.format(i=i), t) for k, p, t in layer]
+    # ModernBERT's layer 0 has no attention norm (it reads the embeddings' norm).
+    rows += [(k.format(i=i), p.format(i=i), t) for k, p, t in layer if i or "attention_norm" not in p]
   return [(k, tuple(int(s) if s.isdigit() else s for s in p.split(".")), t) for k, p, t in rows]
 
 
@@ -298,15 +318,15 @@ def check_vocab(tokenizer_vocab_size: int, cfg: BertConfig, path: str) -> None:
         f"vocab_size is {cfg.vocab_size}; ids >= {cfg.vocab_size} would have no embedding row")
 
 
-def abstract_encoder(cfg: BertConfig, seed: int = 0) -> BertEncoder:
-  return nnx.eval_shape(lambda: BertEncoder(cfg, rngs=nnx.Rngs(seed)))
+def abstract_encoder(cfg: BertConfig, seed: int = 0) -> BertEncoder | ModernBertEncoder:
+  return nnx.eval_shape(lambda: encoder_module(cfg, rngs=nnx.Rngs(seed)))
 
 
 def _init_adapters(cfg: BertConfig, seed: int) -> dict[tuple, jax.Array]:
   # Only the adapters come out of this jit, so XLA drops the base weights' random init.
   @jax.jit
   def init():
-    return nnx.state(BertEncoder(cfg, rngs=nnx.Rngs(seed)), LoRAParam)
+    return nnx.state(encoder_module(cfg, rngs=nnx.Rngs(seed)), LoRAParam)
   return {path: var[...] for path, var in nnx.to_flat_state(init())}
 
 

@@ -185,7 +185,7 @@ def test_an_unreachable_hub_names_the_local_directory_alternative(tmp_path, monk
 # ------------------------------------------------------------------------------ encoder families
 
 FIXTURES = ROOT / "tests" / "fixtures" / "families"  # made by tests/fixtures/make_family_fixtures.py
-FAMILIES = ("roberta", "xlm-roberta", "distilbert", "mpnet")
+FAMILIES = ("roberta", "xlm-roberta", "distilbert", "mpnet", "modernbert")
 
 
 def _stream_inputs(padded: dict) -> dict:
@@ -290,8 +290,44 @@ def test_each_family_trains_with_lora_to_equal_losses_on_8_devices_and_on_1(tmp_
   np.testing.assert_allclose(sharded, reference, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["mpnet", "modernbert"])  # the two that are not BERT's blocks with other names
 @pytest.mark.slow
-def test_mpnet_fine_tunes_in_full_to_equal_losses_on_8_devices_and_on_1(tmp_path):
-  reference = _family_losses("mpnet", tmp_path, "full", "mesh.num_devices=1")
-  np.testing.assert_allclose(_family_losses("mpnet", tmp_path, "full", "mesh.data=4", "mesh.tensor=2"), reference,
+def test_full_fine_tuning_gives_equal_losses_on_8_devices_and_on_1(tmp_path, family):
+  reference = _family_losses(family, tmp_path, "full", "mesh.num_devices=1")
+  np.testing.assert_allclose(_family_losses(family, tmp_path, "full", "mesh.data=4", "mesh.tensor=2"), reference,
                              rtol=1e-5)
+
+
+def _config(tmp_path, raw: dict):
+  from jaxrec.models.encoder import BertConfig
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  return BertConfig.from_hf_json(tmp_path)
+
+
+def test_family_configs_map_to_the_switches_of_one_encoder(tmp_path):
+  from jaxrec.models.encoder import ConfigFileError
+  base = dict(vocab_size=30, hidden_size=12, num_hidden_layers=3, num_attention_heads=3, intermediate_size=20)
+  roberta = _config(tmp_path, dict(base, model_type="xlm-roberta", max_position_embeddings=514, type_vocab_size=1,
+                                   pad_token_id=1))
+  assert (roberta.position_offset, roberta.max_positions, roberta.type_vocab_size) == (2, 512, 1)
+  distil = _config(tmp_path, dict(model_type="distilbert", vocab_size=30, dim=12, n_layers=2, n_heads=3, hidden_dim=20,
+                                  activation="gelu", max_position_embeddings=512))
+  assert (distil.hidden_size, distil.num_hidden_layers, distil.num_attention_heads, distil.intermediate_size,
+          distil.type_vocab_size, distil.position_offset, distil.layer_norm_eps) == (12, 2, 3, 20, 0, 0, 1e-12)
+  mpnet = _config(tmp_path, dict(base, model_type="mpnet", max_position_embeddings=514, pad_token_id=1))
+  assert (mpnet.relative_attention_num_buckets, mpnet.position_offset, mpnet.type_vocab_size) == (32, 2, 0)
+  # The released ModernBERT checkpoints' keys (transformers 5 writes layer_types and rope_parameters).
+  modern = _config(tmp_path, dict(base, model_type="modernbert", hidden_activation="gelu", norm_eps=1e-5,
+                                  global_attn_every_n_layers=3, local_attention=128, global_rope_theta=160000.0,
+                                  local_rope_theta=10000.0, num_hidden_layers=4, max_position_embeddings=8192))
+  assert modern.layer_types == ("full_attention", "sliding_attention", "sliding_attention", "full_attention")
+  assert (modern.sliding_window, modern.rope_theta, modern.local_rope_theta, modern.layer_norm_eps) == (
+      64, 160000.0, 10000.0, 1e-5)
+  for changes, message in [({"mlp_bias": True}, "mlp_bias=true is not supported"),
+                           ({"rope_parameters": {"full_attention": {"rope_type": "yarn"}}}, "rope_type 'default'"),
+                           ({"hidden_activation": "silu"}, "hidden_act 'silu'")]:
+    with pytest.raises(ConfigFileError, match=message):
+      _config(tmp_path, dict(base, model_type="modernbert", **changes))
+  with pytest.raises(ConfigFileError, match="supported model_type: bert, roberta, xlm-roberta, distilbert, mpnet, "
+                                            "modernbert"):
+    _config(tmp_path, dict(base, model_type="t5"))

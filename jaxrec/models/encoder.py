@@ -14,7 +14,10 @@ absolute positions, token types) so that a checkpoint maps onto it one tensor at
 switches in ``BertConfig``: RoBERTa and XLM-RoBERTa number positions from ``pad_token_id + 1``
 (``position_offset``); DistilBERT has no token types (``type_vocab_size=0``); MPNet has neither
 and adds a relative position bias, shared by every layer, to the attention scores
-(``relative_attention_num_buckets``). Parameters carry logical axis names; ``jaxrec/sharding.py`` maps
+(``relative_attention_num_buckets``). ModernBERT is its own stack (``ModernBertEncoder``): pre-LayerNorm
+blocks without biases, rotary positions (another base on its local layers), GeGLU MLPs, and
+attention that alternates between global and a sliding window; ``encoder_module`` builds the one
+a config names. Both take the same inputs and share the attention, adapters and token stream. Parameters carry logical axis names; ``jaxrec/sharding.py`` maps
 them to mesh axes. Eager sharding is off per parameter so a module never needs a mesh.
 """
 
@@ -37,12 +40,14 @@ class ConfigFileError(ValueError):
 
 
 # model_type values of config.json this module runs: BertModel's blocks, with the switches above.
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "modernbert")
 # Families whose positions start after the padding index (fairseq's make_positions).
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "mpnet")
 # DistilBERT's config.json names -> BertConfig's.
 _DISTILBERT_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
                      "hidden_dim": "intermediate_size", "activation": "hidden_act"}
+_MODERNBERT_NAMES = {"hidden_activation": "hidden_act", "norm_eps": "layer_norm_eps"}
+ATTENTION_TYPES = ("full_attention", "sliding_attention")  # ModernBERT's layer_types
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -71,6 +76,12 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
   position_offset: int = 0  # position j of a text reads row j + offset (RoBERTa, XLM-R, MPNet: pad_token_id + 1)
   relative_attention_num_buckets: int = 0  # MPNet: T5-style relative position buckets (0 = none)
+  # ModernBERT: rotary bases of the full-attention and the sliding-window layers, the window's reach
+  # each way (a token attends to those within it), and each layer's attention type.
+  rope_theta: float = 0.0
+  local_rope_theta: float = 0.0
+  sliding_window: int = 0
+  layer_types: tuple[str, ...] = ()
   hidden_act: str = "gelu"
   model_type: str = "bert"
   dtype: str = "float32"  # compute dtype of matmuls; softmax, LayerNorm statistics and pooling stay float32
@@ -123,6 +134,9 @@ class BertConfig:
       family = dict(type_vocab_size=0, layer_norm_eps=1e-12)  # DistilBERT's LayerNorms are 1e-12, not configurable
     elif model_type == "mpnet":
       family = dict(type_vocab_size=0, relative_attention_num_buckets=int(raw.get("relative_attention_num_buckets", 32)))
+    elif model_type == "modernbert":
+      raw = {_MODERNBERT_NAMES.get(k, k): v for k, v in raw.items()}
+      family = _modernbert_fields(raw, file)
     if model_type in _OFFSET_POSITIONS:
       family["position_offset"] = int(raw.get("pad_token_id", 1)) + 1
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -142,6 +156,7 @@ class BertConfig:
       raise ConfigFileError(f"{file}: config.json lacks {', '.join(missing)}")
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: raw[k] for k in (*required, "max_position_embeddings", "type_vocab_size", "layer_norm_eps") if k in raw}
+    kwargs.setdefault("max_position_embeddings", 8192 if model_type == "modernbert" else 512)
     kwargs.update(family, hidden_act=act, model_type=model_type)
     unknown = set(overrides) - fields
     if unknown:
@@ -151,6 +166,28 @@ class BertConfig:
       return cls(**kwargs)
     except ConfigFileError as e:
       raise ConfigFileError(f"{file}: {e}") from None
+
+
+def _modernbert_fields(raw: dict, file: str) -> dict[str, Any]:
+  """ModernBERT's config.json (either the released checkpoints' keys or transformers 5's
+  ``layer_types``/``rope_parameters``) as ``BertConfig`` fields; biases are refused, none of the
+  released models has them."""
+  biased = [k for k in ("attention_bias", "mlp_bias", "norm_bias") if raw.get(k)]
+  if biased:
+    raise ConfigFileError(f"{file}: ModernBERT with {', '.join(biased)}=true is not supported (jaxrec's has no biases)")
+  layers = int(raw["num_hidden_layers"]) if "num_hidden_layers" in raw else 0
+  every = int(raw.get("global_attn_every_n_layers", 3))
+  types = tuple(raw.get("layer_types") or
+                ("sliding_attention" if i % every else "full_attention" for i in range(layers)))
+  if any(t not in ATTENTION_TYPES for t in types) or len(types) != layers:
+    raise ConfigFileError(f"{file}: layer_types {list(types)} must name one of {', '.join(ATTENTION_TYPES)} per layer")
+  rope = raw.get("rope_parameters") or {}
+  if any(p.get("rope_type", "default") != "default" for p in rope.values() if isinstance(p, dict)):
+    raise ConfigFileError(f"{file}: rope_parameters {rope} are not supported; only rope_type 'default' is")
+  theta = lambda kind, key, default: float((rope.get(kind) or {}).get("rope_theta", raw.get(key, default)))  # noqa: E731
+  return dict(type_vocab_size=0, layer_types=types, sliding_window=int(raw.get("local_attention", 128)) // 2,
+              rope_theta=theta("full_attention", "global_rope_theta", 160000.0),
+              local_rope_theta=theta("sliding_attention", "local_rope_theta", 10000.0))
 
 
 def _partitioned(init, names: tuple[str | None, ...]):
@@ -277,7 +314,9 @@ class _CpuBf16Linear(nnx.Linear):
   def __call__(self, x_BxLxI: jax.Array, out_sharding=None) -> jax.Array:
     lead = x_BxLxI.shape[:-1]
     x_MxI = x_BxLxI.reshape(-1, x_BxLxI.shape[-1]).astype(jnp.float32)
-    y_MxO = _bf16_matmul(x_MxI, self.kernel[...]) + self.bias[...].astype(jnp.float32)
+    y_MxO = _bf16_matmul(x_MxI, self.kernel[...])
+    if self.bias is not None:
+      y_MxO = y_MxO + self.bias[...].astype(jnp.float32)
     return y_MxO.reshape(*lead, -1)
 
 
@@ -292,17 +331,21 @@ def _activation_dtype(cfg: BertConfig) -> Any:
   return jnp.float32 if uses_cpu_bf16_matmul(cfg) else _DTYPES[cfg.dtype]
 
 
+def _biased(cfg: BertConfig) -> bool:
+  return cfg.model_type != "modernbert"  # ModernBERT's Linears and LayerNorms have no biases
+
+
 def _linear(cfg: BertConfig, n_in: int, n_out: int, in_axis: str, out_axis: str, *, rngs: nnx.Rngs) -> nnx.Linear:
   # On CPU, bfloat16 means bf16 operands with float32 results: that is the form XLA:CPU speeds up.
   cls = _CpuBf16Linear if uses_cpu_bf16_matmul(cfg) else nnx.Linear
-  return cls(n_in, n_out, dtype=_DTYPES[cfg.dtype], precision=_precision(cfg),
+  return cls(n_in, n_out, dtype=_DTYPES[cfg.dtype], precision=_precision(cfg), use_bias=_biased(cfg),
              kernel_init=_partitioned(_normal, (in_axis, out_axis)), bias_init=_partitioned(_zeros, (out_axis,)),
              rngs=rngs)
 
 
 def _layer_norm(cfg: BertConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
   # LayerNorm computes in float32 whatever the matmul dtype: its statistics are where bf16 hurts.
-  return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=jnp.float32,
+  return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=jnp.float32, use_bias=_biased(cfg),
                        scale_init=_partitioned(_ones, ("embed",)), bias_init=_partitioned(_zeros, ("embed",)),
                        rngs=rngs)
 
@@ -407,7 +450,8 @@ class TokenStream:
     return _take_rows(flat, self.to_stream_N, self.to_texts_SxL.reshape(-1))
 
 
-class BertAttention(nnx.Module):
+class SelfAttention(nnx.Module):
+  """Multi-head self-attention's projections, adapters and attention, without residual or norm."""
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     d = cfg.hidden_size
@@ -420,7 +464,6 @@ class BertAttention(nnx.Module):
     self.key = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
     self.value = _linear(cfg, d, d, "embed", "heads", rngs=rngs)
     self.out = _linear(cfg, d, d, "heads", "embed", rngs=rngs)
-    self.norm = _layer_norm(cfg, rngs=rngs)
     if cfg.lora_rank:
       self.query_lora = _adapter(d, d, "embed", "heads", cfg, rngs=rngs)
       self.value_lora = _adapter(d, d, "embed", "heads", cfg, rngs=rngs)
@@ -431,10 +474,12 @@ class BertAttention(nnx.Module):
     b, l, _ = x_BxLxD.shape
     return x_BxLxD.reshape(b, l, self.num_heads, self.head_dim)
 
-  def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array, stream: TokenStream | None = None) -> jax.Array:
-    """x [B, L, D], or a token stream [N, D] with ``stream`` (attention then runs per text). The
-    additive bias broadcasts to the scores [B, H, L, L]: the padding mask [B, 1, 1, L], plus MPNet's
-    relative position bias [1, H, L, L] where the model has one."""
+  def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array, stream: TokenStream | None = None,
+               rotary_LxK: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """out(attention) of x [B, L, D], or of a token stream [N, D] with ``stream`` (attention then
+    runs per text). The additive bias broadcasts to the scores [B, H, L, L]: the padding mask
+    [B, 1, 1, L], plus MPNet's relative position bias [1, H, L, L] or ModernBERT's sliding window
+    [1, 1, L, L] where the model has one. ``rotary_LxK`` (cos, sin) rotates queries and keys."""
     q_BxLxD, k_BxLxD, v_BxLxD = self.query(x_BxLxD), self.key(x_BxLxD), self.value(x_BxLxD)
     if self.query_lora is not None:
       q_BxLxD = q_BxLxD + self.query_lora(x_BxLxD).astype(q_BxLxD.dtype)
@@ -443,6 +488,8 @@ class BertAttention(nnx.Module):
     if stream is not None:  # [N, D] -> [S, L, D]
       q_BxLxD, k_BxLxD, v_BxLxD = stream.texts(q_BxLxD), stream.texts(k_BxLxD), stream.texts(v_BxLxD)
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = self._heads(q_BxLxD), self._heads(k_BxLxD), self._heads(v_BxLxD)
+    if rotary_LxK is not None:
+      q_BxLxHxK, k_BxLxHxK = _rotate(q_BxLxHxK, *rotary_LxK), _rotate(k_BxLxHxK, *rotary_LxK)
     scores_BxHxLxL = jnp.einsum("blhk,bmhk->bhlm", q_BxLxHxK, k_BxLxHxK, precision=self.precision,
                                 preferred_element_type=jnp.float32)
     scores_BxHxLxL = scores_BxHxLxL * (1.0 / math.sqrt(self.head_dim)) + mask_bias_Bx1x1xL
@@ -452,7 +499,34 @@ class BertAttention(nnx.Module):
     ctx_BxLxD = ctx_BxLxHxK.reshape(q_BxLxD.shape)
     if stream is not None:
       ctx_BxLxD = stream.stream(ctx_BxLxD)
-    return self.norm(x_BxLxD + self.out(ctx_BxLxD))
+    return self.out(ctx_BxLxD)
+
+
+class BertAttention(SelfAttention):
+  """BERT's post-LayerNorm attention block: norm(x + attention(x))."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.norm = _layer_norm(cfg, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, mask_bias_Bx1x1xL: jax.Array, stream: TokenStream | None = None) -> jax.Array:
+    return self.norm(x_BxLxD + super().__call__(x_BxLxD, mask_bias_Bx1x1xL, stream))
+
+
+def _rotate(x_BxLxHxK: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> jax.Array:
+  """Rotary position embedding as Hugging Face applies it (the halves rotated, in float32)."""
+  x = x_BxLxHxK.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * cos_LxK[None, :, None, :] + rotated * sin_LxK[None, :, None, :]).astype(x_BxLxHxK.dtype)
+
+
+def rotary_tables(length: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+  """(cos, sin) float32 [L, K] of positions 0..L-1, computed on the host in float32 as torch does."""
+  inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)))
+  freqs = np.arange(length, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+  angles = np.concatenate([freqs, freqs], axis=-1)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
 def _gelu(x: jax.Array) -> jax.Array:
@@ -568,6 +642,98 @@ class BertEncoder(nnx.Module):
     return x_BxLxD if stream is None else stream.texts(x_BxLxD)
 
 
+class GatedMLP(nnx.Module):
+  """ModernBERT's GeGLU MLP: ffn_out(gelu(a) * b) with [a, b] = ffn_in(x) [B, L, 2F]; no residual, no norm."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.ffn_in = _linear(cfg, d, 2 * f, "embed", "mlp", rngs=rngs)
+    self.ffn_out = _linear(cfg, f, d, "mlp", "embed", rngs=rngs)
+    if cfg.lora_rank and cfg.lora_ffn:
+      self.ffn_in_lora = _adapter(d, 2 * f, "embed", "mlp", cfg, rngs=rngs)
+      self.ffn_out_lora = _adapter(f, d, "mlp", "embed", cfg, rngs=rngs)
+    else:
+      self.ffn_in_lora = self.ffn_out_lora = None
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    h_BxLx2F = self.ffn_in(x_BxLxD)
+    if self.ffn_in_lora is not None:
+      h_BxLx2F = h_BxLx2F + self.ffn_in_lora(x_BxLxD).astype(h_BxLx2F.dtype)
+    a_BxLxF, b_BxLxF = jnp.split(h_BxLx2F, 2, axis=-1)
+    h_BxLxF = _gelu(a_BxLxF) * b_BxLxF
+    y_BxLxD = self.ffn_out(h_BxLxF)
+    if self.ffn_out_lora is not None:
+      y_BxLxD = y_BxLxD + self.ffn_out_lora(h_BxLxF).astype(y_BxLxD.dtype)
+    return y_BxLxD
+
+
+class ModernBertLayer(nnx.Module):
+  """Pre-LayerNorm block: x + attention(norm(x)), then x + mlp(norm(x)); layer 0 reads the
+  embeddings' norm, so it has no attention norm of its own (as Hugging Face's)."""
+
+  def __init__(self, cfg: BertConfig, index: int, *, rngs: nnx.Rngs):
+    self.attention_norm = _layer_norm(cfg, rngs=rngs) if index else None
+    self.attention = SelfAttention(cfg, rngs=rngs)
+    self.mlp_norm = _layer_norm(cfg, rngs=rngs)
+    self.mlp = GatedMLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, bias_BxHxLxL: jax.Array, stream: TokenStream | None,
+               rotary_LxK: tuple[jax.Array, jax.Array]) -> jax.Array:
+    h_BxLxD = x_BxLxD if self.attention_norm is None else self.attention_norm(x_BxLxD)
+    x_BxLxD = x_BxLxD + self.attention(h_BxLxD, bias_BxHxLxL, stream, rotary_LxK)
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+
+
+class ModernBertEmbeddings(nnx.Module):
+  """Token embeddings and their norm: ModernBERT's positions are rotary, inside attention."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=_activation_dtype(cfg),
+                          embedding_init=_partitioned(_normal, ("vocab", "embed")), rngs=rngs)
+    self.norm = _layer_norm(cfg, rngs=rngs)
+
+  def __call__(self, input_ids_BxL: jax.Array) -> jax.Array:
+    return self.norm(self.word(input_ids_BxL))
+
+
+class ModernBertEncoder(nnx.Module):
+  """ModernBERT: token ids -> last hidden states (after the final norm), in either layout of ``BertEncoder``."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embeddings = ModernBertEmbeddings(cfg, rngs=rngs)
+    self.layers = nnx.List([ModernBertLayer(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
+    self.final_norm = _layer_norm(cfg, rngs=rngs)
+
+  def __call__(self, input_ids_BxL: jax.Array, attention_mask_BxL: jax.Array | None = None,
+               token_type_ids_BxL: jax.Array | None = None, *, stream: TokenStream | None = None) -> jax.Array:
+    """As ``BertEncoder.__call__``; token types are ignored (ModernBERT has none)."""
+    if (attention_mask_BxL is None) == (stream is None):
+      raise ValueError("ModernBertEncoder takes padded rows (attention_mask) or a token stream (stream), exactly one")
+    keep_BxL = attention_mask_BxL if stream is None else stream.mask_SxL
+    length = keep_BxL.shape[1]
+    full_Bx1x1xL = _mask_bias(keep_BxL)
+    # Sliding layers also drop keys farther than the window: where(), not a second bias added, so a
+    # masked score stays the finite minimum (two of them would sum to -inf, and a row of -inf to NaN).
+    distance_LxL = np.abs(np.arange(length)[:, None] - np.arange(length)[None, :])
+    near_1x1xLxL = jnp.asarray(distance_LxL <= self.cfg.sliding_window)[None, None]
+    bias = {"full_attention": full_Bx1x1xL,
+            "sliding_attention": jnp.where(near_1x1xLxL, full_Bx1x1xL, jnp.finfo(jnp.float32).min)}
+    head_dim = self.cfg.head_dim
+    rotary = {"full_attention": tuple(map(jnp.asarray, rotary_tables(length, head_dim, self.cfg.rope_theta))),
+              "sliding_attention": tuple(map(jnp.asarray, rotary_tables(length, head_dim, self.cfg.local_rope_theta)))}
+    x_BxLxD = self.embeddings(input_ids_BxL)  # per token: the stream stays [N, D]
+    for layer, kind in zip(self.layers, self.cfg.layer_types):
+      x_BxLxD = layer(x_BxLxD, bias[kind], stream, rotary[kind])
+    x_BxLxD = self.final_norm(x_BxLxD)
+    return x_BxLxD if stream is None else stream.texts(x_BxLxD)
+
+
+def encoder_module(cfg: BertConfig, *, rngs: nnx.Rngs) -> "BertEncoder | ModernBertEncoder":
+  """The encoder ``cfg.model_type`` names: ``ModernBertEncoder`` for ModernBERT, else ``BertEncoder``."""
+  return (ModernBertEncoder if cfg.model_type == "modernbert" else BertEncoder)(cfg, rngs=rngs)
+
+
 # sentence-transformers' pooling modes (its Pooling module's names), each a reading of the last
 # hidden states [B, L, D] over a text's tokens (the mask): their mean; [CLS]'s state; the per-feature
 # max; the mean weighted by position 1..L (SGPT); the last token's state (decoder-style
@@ -612,7 +778,7 @@ PADDED_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # each [S, L]
 STREAM_INPUTS = ("input_ids", "token_type_ids", "position_ids", "segment_ids", "stream_index")  # [N] x 4, [S, L]
 
 
-def sentence_vectors(module: BertEncoder, inputs: Mapping[str, jax.Array], pooling: str = "mean",
+def sentence_vectors(module: "BertEncoder | ModernBertEncoder", inputs: Mapping[str, jax.Array], pooling: str = "mean",
                      normalize: bool = True) -> jax.Array:
   """Pooled sentence embeddings [S, D] float32 of S texts in either layout; pure, so a train step
   can jit and differentiate it.

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrec.config import ModelConfig
-from jaxrec.models.encoder import PADDED_INPUTS, BertConfig, BertEncoder, sentence_vectors
+from jaxrec.models.encoder import PADDED_INPUTS, BertConfig, encoder_module, sentence_vectors
 from jaxrec.models.towers import Catalog, ItemTower, QueryTower, Table, Users
 
 
@@ -71,7 +71,7 @@ class TwoTower(nnx.Module):
                encoder_cfg: BertConfig | None = None, tokens: dict | None = None, pooling: str = "mean",
                row_multiple: int = 1, history_text=None, history_len: int = 0, rngs: nnx.Rngs):
     self.pooling = pooling
-    self.text_encoder = BertEncoder(encoder_cfg, rngs=rngs) if encoder_cfg is not None else None
+    self.text_encoder = encoder_module(encoder_cfg, rngs=rngs) if encoder_cfg is not None else None
     if tokens is not None:
       self.tokens = nnx.Dict({name: Table(jnp.asarray(tokens[name], jnp.int32)) for name in PADDED_INPUTS})
     self.query_text = history_text is not None
