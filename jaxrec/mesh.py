@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import sys
 
 import jax
@@ -103,6 +104,29 @@ def stop_if_peer_lost(prefix: str, message: str) -> None:
   os._exit(EXIT_PEER_LOST)
 
 
+def flags_of_all_processes(point: str, flag: str | None, timeout_s: int = 1800) -> dict[int, str]:
+  """Every process's ``flag`` (None: not raised) at ``point``, the same dict on every process.
+
+  Each process calls it at the same points in the same order, ``point`` naming each one uniquely.
+  Host-side only, through the coordination service (a barrier, plus a key for each raised flag): no
+  device work, so the step already dispatched keeps running; about a millisecond on one machine.
+  A flag raised after a process passed ``point`` counts at the next point on every process alike:
+  a process writes it only before its own barrier, and the keys of each point are read after it.
+  """
+  if jax.process_count() == 1:
+    return {} if flag is None else {jax.process_index(): flag}
+  from jax._src import distributed  # the coordination service's client (orbax reads it the same way)
+  client, keys = distributed.global_state.client, f"jaxrec/flags/{point}/"
+  if flag is not None:
+    client.key_value_set(keys + str(jax.process_index()), flag, allow_overwrite=True)
+  try:
+    client.wait_at_barrier("jaxrec/flags", timeout_s * 1000)  # reusable: the service counts each pass
+  except Exception as e:  # a lost peer's error text stays in the first line, for stop_if_peer_lost
+    raise MeshError(f"process {jax.process_index()} of {jax.process_count()} waited at '{point}' for the "
+                    f"others: {e}") from e
+  return {int(key.rsplit("/", 1)[1]): value for key, value in client.key_value_dir_get(keys)}
+
+
 def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int | None = None) -> bool:
   """Starts jax.distributed when config or environment asks for several processes.
 
@@ -119,6 +143,7 @@ def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int | None = None) 
     # TPU VMs describe the slice to JAX themselves.
     jax.distributed.initialize(initialization_timeout=cfg.init_timeout_s,
                                heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
+    _reinstate_sigterm_handler()
     return True
   address = cfg.coordinator_address or os.environ.get("JAXREC_COORDINATOR", "")
   num = cfg.num_processes if cfg.num_processes > 1 else int(os.environ.get("JAXREC_NUM_PROCESSES", "1"))
@@ -153,7 +178,25 @@ def maybe_initialize_distributed(cfg: MeshConfig, timeout_s: int | None = None) 
                                heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
   except Exception as e:  # surface one line naming the address instead of a gRPC stack
     raise MeshError(f"could not join the coordinator at {address} as process {pid} of {num} within {timeout_s}s: {e}") from e
+  _reinstate_sigterm_handler()
   return True
+
+
+def _reinstate_sigterm_handler() -> None:
+  """Puts back the SIGTERM handler Python had before jax.distributed.initialize.
+
+  initialize starts the coordination service's preemption notifier, whose C++ handler turns SIGTERM
+  into a flag that only ``multihost_utils.reached_preemption_sync_point`` reads; jaxrec does not call it
+  (the trainer's own handler, which agrees across processes, replaces that one for the loop), so until
+  then a SIGTERM would be swallowed and the run would go on. With the handler back, a SIGTERM before
+  the loop ends the process as in a one-process run, and the other processes stop as for any lost one.
+  """
+  try:
+    handler = signal.getsignal(signal.SIGTERM)  # Python's record: the C++ handler bypassed it
+    if handler is not None:
+      signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not the main thread: signals are not ours to set
+    pass
 
 
 def mesh_fitting_devices(cfg: Config) -> Config:

@@ -30,7 +30,7 @@ from jaxrec.data.dataset import Dataset, Split
 from jaxrec.data.pipeline import BatchBuilder, Sequences, item_log_q, train_batches
 from jaxrec.files import write_atomically, write_json_atomically
 from jaxrec.flops import jaxpr_matmul_flops
-from jaxrec.mesh import MeshError, make_mesh, maybe_initialize_distributed
+from jaxrec.mesh import MeshError, flags_of_all_processes, make_mesh, maybe_initialize_distributed
 from jaxrec.workdir import holding_workdir_lock
 
 log = logging.getLogger("jaxrec")
@@ -194,7 +194,10 @@ class Trainer:
           self._record(*pending, history, writer, progress, ckpt)
         pending = (step, call_metrics)
         done = step + steps
-        interrupted = stop_signal.raised is not None
+        # Every process stops at the same step whichever received the signal: one stopping alone
+        # would leave the others waiting in the next step's collective.
+        stopped = stop_signal.agreed(f"step {done}")
+        interrupted = stopped is not None
         validate = bool(cfg.train.eval_every) and done % cfg.train.eval_every == 0 and done < cfg.train.steps
         save = interrupted or (every and done % every == 0 and done < cfg.train.steps)
         if validate or save:  # both need the loss history up to ``done``
@@ -206,7 +209,7 @@ class Trainer:
           ckpt.save(done, state, data_iter, to_json(cfg), history, force=interrupted)
         if interrupted:
           ckpt.close()
-          raise TrainingStopped(f"received {stop_signal.raised}; saved checkpoint at step {done} in "
+          raise TrainingStopped(f"{stopped}; saved checkpoint at step {done} in "
                                 f"{ckpt.directory}; rerun the same command to resume", EXIT_PREEMPTED)
       if pending is not None:
         self._record(*pending, history, writer, progress, ckpt)
@@ -241,8 +244,9 @@ class Trainer:
     is_main = jax.process_index() == 0
 
     def stop_if_signalled(phase):
-      if stop_signal.raised is not None:
-        raise TrainingStopped(f"received {stop_signal.raised} {phase}; the final checkpoint (step {cfg.train.steps}) "
+      stopped = stop_signal.agreed(phase)
+      if stopped is not None:
+        raise TrainingStopped(f"{stopped} {phase}; the final checkpoint (step {cfg.train.steps}) "
                               f"is saved; rerun the same command to evaluate and export", EXIT_PREEMPTED)
 
     stop_if_signalled("after training")
@@ -420,7 +424,12 @@ def sources_describe(dataset: Dataset, split: Split) -> dict[str, Any]:
 
 
 class _SignalFlag:
-  """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries.
+
+  A signal often reaches one process of several (a preempted host), so the loop asks ``agreed``,
+  which answers the same on every process: jax's preemption sync point
+  (``multihost_utils.reached_preemption_sync_point``) cannot, as it hears only the SIGTERM its own C++
+  handler catches (replaced by this one, which SIGINT and the phases after training need too)."""
 
   def __init__(self):
     self.raised = None
@@ -433,6 +442,21 @@ class _SignalFlag:
 
   def _handle(self, signum, frame):
     self.raised = signal.Signals(signum).name
+
+  def agreed(self, point: str) -> str | None:
+    """Which process received which signal by ``point`` (every process calls it at the same points),
+    e.g. "process 1 of 2 received SIGTERM", or "received SIGTERM" in a one-process run; None if none."""
+    flags = flags_of_all_processes(point, self.raised)
+    if not flags:
+      return None
+    if jax.process_count() == 1:
+      return f"received {flags[jax.process_index()]}"
+    by_signal: dict[str, list[int]] = {}
+    for process, name in sorted(flags.items()):
+      by_signal.setdefault(name, []).append(process)
+    return " and ".join(f"process{'es' if len(ids) > 1 else ''} {', '.join(map(str, ids[:4]))}"
+                        f"{f' and {len(ids) - 4} more' if len(ids) > 4 else ''} of {jax.process_count()} received {name}"
+                        for name, ids in by_signal.items())
 
   def restore(self):
     for sig, handler in self._previous.items():
@@ -453,6 +477,9 @@ def train(cfg: Config, *, resume_with_changes: bool = False) -> dict[str, Any]:
   safe (``resume_with_changes=True`` for optimisation settings, see ``jaxrec.config_diff``)."""
   _show_progress_logs()
   writers.check(cfg.train.writers)  # a missing wandb/mlflow package before any data or compile
+  # Before the checkpoint check below: orbax starts JAX's backends, after which a process can no
+  # longer join a multi-process run (so a preempted multi-process run could not resume).
+  maybe_initialize_distributed(cfg.mesh)
   checkpoints = os.path.join(os.path.abspath(cfg.workdir), "checkpoints")
   if os.path.isdir(checkpoints):  # refuse a different experiment before loading data and compiling
     ckpt = Checkpointer(checkpoints, cfg.checkpoint)

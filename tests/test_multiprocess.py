@@ -249,3 +249,109 @@ def test_a_process_whose_peer_died_stops_within_30s_with_one_clear_line(tmp_path
   assert ("jaxrec train: error: process 0 of 2 lost contact with another process" in output
           or "This most likely indicates that another task died" in output), output[-3000:]
   assert "Traceback" not in output
+
+
+class _CoordinationStore:
+  """The coordination service's key-value store and barrier as flags_of_all_processes uses them."""
+
+  def __init__(self):
+    self.values, self.barriers = {}, 0
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    self.values[key] = value
+
+  def wait_at_barrier(self, barrier_id, timeout_in_ms):
+    self.barriers += 1
+
+  def key_value_dir_get(self, prefix):
+    return [(key, value) for key, value in self.values.items() if key.startswith(prefix)]
+
+
+def test_every_process_learns_at_the_same_point_which_one_received_a_signal(monkeypatch):
+  from jax._src import distributed
+  from jaxrec import trainer
+  store = _CoordinationStore()
+  monkeypatch.setattr(distributed.global_state, "client", store)
+  monkeypatch.setattr(mesh.jax, "process_count", lambda: 2)
+  as_process = lambda pid: monkeypatch.setattr(mesh.jax, "process_index", lambda: pid)
+  as_process(1)
+  assert mesh.flags_of_all_processes("step 4", "SIGTERM") == {1: "SIGTERM"}  # before its barrier at step 4
+  as_process(0)
+  assert mesh.flags_of_all_processes("step 4", None) == {1: "SIGTERM"}
+  assert mesh.flags_of_all_processes("step 40", None) == {}  # a point's keys only, not a longer name's
+  assert store.barriers == 3
+  flag = trainer._SignalFlag()
+  try:
+    assert flag.agreed("step 4") == "process 1 of 2 received SIGTERM"  # process 0 received none itself
+    flag.raised = "SIGINT"
+    assert flag.agreed("after training") == "process 0 of 2 received SIGINT"
+    store.values["jaxrec/flags/evaluated/1"] = "SIGINT"
+    assert flag.agreed("evaluated") == "processes 0, 1 of 2 received SIGINT"
+  finally:
+    flag.restore()
+  monkeypatch.setattr(mesh.jax, "process_count", lambda: 1)
+  assert mesh.flags_of_all_processes("step 4", None) == {} and store.barriers == 6  # one process: no service
+  assert mesh.flags_of_all_processes("step 4", "SIGTERM") == {0: "SIGTERM"} and store.barriers == 6
+
+
+def _start_processes(tmp_path, name, *overrides, num=2):
+  """``num`` jaxrec train processes on one coordinator, each in its own session (so a test can
+  signal one alone); process i logs to tmp_path/{name}_{i}.log."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  workers = []
+  for pid in range(num):
+    env = dict(os.environ, JAXREC_COORDINATOR=f"127.0.0.1:{port}", JAXREC_NUM_PROCESSES=str(num),
+               JAXREC_PROCESS_ID=str(pid), JAXREC_LOCAL_DEVICES=str(8 // num), JAX_PLATFORMS="cpu",
+               JAXREC_HUGE_PAGES="0", XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num}")
+    with open(tmp_path / f"{name}_{pid}.log", "w") as log:
+      workers.append(subprocess.Popen(_train_cmd(tmp_path / name, *overrides), env=env, cwd=ROOT, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+  return workers
+
+
+def _finish(workers, timeout_s):
+  try:
+    return [worker.wait(timeout=timeout_s) for worker in workers]
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        os.killpg(worker.pid, signal.SIGKILL)
+
+
+# warmup 0 and a final rate equal to the peak: the rate no longer depends on train.steps, so a
+# run stopped early and resumed to N steps takes the same steps as one trained to N straight.
+CONSTANT_RATE = ["train.warmup_steps=0", "train.end_lr_fraction=1.0", "train.eval_every=0"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step_and_the_rerun_is_exact(tmp_path):
+  workers = _start_processes(tmp_path, "stopped", "train.steps=100000", *CONSTANT_RATE)
+  try:
+    _wait_for_training(tmp_path / "stopped_1.log")
+    workers[1].send_signal(signal.SIGTERM)  # only process 1, as a preempted host is
+    signalled = time.monotonic()
+  finally:
+    codes = _finish(workers, timeout_s=60)
+  assert time.monotonic() - signalled < 30
+  logs = [(tmp_path / f"stopped_{pid}.log").read_text() for pid in range(2)]
+  assert codes == [75, 75], logs[0][-2000:] + logs[1][-2000:]
+  line = re.compile(r"jaxrec train: error: process 1 of 2 received SIGTERM; saved checkpoint at step (\d+) in ")
+  saved = [int(line.search(log).group(1)) for log in logs]
+  assert saved[0] == saved[1] > 0
+  assert sorted(int(p.name) for p in (tmp_path / "stopped" / "checkpoints").iterdir() if p.name.isdigit()) == [saved[0]]
+  assert all("Traceback" not in log for log in logs)
+
+  steps = f"train.steps={saved[0] + 3}"
+  assert _finish(_start_processes(tmp_path, "stopped", steps, *CONSTANT_RATE), timeout_s=300) == [0, 0]
+  assert _finish(_start_processes(tmp_path, "straight", steps, *CONSTANT_RATE), timeout_s=300) == [0, 0]
+  assert f"resuming from checkpoint step {saved[0]}" in (tmp_path / "stopped_0.log").read_text()
+  resumed, straight = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("stopped", "straight"))
+  assert len(resumed["train/losses"]) == saved[0] + 3
+  assert resumed["train/losses"] == straight["train/losses"]  # bitwise: same steps on the same data
+  checksum = re.compile(r"final parameter checksum (\w+)")
+  sums = {checksum.search((tmp_path / f"{name}_{pid}.log").read_text()).group(1)
+          for name in ("stopped", "straight") for pid in range(2)}
+  assert len(sums) == 1
