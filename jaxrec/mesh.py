@@ -113,10 +113,10 @@ def flags_of_all_processes(point: str, flag: str | None, timeout_s: int = 1800) 
   A flag raised after a process passed ``point`` counts at the next point on every process alike:
   a process writes it only before its own barrier, and the keys of each point are read after it.
   """
-  if jax.process_count() == 1:
-    return {} if flag is None else {jax.process_index(): flag}
   from jax._src import distributed  # the coordination service's client (orbax reads it the same way)
   client, keys = distributed.global_state.client, f"jaxrec/flags/{point}/"
+  if jax.process_count() == 1 or client is None:  # one process, or one controller of all devices
+    return {} if flag is None else {jax.process_index(): flag}
   if flag is not None:
     client.key_value_set(keys + str(jax.process_index()), flag, allow_overwrite=True)
   try:
