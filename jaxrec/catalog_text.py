@@ -182,7 +182,7 @@ def catalog_text(cfg: Config, dataset: Dataset, *, abstract: bool = False) -> Ca
   if abstract:  # the width is all a restore needs: config.json says it
     from jaxrec.text_encoder import default_model_dir
     from jaxrec.weights import read_config
-    dim = read_config(path or default_model_dir()).hidden_size
+    dim = read_config(path or default_model_dir()).output_size
     return CatalogText(dim=dim, vectors=jax.ShapeDtypeStruct((dataset.num_items, dim), np.float32), **query_encoder)
   log.info("loading the text encoder %s (encoder.mode=%s)", cfg.encoder.path or "all-MiniLM-L6-v2 (packaged)",
            cfg.encoder.mode)

@@ -78,7 +78,9 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-  path: str = ""  # local HF BERT-family dir; "" = packaged all-MiniLM-L6-v2
+  # A local Hugging Face model directory (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, MPNet, ModernBERT)
+  # or a hub id org/name[@revision] (downloaded once into the HF cache); "" = packaged all-MiniLM-L6-v2
+  path: str = ""
   mode: str = "frozen"  # frozen | lora | full | adalora | none (ID-only model)
   max_length: int = 0  # 0 = the model's own max_seq_length (256 for MiniLM)
   # "" = the model's own (sentence-transformers' 1_Pooling/config.json, else mean) | mean | cls | max |

@@ -21,8 +21,10 @@ log = logging.getLogger("jaxrec")
 # org/name[@revision]: hub repository ids are letters, digits, '-', '_' and '.'.
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 # What a sentence encoder reads: every JSON config (model, tokenizer, sentence-transformers' stages),
-# vocabularies, sentencepiece models and the safetensors weights; never ONNX/OpenVINO/other exports.
-ALLOW_PATTERNS = ("*.json", "*.txt", "*.model", "merges.txt", "model.safetensors", "model-*-of-*.safetensors")
+# vocabularies and merges, sentencepiece models, the safetensors weights, and a Dense stage's weights
+# in its folder (2_Dense/); never ONNX/OpenVINO/other exports.
+ALLOW_PATTERNS = ("*.json", "*.txt", "*.model", "model.safetensors", "model-*-of-*.safetensors",
+                  "*_Dense/model.safetensors", "*_Dense/pytorch_model.bin")
 _FALLBACK_WEIGHTS = ("pytorch_model.bin",)
 
 
@@ -35,11 +37,6 @@ class Resolved:
   path: str  # the local model directory
   repo: str = ""  # the hub id it came from ("" for a local directory)
   revision: str = ""  # the commit the files are from ("" for a local directory)
-
-
-def is_hub_id(path: str) -> bool:
-  """Whether ``path`` reads as a hub id and names no local directory (a local one always wins)."""
-  return bool(_HUB_ID.match(path)) and not os.path.exists(path)
 
 
 def _snapshot_download(**kwargs) -> str:

@@ -28,7 +28,8 @@ from jaxrec import hub
 from jaxrec.files import atomic_file
 from jaxrec.models.encoder import (POOLING_MODES, BertConfig, BertEncoder, ModernBertEncoder, sentence_vectors,
                                    uses_cpu_bf16_matmul)
-from jaxrec.weights import ShardingSpec, WeightsError, check_vocab, find_weights_file, load_encoder, read_config
+from jaxrec.weights import (ShardingSpec, WeightsError, check_vocab, find_weights_file, load_encoder, read_config,
+                            read_modules)
 
 log = logging.getLogger("jaxrec")
 
@@ -44,8 +45,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.mode
 _POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
                  "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken",
                  "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens"}
-# modules.json stages jaxrec runs (by class name): the encoder, its pooling, L2 normalisation.
-_RUN_STAGES = ("Transformer", "Pooling", "Normalize")
+# modules.json stages jaxrec runs (by class name): the encoder, its pooling, Dense projections
+# (read with the weights, jaxrec.weights.dense_stages), L2 normalisation.
+_RUN_STAGES = ("Transformer", "Pooling", "Dense", "Normalize")
 
 
 def default_model_dir() -> str:
@@ -73,25 +75,14 @@ def _read_json(file: str) -> dict | None:
     raise WeightsError(f"{file}: unreadable JSON ({e})") from e
 
 
-def _modules(path: str) -> list[dict]:
-  """sentence-transformers' modules.json (its pipeline of stages), [] when the directory has none."""
-  file = os.path.join(path, "modules.json")
-  raw = _read_json(file)
-  if raw is None:
-    return []
-  if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
-    raise WeightsError(f"{file}: not a list of modules")
-  return raw
-
-
 def check_modules(path: str) -> None:
   """Refuses a model whose sentence-transformers pipeline has a stage jaxrec does not run, naming it.
 
-  jaxrec runs the Transformer and Pooling stages and L2-normalises (``normalize=True``), which is the
-  Normalize stage; any other stage (a Dense projection, say) would change the vectors, so loading
-  without it would silently differ from sentence-transformers.
+  jaxrec runs the Transformer, Pooling and Dense stages and L2-normalises (``normalize=True``),
+  which is the Normalize stage; any other stage would change the vectors, so loading without it
+  would silently differ from sentence-transformers.
   """
-  for module in _modules(path):
+  for module in read_modules(path):
     kind = str(module.get("type", "")).rsplit(".", 1)[-1]
     if kind not in _RUN_STAGES:
       stage = module.get("path") or module.get("name") or kind
@@ -103,19 +94,26 @@ def check_modules(path: str) -> None:
 def _pooling_from_dir(path: str) -> str:
   """The mode of sentence-transformers' Pooling stage (its config.json, in the directory modules.json
   names, else 1_Pooling/), or mean pooling when the directory has none."""
-  folder = next((m.get("path") or "" for m in _modules(path) if str(m.get("type", "")).endswith(".Pooling")),
+  folder = next((m.get("path") or "" for m in read_modules(path) if str(m.get("type", "")).endswith(".Pooling")),
                 "1_Pooling")
   file = os.path.join(path, folder, "config.json")
   raw = _read_json(file)
   if raw is None:
     return "mean"
+  if raw.get("include_prompt") is False:
+    raise WeightsError(f"{file}: include_prompt=false (the prompt's tokens left out of pooling) is not supported")
+  if "pooling_mode" in raw:  # sentence-transformers 6 writes the mode by name (a list: concatenated modes)
+    mode = raw["pooling_mode"]
+    mode = mode[0] if isinstance(mode, list) and len(mode) == 1 else mode
+    if mode not in POOLING_MODES:
+      raise WeightsError(f"{file}: pooling_mode {mode!r} is not supported; jaxrec pools by exactly one of "
+                         f"{', '.join(POOLING_MODES)}")
+    return mode
   modes = [k for k, v in raw.items() if k.startswith("pooling_mode") and v]
   supported = [_POOLING_KEYS[k] for k in modes if k in _POOLING_KEYS]
   if len(modes) != 1 or not supported:
     raise WeightsError(f"{file}: pooling {modes or 'none'} is not supported; jaxrec pools by exactly one of "
                        f"{', '.join(_POOLING_KEYS)} (pass pooling= one of {', '.join(POOLING_MODES)} to override)")
-  if raw.get("include_prompt") is False:
-    raise WeightsError(f"{file}: include_prompt=false (the prompt's tokens left out of pooling) is not supported")
   return supported[0]
 
 
@@ -197,7 +195,7 @@ class TextTokenizer:
     self.lower_case = lower_case  # sentence_bert_config's do_lower_case: lowercases before tokenizing
     # Put before item texts and history texts by their callers (catalog_text), not by tokenize/encode.
     self.item_prefix, self.query_prefix = item_prefix, query_prefix
-    self.hidden_size = config.hidden_size
+    self.hidden_size = config.output_size  # the sentence vector's width: the last Dense stage's, else D
     self.length_buckets = tuple(b for b in LENGTH_BUCKETS if b < max_length) + (max_length,)
 
   @classmethod

@@ -162,14 +162,18 @@ class LoadReport:
   initialised: tuple[str, ...]  # module params not from the checkpoint: LoRA adapters only
 
 
-def key_table(num_layers: int, model_type: str = "bert") -> list[tuple[str, tuple[str | int, ...], str]]:
-  """The full mapping of a ``model_type`` encoder of ``num_layers`` layers: (checkpoint key, module
-  path tuple, transform)."""
+def key_table(num_layers: int, model_type: str = "bert", dense: tuple = ()) -> list[tuple[str, tuple[str | int, ...], str]]:
+  """The full mapping of a ``model_type`` encoder of ``num_layers`` layers and the ``dense`` stages
+  of ``BertConfig.dense`` (keyed ``<stage dir>/linear.*``): (checkpoint key, module path tuple, transform)."""
   embeddings, layer = FAMILY_KEY_TABLES[model_type]
   rows = list(embeddings)
   for i in range(num_layers):
     # ModernBERT's layer 0 has no attention norm (it reads the embeddings' norm).
     rows += [(k.format(i=i), p.format(i=i), t) for k, p, t in layer if i or "attention_norm" not in p]
+  for k, (stage, _, _, bias, _) in enumerate(dense):
+    rows.append((f"{stage}/linear.weight", f"dense.{k}.linear.kernel", _TRANSPOSE))
+    if bias:
+      rows.append((f"{stage}/linear.bias", f"dense.{k}.linear.bias", _COPY))
   return [(k, tuple(int(s) if s.isdigit() else s for s in p.split(".")), t) for k, p, t in rows]
 
 
@@ -356,9 +360,65 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> BertConfig:
     raise WeightsError(f"{path}: no config.json; a Hugging Face model directory needs config.json and model.safetensors")
   find_weights_file(path)
   try:
-    return BertConfig.from_hf_json(path, **overrides)
+    cfg = BertConfig.from_hf_json(path, **overrides)
   except ConfigFileError as e:
     raise WeightsError(str(e)) from None
+  stages = dense_stages(path)
+  width = cfg.hidden_size
+  for stage in stages:  # each Dense reads the previous width
+    if stage[1] != width:
+      raise WeightsError(f"{os.path.join(path, stage[0], 'config.json')}: in_features {stage[1]} does not match the "
+                         f"{width}-wide vector before it")
+    width = stage[2]
+  return dataclasses.replace(cfg, dense=stages) if stages else cfg
+
+
+def read_modules(path: str) -> list[dict]:
+  """sentence-transformers' modules.json (its pipeline of stages), [] when the directory has none."""
+  file = os.path.join(path, "modules.json")
+  if not os.path.isfile(file):
+    return []
+  try:
+    with open(file, encoding="utf-8") as f:
+      raw = json.load(f)
+  except (OSError, ValueError) as e:
+    raise WeightsError(f"{file}: unreadable JSON ({e})") from e
+  if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
+    raise WeightsError(f"{file}: not a list of modules")
+  return raw
+
+
+# sentence-transformers' Dense activation_function (a torch module's path) -> DENSE_ACTIVATIONS' name.
+_TORCH_ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "tanh", "torch.nn.modules.linear.Identity": "identity",
+                      "torch.nn.modules.activation.ReLU": "relu", "torch.nn.modules.activation.GELU": "gelu",
+                      "torch.nn.modules.activation.Sigmoid": "sigmoid"}
+
+
+def dense_stages(path: str) -> tuple[tuple[str, int, int, bool, str], ...]:
+  """The Dense stages of a model's modules.json, in order, as ``BertConfig.dense`` rows (stage
+  directory, in_features, out_features, bias, activation); a Dense jaxrec cannot run as
+  sentence-transformers does is refused naming its file."""
+  out = []
+  for module in read_modules(path):
+    if not str(module.get("type", "")).endswith(".Dense"):
+      continue
+    stage = module.get("path") or ""
+    file = os.path.join(path, stage, "config.json")
+    try:
+      with open(file, encoding="utf-8") as f:
+        raw = json.load(f)
+      in_features, out_features = int(raw["in_features"]), int(raw["out_features"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise WeightsError(f"{file}: cannot read the Dense stage's config ({type(e).__name__}: {e})") from e
+    activation = raw.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if activation not in _TORCH_ACTIVATIONS:
+      raise WeightsError(f"{file}: Dense activation_function {activation!r} is not supported; jaxrec runs "
+                         f"{', '.join(_TORCH_ACTIVATIONS)}")
+    if raw.get("use_residual") or raw.get("module_input_name", "sentence_embedding") != "sentence_embedding":
+      raise WeightsError(f"{file}: a Dense stage with a residual or on other inputs than the sentence embedding "
+                         f"is not supported")
+    out.append((stage, in_features, out_features, bool(raw.get("bias", True)), _TORCH_ACTIVATIONS[activation]))
+  return tuple(out)
 
 
 def _read_weights(path: str, cfg: BertConfig, variables: Mapping[tuple, Any]
@@ -369,9 +429,11 @@ def _read_weights(path: str, cfg: BertConfig, variables: Mapping[tuple, Any]
 
   problems: list[str] = []
   tensors = _strip_prefixes(tensors, problems)
+  for stage, *_ in cfg.dense:  # each Dense stage's weights sit in its own directory, keyed "linear.*"
+    tensors.update({f"{stage}/{k}": v for k, v in read_checkpoint(find_weights_file(os.path.join(path, stage))).items()})
   values: dict[tuple, np.ndarray] = {}
   used: set[str] = set()
-  for key, module_path, transform in key_table(cfg.num_hidden_layers, cfg.model_type):
+  for key, module_path, transform in key_table(cfg.num_hidden_layers, cfg.model_type, cfg.dense):
     if key not in tensors:
       problems.append(f"missing key {key!r} (for {'.'.join(map(str, module_path))})")
       continue

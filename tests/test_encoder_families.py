@@ -331,3 +331,28 @@ def test_family_configs_map_to_the_switches_of_one_encoder(tmp_path):
   with pytest.raises(ConfigFileError, match="supported model_type: bert, roberta, xlm-roberta, distilbert, mpnet, "
                                             "modernbert"):
     _config(tmp_path, dict(base, model_type="t5"))
+
+
+@pytest.mark.slow
+def test_a_dense_stage_runs_as_sentence_transformers_and_trains_in_the_item_tower(tmp_path):
+  path = str(FIXTURES / "distilbert-dense")  # sentence-transformers' own save: mean pooling, 2_Dense 16 -> 8 tanh
+  ref = np.load(os.path.join(path, "reference.npz"))
+  texts = [str(t) for t in ref["texts"]]
+  enc = TextEncoder.from_pretrained(path)
+  assert enc.config.dense == (("2_Dense", 16, 8, True, "tanh"),) and enc.hidden_size == 8
+  np.testing.assert_allclose(enc.encode(texts, batch_size=4), ref["embeddings"], rtol=0, atol=1e-5)
+  # Fine-tuned in full, the item tower reads the Dense stage's 8-wide vectors, which train too.
+  trainer = Trainer(load_config(TINY, ["model.use_text=true", "encoder.mode=full", f"encoder.path={path}",
+                                       "mesh.num_devices=1", f"workdir={tmp_path / 'run'}", "train.batch_size=16",
+                                       "train.learning_rate=0.01", "checkpoint.async_save=false"]))
+  assert trainer.recommender.text.dim == 8
+  state = trainer.init_state()
+  dense_before = np.asarray(state["params"]["text_encoder"]["dense"][0]["linear"]["kernel"])
+  for i in range(2):
+    state, _ = trainer.train_step(state, trainer.layout.put(trainer.batch_builder().map(i)))
+  assert np.abs(np.asarray(state["params"]["text_encoder"]["dense"][0]["linear"]["kernel"]) - dense_before).max() > 1e-4
+  model = trainer.recommender.model(state["params"], state["tables"])
+  items = np.arange(6, dtype=np.int32)
+  current = TextEncoder(TextTokenizer.from_pretrained(path), model.text_encoder)
+  np.testing.assert_allclose(np.asarray(model.encode_text(jnp.asarray(items))),
+                             current.encode([trainer.dataset.item_text[i] for i in items]), rtol=0, atol=2e-6)

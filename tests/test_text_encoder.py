@@ -336,6 +336,14 @@ def test_sentence_transformers_configs_are_read(tmp_path):
     with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
       json.dump({key: True}, f)
     assert TextEncoder.from_pretrained(path).pooling == mode
+  for written, mode in [("lasttoken", "lasttoken"), (["cls"], "cls")]:  # sentence-transformers 6 names the mode
+    with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+      json.dump({"embedding_dimension": 8, "pooling_mode": written, "include_prompt": True}, f)
+    assert TextEncoder.from_pretrained(path).pooling == mode
+  with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+    json.dump({"pooling_mode": ["cls", "mean"]}, f)
+  with pytest.raises(WeightsError, match=r"pooling_mode \['cls', 'mean'\] is not supported"):
+    TextEncoder.from_pretrained(path)
   with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
     json.dump({"pooling_mode_max_tokens": True, "pooling_mode_mean_tokens": True}, f)  # concatenated: not supported
   with pytest.raises(WeightsError, match=r"1_Pooling/config.json: pooling \['pooling_mode_max_tokens', "
@@ -356,14 +364,25 @@ def test_modules_json_stages_are_run_or_refused_by_name(tmp_path):
   with open(os.path.join(path, "modules.json"), "w") as f:
     json.dump(stages, f)
   assert TextEncoder.from_pretrained(path).pooling == "cls"  # the Pooling stage's folder, as modules.json names it
+  weights = {"idx": 2, "name": "2", "path": "2_WordWeights", "type": "sentence_transformers.models.WordWeights"}
+  with open(os.path.join(path, "modules.json"), "w") as f:
+    json.dump([*stages[:2], weights, stages[2]], f)
+  with pytest.raises(WeightsError, match=r"modules.json: stage '2_WordWeights' \(sentence_transformers.models."
+                                         r"WordWeights\) is not supported \(jaxrec runs Transformer, Pooling, Dense, "
+                                         r"Normalize\)"):
+    TextEncoder.from_pretrained(path)
+  with pytest.raises(WeightsError, match="stage '2_WordWeights'"):  # the tokenizer side alone (the trainer's) too
+    TextTokenizer.from_pretrained(path)
+  # A Dense stage runs (tests/test_encoder_families.py), unless its activation is one jaxrec lacks.
   dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
   with open(os.path.join(path, "modules.json"), "w") as f:
     json.dump([*stages[:2], dense, stages[2]], f)
-  with pytest.raises(WeightsError, match=r"modules.json: stage '2_Dense' \(sentence_transformers.models.Dense\) is "
-                                         r"not supported \(jaxrec runs Transformer, Pooling, Normalize\)"):
+  os.makedirs(os.path.join(path, "2_Dense"))
+  with open(os.path.join(path, "2_Dense", "config.json"), "w") as f:
+    json.dump({"in_features": 8, "out_features": 4, "bias": True, "activation_function": "torch.nn.modules.activation.SiLU"}, f)
+  with pytest.raises(WeightsError, match=r"2_Dense/config.json: Dense activation_function "
+                                         r"'torch.nn.modules.activation.SiLU' is not supported"):
     TextEncoder.from_pretrained(path)
-  with pytest.raises(WeightsError, match="stage '2_Dense'"):  # the tokenizer side alone (the trainer's) refuses it too
-    TextTokenizer.from_pretrained(path)
 
 
 def test_encode_shows_a_progress_bar_of_texts_only_when_asked(tmp_path, capsys):

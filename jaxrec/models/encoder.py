@@ -82,6 +82,9 @@ class BertConfig:
   local_rope_theta: float = 0.0
   sliding_window: int = 0
   layer_types: tuple[str, ...] = ()
+  # sentence-transformers' Dense stages after pooling, in order: (stage directory, in_features,
+  # out_features, bias, activation in DENSE_ACTIVATIONS); read from modules.json by jaxrec.weights.
+  dense: tuple[tuple[str, int, int, bool, str], ...] = ()
   hidden_act: str = "gelu"
   model_type: str = "bert"
   dtype: str = "float32"  # compute dtype of matmuls; softmax, LayerNorm statistics and pooling stay float32
@@ -107,6 +110,11 @@ class BertConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
+
+  @property
+  def output_size(self) -> int:
+    """The sentence vector's width: the last Dense stage's out_features, else hidden_size."""
+    return self.dense[-1][2] if self.dense else self.hidden_size
 
   @property
   def max_positions(self) -> int:
@@ -601,6 +609,7 @@ class BertEncoder(nnx.Module):
     self.cfg = cfg
     self.embeddings = BertEmbeddings(cfg, rngs=rngs)
     self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.dense = _dense_stages(cfg, rngs)  # sentence-transformers' Dense stages, after pooling
     # MPNet: one table of per-head biases by relative-position bucket, shared by every layer.
     self.relative_bias = nnx.Embed(cfg.relative_attention_num_buckets, cfg.num_attention_heads, dtype=jnp.float32,
                                    embedding_init=_partitioned(_normal, (None, None)), rngs=rngs
@@ -640,6 +649,32 @@ class BertEncoder(nnx.Module):
     for layer in self.layers:
       x_BxLxD = layer(x_BxLxD, mask_bias_Bx1x1xL, stream)
     return x_BxLxD if stream is None else stream.texts(x_BxLxD)
+
+
+# The activations of sentence-transformers' Dense stages that jaxrec runs.
+DENSE_ACTIVATIONS = {"tanh": jnp.tanh, "identity": lambda x: x, "relu": jax.nn.relu, "gelu": lambda x: _gelu(x),
+                     "sigmoid": jax.nn.sigmoid}
+
+
+class Dense(nnx.Module):
+  """A sentence-transformers Dense stage on the pooled vector [B, D] -> [B, O]: activation(x W + b), in
+  float32 (one small matmul per text)."""
+
+  def __init__(self, in_features: int, out_features: int, bias: bool, activation: str, *, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(in_features, out_features, use_bias=bias, dtype=jnp.float32,
+                             precision=jax.lax.Precision.HIGHEST,
+                             kernel_init=_partitioned(_normal, (None, None)), bias_init=_partitioned(_zeros, (None,)),
+                             rngs=rngs)
+    self.activation = activation
+
+  def __call__(self, x_BxD: jax.Array) -> jax.Array:
+    return DENSE_ACTIVATIONS[self.activation](self.linear(x_BxD.astype(jnp.float32)))
+
+
+def _dense_stages(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.List | None:
+  if not cfg.dense:
+    return None
+  return nnx.List([Dense(i, o, bias, act, rngs=rngs) for _, i, o, bias, act in cfg.dense])
 
 
 class GatedMLP(nnx.Module):
@@ -704,6 +739,7 @@ class ModernBertEncoder(nnx.Module):
     self.embeddings = ModernBertEmbeddings(cfg, rngs=rngs)
     self.layers = nnx.List([ModernBertLayer(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
     self.final_norm = _layer_norm(cfg, rngs=rngs)
+    self.dense = _dense_stages(cfg, rngs)  # sentence-transformers' Dense stages, after pooling
 
   def __call__(self, input_ids_BxL: jax.Array, attention_mask_BxL: jax.Array | None = None,
                token_type_ids_BxL: jax.Array | None = None, *, stream: TokenStream | None = None) -> jax.Array:
@@ -767,10 +803,12 @@ def pool(hidden_BxLxD: jax.Array, mask_BxL: jax.Array, mode: str = "mean", norma
     out_BxD = jnp.where(count_Bx1 > 0, out_BxD, 0.0)
   else:
     raise ValueError(f"pooling mode {mode!r} must be one of {', '.join(POOLING_MODES)}")
-  if normalize:
-    norm_Bx1 = jnp.linalg.norm(out_BxD, axis=-1, keepdims=True)
-    out_BxD = out_BxD / jnp.maximum(norm_Bx1, 1e-12)  # torch.nn.functional.normalize's eps
-  return out_BxD
+  return l2_normalize(out_BxD) if normalize else out_BxD
+
+
+def l2_normalize(x_BxD: jax.Array) -> jax.Array:
+  """x / max(|x|, 1e-12) per row (torch.nn.functional.normalize's eps): a zero row stays zero."""
+  return x_BxD / jnp.maximum(jnp.linalg.norm(x_BxD, axis=-1, keepdims=True), 1e-12)
 
 
 # The two layouts of ``sentence_vectors``' inputs, by key.
@@ -780,8 +818,8 @@ STREAM_INPUTS = ("input_ids", "token_type_ids", "position_ids", "segment_ids", "
 
 def sentence_vectors(module: "BertEncoder | ModernBertEncoder", inputs: Mapping[str, jax.Array], pooling: str = "mean",
                      normalize: bool = True) -> jax.Array:
-  """Pooled sentence embeddings [S, D] float32 of S texts in either layout; pure, so a train step
-  can jit and differentiate it.
+  """Pooled sentence embeddings [S, D] float32 of S texts in either layout, through the module's
+  Dense stages if it has any ([S, O] then); pure, so a train step can jit and differentiate it.
 
   ``inputs`` holds exactly the keys of one layout:
 
@@ -802,4 +840,9 @@ def sentence_vectors(module: "BertEncoder | ModernBertEncoder", inputs: Mapping[
   else:
     raise ValueError(f"sentence_vectors takes padded rows ({', '.join(PADDED_INPUTS)}) or a token stream "
                      f"({', '.join(STREAM_INPUTS)}); got {', '.join(sorted(keys)) or 'no inputs'}")
-  return pool(hidden_SxLxD, mask_SxL, pooling, normalize)
+  if module.dense is None:
+    return pool(hidden_SxLxD, mask_SxL, pooling, normalize)
+  vectors_SxO = pool(hidden_SxLxD, mask_SxL, pooling, normalize=False)
+  for stage in module.dense:  # sentence-transformers' Dense stages: between pooling and Normalize
+    vectors_SxO = stage(vectors_SxO)
+  return l2_normalize(vectors_SxO) if normalize else vectors_SxO
