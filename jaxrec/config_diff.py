@@ -62,7 +62,10 @@ class ConfigDiff:
     since does not count."""
     old = flatten(to_dict(saved) if isinstance(saved, Config) else saved)
     default, now = flatten(to_dict(Config())), flatten(to_dict(new))
-    return cls({k: (old.get(k, default.get(k)), v) for k, v in now.items() if old.get(k, default.get(k)) != v})
+    changes = {k: (old.get(k, default.get(k)), v) for k, v in now.items() if old.get(k, default.get(k)) != v}
+    if "encoder.pooling" in changes and _same_pooling(*changes["encoder.pooling"], new.encoder.path):
+      del changes["encoder.pooling"]
+    return cls(changes)
 
   def keys(self, kind: str) -> list[str]:
     def kind_of(key):
@@ -88,6 +91,23 @@ class ConfigDiff:
           f"workdir {workdir} was trained with other settings ({self.describe(adjustable)}); rerun with "
           f"--resume-with-changes to continue this run with them, or train in a new --workdir")
     return self.keys("bookkeeping") + adjustable
+
+
+def _same_pooling(saved: str, new: str, encoder_path: str) -> bool:
+  """encoder.pooling="" reads the model directory's own pooling (since the key's default became "";
+  runs saved before say "mean" for the same vectors): equal when both name the same mode there."""
+  if "" not in (saved, new):
+    return False
+  import os
+  from jaxrec import text_encoder
+  path = encoder_path or text_encoder.default_model_dir()
+  if not os.path.isdir(path):  # a hub id: reading its pooling could need the network
+    return False
+  try:
+    own = text_encoder._pooling_from_dir(path)
+  except Exception:  # an unreadable pooling stage: training will say so itself
+    return False
+  return (saved or own) == (new or own)
 
 
 def _short(value: Any) -> str:

@@ -80,6 +80,16 @@ def test_config_diff_sorts_keys_and_reads_new_fields_as_defaults():
   assert diff.keys("bookkeeping") == ["mesh.data"]
 
 
+def test_a_run_saved_with_the_pooling_the_model_directory_names_is_the_same_experiment():
+  # encoder.pooling used to default to "mean"; "" now reads the model's own (MiniLM: mean).
+  saved = json.loads(json.dumps(jaxrec.config.to_dict(load_config(TINY))))
+  saved["encoder"]["pooling"] = "mean"
+  assert load_config(TINY).encoder.pooling == ""
+  assert "encoder.pooling" not in ConfigDiff.between(saved, load_config(TINY)).changes
+  saved["encoder"]["pooling"] = "cls"
+  assert ConfigDiff.between(saved, load_config(TINY)).changes["encoder.pooling"] == ("cls", "")
+
+
 def test_shape_mismatch_names_a_few_parameters_the_count_and_what_to_do(trained, tmp_path):
   workdir, _ = trained
   cfg = _cfg(tmp_path, "train.steps=2", "model.embed_dim=32", "model.id_dim=32",
