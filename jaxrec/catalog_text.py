@@ -54,6 +54,7 @@ class HistoryText:
   max_length: int  # the encoder's: the most tokens a history text holds, [CLS] and [SEP] included
   prefix: str = ""  # encoder.query_prefix: before the titles
   prefix_ids: tuple[int, ...] = ()  # its tokens
+  lead: str = ""  # before every title in the text: " " for space-marking tokenizers (see ``of``)
 
   def width(self, history_len: int) -> int:
     """Tokens per history text row: the encoder's max length, or less when L titles cannot fill it."""
@@ -75,7 +76,7 @@ class HistoryText:
 
   def text(self, titles: Sequence[str], items: Sequence[int]) -> str:
     """The history text of ``items`` (most recent last) as a string: what the encoder reads."""
-    return self.prefix + self.separator.join(titles[i] for i in self.kept(items))
+    return self.prefix + self.separator.join(self.lead + titles[i] for i in self.kept(items))
 
   @classmethod
   def of(cls, tokenizer, titles: Sequence[str], separator: str, *, prefix: str = "", probes: int = 64) -> "HistoryText":
@@ -83,7 +84,14 @@ class HistoryText:
     titles that joining the prefix's tokens and theirs with the separator's gives the tokenizer's
     tokens of the joined string (so the model reads exactly the text ``HistoryText.text`` names)."""
     titles = list(titles)
-    pieces = tokenizer.pieces(titles)
+    # Byte-level BPE (RoBERTa, ModernBERT) spells a word after a space otherwise than at a text's
+    # start ("Ġlove" and "love"), so a title's tokens alone are not its tokens after a separator.
+    # With such a tokenizer every title is read after a space, the first one too: the space is the
+    # title's, not the separator's or the prefix's (" Heat ; Alien", "query: Heat ; Alien").
+    lead = " " if tokenizer.pieces([" a"]) != tokenizer.pieces(["a"]) else ""
+    if lead:
+      separator, prefix = separator.rstrip(), prefix.rstrip()
+    pieces = tokenizer.pieces([lead + t for t in titles])
     (separator_ids,) = tokenizer.pieces([separator]) if separator else ([],)
     (prefix_ids,) = tokenizer.pieces([prefix]) if prefix else ([],)
     if len(prefix_ids) > tokenizer.max_length - 3:
@@ -96,7 +104,7 @@ class HistoryText:
       titles_NxW[row, :len(piece)] = piece
     out = cls(titles_NxW=titles_NxW, lengths_N=lengths_N, separator=separator,
               separator_ids=tuple(int(t) for t in separator_ids), cls_id=cls_id, sep_id=sep_id, pad_id=pad_id,
-              max_length=tokenizer.max_length, prefix=prefix, prefix_ids=tuple(int(t) for t in prefix_ids))
+              max_length=tokenizer.max_length, prefix=prefix, prefix_ids=tuple(int(t) for t in prefix_ids), lead=lead)
     rng = np.random.default_rng(0)
     pairs = rng.integers(0, len(titles), (min(probes, len(titles)), 2)) if titles else np.zeros((0, 2), int)
     joined = tokenizer.tokenize([out.text(titles, pair) for pair in pairs])

@@ -356,3 +356,29 @@ def test_a_dense_stage_runs_as_sentence_transformers_and_trains_in_the_item_towe
   current = TextEncoder(TextTokenizer.from_pretrained(path), model.text_encoder)
   np.testing.assert_allclose(np.asarray(model.encode_text(jnp.asarray(items))),
                              current.encode([trainer.dataset.item_text[i] for i in items]), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("family", ["roberta", "modernbert", "xlm-roberta", "mpnet"])
+def test_history_rows_of_each_familys_tokenizer_are_its_tokens_of_the_history_text(family):
+  from jaxrec.catalog_text import HistoryText
+  from jaxrec.models.two_tower import history_text_rows
+  tokenizer = TextTokenizer.from_pretrained(str(FIXTURES / family))
+  titles = ["The Shawshank Redemption (1994)", "Toy Story (1995)", "love", "a great war story", "Heat", "the movie"]
+  ht = HistoryText.of(tokenizer, titles, " ; ", prefix="query: ")
+  # Byte-level BPE reads every title after a space (its tokens differ at a text's start).
+  assert ht.lead == (" " if family in ("roberta", "modernbert") else "")
+  assert ht.text(titles, [4, 2]) == "query: Heat ; love"  # the same text: the space moved to the title
+  rng = np.random.default_rng(1)
+  history = rng.integers(0, len(titles), (32, 4)).astype(np.int32)
+  mask = rng.random((32, 4)) < 0.8
+  history = np.where(mask, history, -1)
+  width = ht.width(4)
+  got = {k: np.asarray(v) for k, v in history_text_rows(
+      jnp.asarray(ht.titles_NxW), jnp.asarray(ht.lengths_N), jnp.asarray(history), jnp.asarray(mask),
+      separator=ht.separator_ids, cls_id=ht.cls_id, sep_id=ht.sep_id, pad_id=ht.pad_id, width=width,
+      prefix=ht.prefix_ids).items()}
+  want = tokenizer.tokenize([ht.text(titles, h[m]) for h, m in zip(history, mask)], max_length=width)
+  for name in ("input_ids", "attention_mask"):
+    padded = np.full((32, width), tokenizer.special_ids[2] if name == "input_ids" else 0, np.int32)
+    padded[:, :want[name].shape[1]] = want[name]
+    np.testing.assert_array_equal(got[name], padded, err_msg=name)
