@@ -56,6 +56,12 @@ def _offline_message(repo: str, revision: str | None, error: Exception) -> str:
           f"pass encoder.path=DIR")
 
 
+def revision_of(path: str) -> str:
+  """The revision a hub id pins (``org/name@rev`` -> ``rev``), "" when it pins none or is no hub id."""
+  match = _HUB_ID.match(os.fspath(path))
+  return (match["revision"] or "") if match else ""
+
+
 def resolve(path: str) -> Resolved:
   """The local directory of ``path``: itself when it is not a hub id, else the downloaded snapshot
   (cached: a second call reads the cache, no network). Raises ``HubError`` when it cannot."""

@@ -9,6 +9,7 @@ the profiler and MFU; then the final evaluation, the item index and ``metrics.js
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -477,6 +478,7 @@ def train(cfg: Config, *, resume_with_changes: bool = False) -> dict[str, Any]:
   safe (``resume_with_changes=True`` for optimisation settings, see ``jaxrec.config_diff``)."""
   _show_progress_logs()
   writers.check(cfg.train.writers)  # a missing wandb/mlflow package before any data or compile
+  cfg = pin_encoder_revision(cfg)
   # Before the checkpoint check below: orbax starts JAX's backends, after which a process can no
   # longer join a multi-process run (so a preempted multi-process run could not resume).
   maybe_initialize_distributed(cfg.mesh)
@@ -488,6 +490,20 @@ def train(cfg: Config, *, resume_with_changes: bool = False) -> dict[str, Any]:
     finally:
       ckpt.close()
   return Trainer(cfg).run(resume_with_changes=resume_with_changes)
+
+
+def pin_encoder_revision(cfg: Config) -> Config:
+  """``encoder.path=org/name`` -> ``org/name@<commit>`` of the files it resolves to, so the run's saved
+  config names the exact weights (the hub's branch may move; a rerun of this workdir reads the same
+  commit from the cache, and a different one is a different experiment)."""
+  reads_text = cfg.model.use_text or cfg.model.query == "text"
+  if not reads_text or cfg.encoder.mode == "none" or not cfg.encoder.path:
+    return cfg
+  from jaxrec import hub
+  resolved = hub.resolve(cfg.encoder.path)
+  if not resolved.repo or resolved.revision == hub.revision_of(cfg.encoder.path):
+    return cfg
+  return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, path=f"{resolved.repo}@{resolved.revision}"))
 
 
 def check_resumable(cfg: Config, ckpt: Checkpointer, resume_with_changes: bool, announce: bool = True) -> None:

@@ -168,6 +168,21 @@ def test_a_hub_id_resolves_through_snapshot_download_once_then_from_the_cache(tm
   assert catalog_text(cfg, load(cfg.data)[0]).encoder_path == snapshot
 
 
+def test_a_run_from_a_hub_id_saves_the_commit_it_read_and_resumes_from_it(tmp_path, monkeypatch):
+  import json
+  import jaxrec
+  _fake_hub(monkeypatch, tmp_path)
+  workdir = tmp_path / "run"
+  overrides = ["model.use_text=true", "encoder.path=org/tiny", "encoder.mode=frozen", "train.steps=2",
+               "mesh.num_devices=1", "checkpoint.async_save=false", f"encoder.cache_dir={tmp_path / 'cache'}",
+               f"workdir={workdir}"]
+  first = jaxrec.train(load_config(TINY, overrides))
+  assert json.loads((workdir / "config.json").read_text())["encoder"]["path"] == "org/tiny@0123abcd"
+  # The same command again is the same experiment (the cache gives the same commit): it extends the run.
+  resumed = jaxrec.train(load_config(TINY, [*overrides, "train.steps=3"]))
+  assert resumed["train/losses"][:2] == first["train/losses"] and len(resumed["train/losses"]) == 3
+
+
 def test_an_unreachable_hub_names_the_local_directory_alternative(tmp_path, monkeypatch):
   from jaxrec.hub import HubError
   _fake_hub(monkeypatch, tmp_path, online=False)
