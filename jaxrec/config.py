@@ -45,8 +45,30 @@ class SyntheticConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TableConfig:
+  """``data.source=table``: column roles of your own files in ``data.path`` (CSV, TSV, JSON lines or
+  Parquet, by extension; jaxrec/data/table.py). Column lists are comma-separated in overrides."""
+  interactions: str = "interactions.csv"  # file names inside data.path; items/users "" = none
+  items: str = ""
+  users: str = ""
+  user: str = "user"  # column names
+  item: str = "item"
+  time: str = ""  # "" = file order (no timestamps)
+  label: str = ""  # optional numeric rating/label/weight column: the dataset's ratings (data.min_rating reads it)
+  item_text: tuple[str, ...] = ()  # item table columns joined, in this order, into the item text
+  item_title: str = ""  # item table column shown as the title ("" = the first item_text column, else the id)
+  item_categorical: tuple[str, ...] = ()
+  item_numeric: tuple[str, ...] = ()
+  user_categorical: tuple[str, ...] = ()
+  user_numeric: tuple[str, ...] = ()
+  context_categorical: tuple[str, ...] = ()  # interaction columns (device, hour): the query's context
+  context_numeric: tuple[str, ...] = ()
+  multi_value_sep: str = ""  # e.g. "|": categorical cells hold several values (genres)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "synthetic"  # synthetic | ml100k | ml1m | amazon | tfds | files | union
+  source: str = "synthetic"  # synthetic | ml100k | ml1m | amazon | tfds | files | union | table
   # source=union: its parts, each "source[:item_text][=path]" (e.g. ml1m:title+genres,amazon:summaries),
   # one catalog of all their items with users kept apart, each part split alone (data/union.py)
   union: tuple[str, ...] = ()
@@ -74,6 +96,7 @@ class DataConfig:
   # whose step is faster than one thread's batch wants more.
   num_threads: int = 1
   synthetic: SyntheticConfig = SyntheticConfig()
+  table: TableConfig = TableConfig()  # data.source=table: your own files' column roles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,7 +481,7 @@ def _validate_adalora(config: Config) -> None:
 def validate(config: Config) -> Config:
   """Cross-field checks that types alone cannot express."""
   choices = {
-      "data.source": (config.data.source, ("synthetic", "ml100k", "ml1m", "amazon", "tfds", "files", "union")),
+      "data.source": (config.data.source, ("synthetic", "ml100k", "ml1m", "amazon", "tfds", "files", "union", "table")),
       "data.split": (config.data.split, ("random", "loo", "temporal", "predefined")),
       "data.history": (config.data.history, ("auto", "recent", "sampled")),
       "data.duplicates": (config.data.duplicates, ("keep", "drop", "error")),

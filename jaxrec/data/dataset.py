@@ -36,6 +36,15 @@ class Dataset:
   # built on that vocabulary (MovieLens genres in ML-100K and ML-1M): such features carry across
   # datasets (``transfer.py``). Features not named here are this dataset's own.
   feature_vocabularies: dict[str, str] = dataclasses.field(default_factory=dict)
+  # Numeric features: name -> float32 [rows], NaN where the value is missing. A source gives raw
+  # values; ``sources.load`` standardises them on the training split (``standardise_numeric``), and
+  # the towers impute the missing ones (0, the training mean) and read a missing flag beside each.
+  item_numeric: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  user_numeric: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # Per-interaction context (the query's c_v: device, hour of day), [I, M] int32 ids / float32 [I].
+  context_features: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  context_feature_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+  context_numeric: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   @property
   def num_users(self) -> int:
@@ -73,6 +82,16 @@ class Dataset:
           raise ValueError(f"dataset {self.name!r}: feature {key!r} has shape {values.shape}, expected [{rows}, M]")
         if key not in sizes or values.max(initial=0) >= sizes[key] or values.min(initial=0) < 0:
           raise ValueError(f"dataset {self.name!r}: feature {key!r} values outside [0, {sizes.get(key)})")
+    for table, rows in ((self.item_numeric, self.num_items), (self.user_numeric, self.num_users),
+                        (self.context_numeric, n)):
+      for key, values in table.items():
+        if values.shape != (rows,):
+          raise ValueError(f"dataset {self.name!r}: numeric feature {key!r} has shape {values.shape}, expected [{rows}]")
+    for key, values in self.context_features.items():
+      if values.ndim != 2 or values.shape[0] != n:
+        raise ValueError(f"dataset {self.name!r}: context feature {key!r} has shape {values.shape}, expected [{n}, M]")
+      if key not in self.context_feature_sizes or values.max(initial=0) >= self.context_feature_sizes[key]:
+        raise ValueError(f"dataset {self.name!r}: context feature {key!r} values outside [0, {self.context_feature_sizes.get(key)})")
     return self
 
 

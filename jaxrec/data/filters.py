@@ -29,6 +29,10 @@ def subset(dataset: Dataset, rows: np.ndarray, keep_users: np.ndarray, keep_item
       user_raw_ids=dataset.user_raw_ids[keep_users],
       item_features={k: v[keep_items] for k, v in dataset.item_features.items()},
       user_features={k: v[keep_users] for k, v in dataset.user_features.items()},
+      item_numeric={k: v[keep_items] for k, v in dataset.item_numeric.items()},
+      user_numeric={k: v[keep_users] for k, v in dataset.user_numeric.items()},
+      context_features={k: v[rows] for k, v in dataset.context_features.items()},
+      context_numeric={k: v[rows] for k, v in dataset.context_numeric.items()},
   )
 
 

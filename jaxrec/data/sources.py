@@ -56,6 +56,8 @@ def _interactions_file(cfg: DataConfig, origin: str, row: int, predefined) -> st
   if cfg.source == "amazon":
     from jaxrec.data import amazon
     return amazon.review_file(origin)
+  if cfg.source == "table":
+    return os.path.join(origin, cfg.table.interactions)
   if cfg.source == "files":
     from jaxrec.data import files
     split = next(name for name, rows in zip(files.SPLITS, predefined) if np.isin(row, rows))
@@ -90,14 +92,18 @@ def _resolve_duplicates(cfg: DataConfig, dataset: Dataset, origin: str, predefin
   return keep
 
 
-def load(cfg: DataConfig) -> tuple[Dataset, Split]:
+def load(cfg: DataConfig, dataset: Dataset | None = None) -> tuple[Dataset, Split]:
+  """``cfg``'s dataset and split; with ``dataset`` (built in Python: ``Dataset.from_frames``) that
+  dataset instead of ``cfg.source``'s, split (and filtered) by ``cfg`` as a source's would be."""
   cold = None
   predefined = None
   reviews = None
-  if cfg.source == "union":
+  if dataset is not None:
+    origin = dataset.validate().name
+  elif cfg.source == "union":
     from jaxrec.data import union
     return union.load(cfg, load)
-  if cfg.source == "synthetic":
+  elif cfg.source == "synthetic":
     from jaxrec.data import synthetic
     dataset, cold = synthetic.generate(cfg.synthetic)
     origin = "synthetic"
@@ -124,6 +130,10 @@ def load(cfg: DataConfig) -> tuple[Dataset, Split]:
     dataset, predefined, cold = files.load(origin)
     if cfg.split != "predefined":  # the peer's test-only items are cold only under the peer's split
       cold = None
+  elif cfg.source == "table":
+    from jaxrec.data import table
+    origin = _directory(cfg)
+    dataset = table.load(origin, cfg.table)
   else:
     raise ValueError(f"unknown data.source {cfg.source!r}")
   if cfg.split == "predefined" and predefined is None:
@@ -160,4 +170,6 @@ def load(cfg: DataConfig) -> tuple[Dataset, Split]:
   if reviews is not None:
     from jaxrec.data import amazon
     dataset = amazon.with_training_text(dataset, reviews, split.train, cfg.item_text).validate()
+  from jaxrec.data.table import standardise_numeric  # numeric features' statistics: the training rows only
+  dataset = standardise_numeric(dataset, split)
   return dataset, split
