@@ -8,7 +8,7 @@ import os
 
 from jaxrec.config import Config, DataConfig, EncoderConfig, ModelConfig, TableConfig, TrainConfig
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.realpath(__file__))  # the repository's, also through a linked configs/
 
 
 def get_config() -> Config:

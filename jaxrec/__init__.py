@@ -15,6 +15,7 @@ _PUBLIC = {
     "topk": "jaxrec.retrieval",
     "ItemIndex": "jaxrec.retrieval",
     "IndexFormatError": "jaxrec.retrieval",
+    "Dataset": "jaxrec.data.dataset",
 }
 
 __all__ = ["__version__", *_PUBLIC]

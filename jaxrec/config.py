@@ -518,8 +518,10 @@ def validate(config: Config) -> Config:
   for key, value in positive.items():
     if value <= 0:
       raise ConfigError(f"config key '{key}' must be positive; got {value}")
-  if not config.model.use_text and not config.model.use_item_ids:
-    raise ConfigError("config: model.use_text and model.use_item_ids are both false; the item tower needs one")
+  table_features = config.data.source == "table" and (config.data.table.item_categorical or config.data.table.item_numeric)
+  if not config.model.use_text and not config.model.use_item_ids and not table_features:
+    raise ConfigError("config: model.use_text and model.use_item_ids are both false; the item tower needs one "
+                      "(or, with data.source=table, item features: data.table.item_categorical/item_numeric)")
   if config.model.query == "text" and (not config.model.use_text or config.encoder.mode == "none"):
     raise ConfigError(f"config key 'model.query'=text needs model.use_text=true and encoder.mode "
                       f"frozen|lora|full|adalora "

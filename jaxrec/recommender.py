@@ -32,7 +32,7 @@ from jaxrec.data import sources
 from jaxrec.data.dataset import Dataset, Split
 from jaxrec.data.pipeline import Sequences, history_mode
 from jaxrec.mesh import make_mesh, maybe_initialize_distributed, mesh_fitting_devices
-from jaxrec.models.towers import Catalog, Users
+from jaxrec.models.towers import Catalog, Users, numeric_table
 from jaxrec.models.two_tower import TwoTower
 
 log = logging.getLogger("jaxrec")
@@ -47,10 +47,14 @@ def trainable_filter(mode: str):
   return nnx.Param if mode == "full" else towers
 
 
-def load_data(cfg: Config) -> tuple[Dataset, Split]:
+def load_data(cfg: Config, dataset: Dataset | None = None) -> tuple[Dataset, Split]:
+  """``cfg.data``'s dataset and split; with ``dataset`` (built in Python), that one split by ``cfg.data``."""
   started = time.perf_counter()
-  log.info("loading data: source=%s%s", cfg.data.source, f" path={cfg.data.path}" if cfg.data.path else "")
-  dataset, split = sources.load(cfg.data)
+  if dataset is None:
+    log.info("loading data: source=%s%s", cfg.data.source, f" path={cfg.data.path}" if cfg.data.path else "")
+  else:
+    log.info("splitting the in-memory dataset %r (data.source is not read)", dataset.name)
+  dataset, split = sources.load(cfg.data, dataset)
   log.info("loaded %s: %d users, %d items, %d interactions (train %d, valid %d, test %d) in %.1f s", dataset.name,
            dataset.num_users, dataset.num_items, dataset.num_interactions, len(split.train), len(split.valid),
            len(split.test), time.perf_counter() - started)
@@ -79,20 +83,24 @@ class Recommender:
     catalog = Catalog(num_items=dataset.num_items, num_id_rows=int(owns_row.sum()) + 1,
                       id_row=self.id_row,
                       features=dataset.item_features if cfg.model.use_item_features else {},
-                      feature_sizes=dataset.item_feature_sizes, text_NxD=text.vectors)
+                      feature_sizes=dataset.item_feature_sizes, text_NxD=text.vectors,
+                      numeric_NxK=numeric_table(dataset.item_numeric) if cfg.model.use_item_features else None)
     users = Users(num_users=dataset.num_users,
                   features=dataset.user_features if cfg.model.use_user_features else {},
-                  feature_sizes=dataset.user_feature_sizes)
+                  feature_sizes=dataset.user_feature_sizes,
+                  numeric_UxK=numeric_table(dataset.user_numeric) if cfg.model.use_user_features else None)
     history = text.history  # model.query=text: the catalog's title tokens
     self._arrays = {"id_row": catalog.id_row, "features": dict(catalog.features), "text": text.vectors,
                     "user_features": dict(users.features), "tokens": text.tokens,
+                    "numeric": catalog.numeric_NxK, "user_numeric": users.numeric_UxK,
                     "titles": None if history is None else history.titles_NxW,
                     "title_lengths": None if history is None else history.lengths_N}
     self.trainable = trainable_filter(cfg.encoder.mode)
 
     def construct(arrays, seed):
-      cat = dataclasses.replace(catalog, id_row=arrays["id_row"], features=arrays["features"], text_NxD=arrays["text"])
-      usr = dataclasses.replace(users, features=arrays["user_features"])
+      cat = dataclasses.replace(catalog, id_row=arrays["id_row"], features=arrays["features"], text_NxD=arrays["text"],
+                                numeric_NxK=arrays["numeric"])
+      usr = dataclasses.replace(users, features=arrays["user_features"], numeric_UxK=arrays["user_numeric"])
       hist = None if history is None else dataclasses.replace(history, titles_NxW=arrays["titles"],
                                                               lengths_N=arrays["title_lengths"])
       return TwoTower(cat, usr, cfg.model, text.dim, encoder_cfg=text.encoder_config, tokens=arrays["tokens"],
@@ -276,7 +284,8 @@ class Recommender:
 
 
 def build(cfg: Config, devices: list | None = None, *, restore_only: bool = False,
-          mesh: jax.sharding.Mesh | None = None, rules: dict[str, tuple[str, ...]] | None = None) -> Recommender:
+          mesh: jax.sharding.Mesh | None = None, rules: dict[str, tuple[str, ...]] | None = None,
+          dataset: Dataset | None = None) -> Recommender:
   """Starts the runtime (distributed, mesh), loads the data and builds ``cfg``'s model.
   ``restore_only``: the parameters will come from a checkpoint, so text vectors are not encoded."""
   maybe_initialize_distributed(cfg.mesh)  # before anything touches the backend
@@ -284,7 +293,7 @@ def build(cfg: Config, devices: list | None = None, *, restore_only: bool = Fals
     host_memory.log_hint_if_wanted()
   mesh = mesh or make_mesh(cfg.mesh, devices)
   rules = rules or sharding.rules_from_config(cfg.mesh.rules)
-  dataset, split = load_data(cfg)
+  dataset, split = load_data(cfg, dataset)
   return Recommender(cfg, dataset, split, mesh, rules, catalog_text(cfg, dataset, abstract=restore_only))
 
 

@@ -14,6 +14,10 @@ Inputs, in this order (``query_tower.json`` lists them with dtype, shape and mea
   user_<name>    int32 [b, M]  a categorical user feature's value ids, 0 = unknown (only where
                                the model reads user features); a known user's row is in
                                ``query_tower_user_features.npz``
+  user_numeric   float32 [b, K] the numeric user features (data.table.user_numeric, sorted by
+                               name), standardised with the spec's ``mean``/``std``, NaN = missing
+                               (only where the model reads them; a known user's row is in
+                               ``query_tower_user_features.npz`` under ``user_numeric``)
 
 The model reads a user's id row and features by the user's index; the exported function gives
 query j the index j of per-call tables built from its inputs (the id table's rows of
@@ -99,8 +103,10 @@ class QueryTower:
     arrays, batch = [], None
     for entry in self.spec["inputs"]:
       value = np.asarray(inputs[entry["name"]])
-      if value.dtype.kind not in "iu":
-        raise QueryTowerError(f"query tower input {entry['name']} must be integers, got {value.dtype}")
+      floating = entry["dtype"].startswith("float")
+      if value.dtype.kind not in ("iuf" if floating else "iu"):
+        raise QueryTowerError(f"query tower input {entry['name']} must be {'numbers' if floating else 'integers'}, "
+                              f"got {value.dtype}")
       fixed = entry["shape"][1:]
       if value.ndim != len(entry["shape"]) or list(value.shape[1:]) != fixed:
         raise QueryTowerError(f"query tower input {entry['name']} must be [batch{''.join(f', {d}' for d in fixed)}], "
@@ -109,7 +115,7 @@ class QueryTower:
         raise QueryTowerError(f"query tower inputs disagree on the batch: {entry['name']} has {value.shape[0]} rows, "
                               f"{names[0]} {batch}")
       batch = value.shape[0]
-      low, high = entry["range"]
+      low, high = entry["range"] or (-np.inf, np.inf)
       if value.size and (value.min() < low or value.max() > high):  # XLA would clamp the lookup silently
         bad = value[(value < low) | (value > high)].flat[0]
         raise QueryTowerError(f"query tower input {entry['name']} holds {bad}, outside [{low}, {high}]")
@@ -133,13 +139,13 @@ class QueryTower:
 
   def new_user_inputs(self, histories: list[np.ndarray]) -> dict[str, np.ndarray]:
     """Inputs for users unknown at training: their histories (item rows, most recent last), user
-    row -1 and every user feature unknown (0)."""
+    row -1 and every user feature unknown (0; numeric features NaN, imputed as missing)."""
     batch = len(histories)
     inputs = {"history_items": np.stack([self.history_rows(h) for h in histories]) if batch else
               np.zeros((0, self.history_len), np.int32)}
     for entry in self.spec["inputs"][1:]:
-      inputs[entry["name"]] = np.full([batch, *entry["shape"][1:]], -1 if entry["name"] == "user_rows" else 0,
-                                      entry["dtype"])
+      unknown = np.nan if entry["dtype"].startswith("float") else -1 if entry["name"] == "user_rows" else 0
+      inputs[entry["name"]] = np.full([batch, *entry["shape"][1:]], unknown, entry["dtype"])
     return inputs
 
   # -- files ----------------------------------------------------------------------------------
@@ -177,6 +183,12 @@ def _user_features(rec) -> dict[str, np.ndarray]:
           if rec.cfg.model.use_user_features}
 
 
+def _user_numeric(rec) -> np.ndarray | None:
+  """float32 [U, K] standardised numeric user features (NaN = missing), as the query tower reads them."""
+  from jaxrec.models.towers import numeric_table
+  return numeric_table(rec.dataset.user_numeric) if rec.cfg.model.use_user_features else None
+
+
 def _inputs_spec(rec, num_users: int) -> list[dict[str, Any]]:
   cfg = rec.cfg
   length = cfg.data.history_len
@@ -195,6 +207,15 @@ def _inputs_spec(rec, num_users: int) -> list[dict[str, Any]]:
                    "meaning": f"user feature {name!r}: value ids as the training data numbered them "
                               f"(1..{rec.dataset.user_feature_sizes[name] - 1}, 0 = unknown or padding); a known user's "
                               f"row is row user_rows of {name} in {USER_FEATURES_FILE}"})
+  numeric_UxK = _user_numeric(rec)
+  if numeric_UxK is not None:
+    names = sorted(rec.dataset.user_numeric)
+    stats = [rec.dataset.numeric_stats.get(f"user:{name}", (0.0, 1.0)) for name in names]
+    inputs.append({"name": "user_numeric", "dtype": "float32", "shape": ["b", len(names)], "range": None,
+                   "columns": names, "mean": [m for m, _ in stats], "std": [d for _, d in stats],
+                   "meaning": f"numeric user features {', '.join(names)}: (raw - mean) / std with this entry's mean "
+                              f"and std (the training split's), NaN where missing; a known user's row is row "
+                              f"user_rows of user_numeric in {USER_FEATURES_FILE}"})
   return inputs
 
 
@@ -216,6 +237,7 @@ def export_query_tower(rec, params: dict, tables: dict, *, user_vectors: np.ndar
   host_text = None if text_NxD is None or rec.text.history is not None else np.asarray(text_NxD)
   user_features = _user_features(rec)
   feature_names = list(user_features)
+  numeric_UxK = _user_numeric(rec)
   num_users = ds.num_users
 
   def queries(history_BxL, *user_inputs):
@@ -233,13 +255,16 @@ def export_query_tower(rec, params: dict, tables: dict, *, user_vectors: np.ndar
       qt.ids.embedding = nnx.Param(jnp.concatenate([table_RxF[:1], table_RxF[rows_B + 1]]))
     for name, ids_BxM in zip(feature_names, rest):  # query j reads feature row j: its own ids
       qt.features[name].values = Table(ids_BxM)
+    if numeric_UxK is not None:  # and numeric row j: its own values
+      qt.numeric.values = Table(rest[len(feature_names)])
     mask_BxL = history_BxL >= 0
     history_text = None if text is None else text[jnp.maximum(history_BxL, 0)]
     return model.queries(jnp.arange(b, dtype=jnp.int32), history_BxL, mask_BxL, history_text)
 
   spec_inputs = _inputs_spec(rec, num_users)
   (b,) = jax.export.symbolic_shape("b")
-  args = [jax.ShapeDtypeStruct(tuple(b if d == "b" else d for d in entry["shape"]), jnp.int32) for entry in spec_inputs]
+  args = [jax.ShapeDtypeStruct(tuple(b if d == "b" else d for d in entry["shape"]), jnp.dtype(entry["dtype"]))
+          for entry in spec_inputs]
   platforms = platforms or export_platforms()
   try:
     exported = jax.export.export(jax.jit(queries), platforms=platforms)(*args)
@@ -260,6 +285,11 @@ def export_query_tower(rec, params: dict, tables: dict, *, user_vectors: np.ndar
     batch["user_rows"] = users
   for name in feature_names:
     batch[f"user_{name}"] = user_features[name][users]
+  if numeric_UxK is not None:
+    if "user_numeric" in user_features:
+      raise QueryTowerError("a categorical user feature named 'user_numeric' collides with the numeric features' input")
+    batch["user_numeric"] = numeric_UxK[users]
+    user_features = {**user_features, "user_numeric": numeric_UxK}
   spec = {
       "format": SPEC_FORMAT, "version": SPEC_VERSION, "query": cfg.model.query, "platforms": list(platforms),
       "inputs": spec_inputs,

@@ -50,7 +50,7 @@ class Trainer:
   """One training run of ``cfg``: the model (``recommender``), its batches (``layout``, the
   builder) and the jitted step (``train_step``, ``train_call``); ``run()`` trains and evaluates."""
 
-  def __init__(self, cfg: Config, devices: list | None = None):
+  def __init__(self, cfg: Config, devices: list | None = None, *, dataset: Dataset | None = None):
     self.cfg = cfg
     maybe_initialize_distributed(cfg.mesh)  # before anything touches the backend
     mesh = make_mesh(cfg.mesh, devices)
@@ -65,7 +65,7 @@ class Trainer:
     if mixed % multiple:  # each device holds an equal share of the sampled negatives, like every batch field
       raise MeshError(f"train.mixed_negatives={mixed} must be a multiple of {multiple} (data-parallel size {dp} x "
                       f"{jax.process_count()} processes, mesh {dict(mesh.shape)})")
-    self.recommender = rec = recommender_lib.build(cfg, mesh=mesh, rules=rules)
+    self.recommender = rec = recommender_lib.build(cfg, mesh=mesh, rules=rules, dataset=dataset)
     self.mesh, self.dataset, self.split = mesh, rec.dataset, rec.split
     self.train_seqs = Sequences.from_interactions(rec.dataset, rec.split.train)
     self.log_q = item_log_q(rec.dataset.items[rec.split.train], rec.dataset.num_items,
@@ -471,8 +471,10 @@ def _progress(cfg: Config, start: int):
   return tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def train(cfg: Config, *, resume_with_changes: bool = False) -> dict[str, Any]:
+def train(cfg: Config, *, dataset: Dataset | None = None, resume_with_changes: bool = False) -> dict[str, Any]:
   """Public API: trains ``cfg``, evaluates, writes ``cfg.workdir``; returns the final metrics.
+  ``dataset`` (a ``jaxrec.Dataset``, e.g. ``Dataset.from_frames``) trains on it instead of
+  ``cfg.data.source``; ``cfg.data`` then only says how to split and filter it.
 
   A workdir with checkpoints resumes them; a changed config is refused unless its changes are
   safe (``resume_with_changes=True`` for optimisation settings, see ``jaxrec.config_diff``)."""
@@ -489,7 +491,7 @@ def train(cfg: Config, *, resume_with_changes: bool = False) -> dict[str, Any]:
       check_resumable(cfg, ckpt, resume_with_changes, announce=False)
     finally:
       ckpt.close()
-  return Trainer(cfg).run(resume_with_changes=resume_with_changes)
+  return Trainer(cfg, dataset=dataset).run(resume_with_changes=resume_with_changes)
 
 
 def pin_encoder_revision(cfg: Config) -> Config:

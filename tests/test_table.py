@@ -151,3 +151,119 @@ def test_example_config_trains_beats_popularity_and_a_bad_file_is_one_line(tmp_p
 
 
 ROOT_EXAMPLE = __import__("pathlib").Path(ROOT) / "examples" / "table"
+
+
+def numeric_world(directory, shuffle: bool):
+  """Users and items on a line: each user's items are among the 12 nearest to the user's position.
+  Only the numeric columns tell positions (no ids, no history), so the towers must read them; a few
+  item positions are missing (imputed and flagged)."""
+  rng = np.random.default_rng(0)
+  num_users, num_items = 200, 100
+  taste, place = rng.random(num_users), rng.random(num_items)
+  rows = [("user", "item", "ts")]
+  for u in range(num_users):
+    near = np.argsort(np.abs(place - taste[u]))[:12]
+    rows += [(f"u{u}", f"i{i}", str(t)) for t, i in enumerate(rng.choice(near, 8, replace=False))]
+  shown = rng.permutation(place) if shuffle else place
+  items = [("item", "place")] + [(f"i{i}", "" if i % 25 == 3 else f"{10 * shown[i]:.4f}") for i in range(num_items)]
+  users = [("user", "taste")] + [(f"u{u}", f"{10 * taste[u]:.4f}") for u in range(num_users)]
+  for name, table_rows in (("interactions", rows), ("items", items), ("users", users)):
+    write(str(directory), name, table_rows, "csv")
+
+
+def train_numeric_world(tmp_path, shuffle: bool) -> dict:
+  data = tmp_path / ("shuffled" if shuffle else "data")
+  data.mkdir()
+  numeric_world(data, shuffle)
+  cfg = jaxrec.load_config(os.path.join(ROOT, "configs/tiny.py"), [
+      "data.source=table", f"data.path={data}", "data.table.items=items.csv", "data.table.users=users.csv",
+      "data.table.time=ts", "data.table.item_numeric=place", "data.table.user_numeric=taste", "data.history_len=0",
+      "model.use_item_ids=false", "model.use_user_ids=false", "train.steps=300", "train.batch_size=64",
+      "train.learning_rate=0.01", f"workdir={tmp_path / ('run_shuffled' if shuffle else 'run')}"])
+  return jaxrec.train(cfg)
+
+
+def test_a_numeric_feature_that_determines_the_target_is_learned_and_shuffling_it_hurts(tmp_path):
+  learned = train_numeric_world(tmp_path, shuffle=False)
+  assert learned["recall@10"] > 2 * learned["popularity/recall@10"], learned
+  assert learned["recall@10"] > 0.4, learned
+  shuffled = train_numeric_world(tmp_path, shuffle=True)
+  assert shuffled["recall@10"] < 0.6 * learned["recall@10"], (shuffled["recall@10"], learned["recall@10"])
+
+
+def columns_of(path):
+  with open(path, newline="") as f:
+    rows = list(csv.reader(f))
+  return {name: np.asarray([r[j] for r in rows[1:]]) for j, name in enumerate(rows[0])}
+
+
+EXAMPLE_ROLES = dict(user="user", item="item", time="timestamp", item_text=["title", "genres"],
+                     item_categorical=["genres"], item_numeric=["year"], user_categorical="segment",
+                     multi_value_sep="|")
+
+
+def test_from_frames_equals_the_table_source_and_names_frame_row_and_column():
+  frames = {kind: columns_of(ROOT_EXAMPLE / f"{kind}.csv") for kind in ("interactions", "items", "users")}
+  frames["items"]["year"] = np.asarray([float(y) if y else np.nan for y in frames["items"]["year"]])  # as pandas reads it
+  ds = jaxrec.Dataset.from_frames(frames["interactions"], frames["items"], frames["users"], name="table",
+                                  **EXAMPLE_ROLES)
+  cfg = jaxrec.load_config(os.path.join(ROOT, "configs/table_example.py"))
+  ref = table.load(cfg.data.path, cfg.data.table)
+  assert ds.item_text == ref.item_text and ds.item_titles == ref.item_titles
+  for field in ("users", "items", "timestamps", "item_raw_ids", "user_raw_ids"):
+    np.testing.assert_array_equal(getattr(ds, field), getattr(ref, field))
+  np.testing.assert_array_equal(ds.item_features["genres"], ref.item_features["genres"])
+  np.testing.assert_array_equal(ds.user_features["segment"], ref.user_features["segment"])
+  np.testing.assert_array_equal(ds.item_numeric["year"], ref.item_numeric["year"])
+  assert np.isnan(ds.item_numeric["year"]).sum() == 1
+
+  with pytest.raises(DataError, match=r"^items, row 2, column 'year': expected a number"):
+    jaxrec.Dataset.from_frames({"user": [1, 2], "item": [10, 11]}, {"item": [10, 11], "year": [1999, "soon"]},
+                               item_numeric=["year"])
+  with pytest.raises(DataError, match=r"^interactions: expected columns of equal length \(column 'item'\)"):
+    jaxrec.Dataset.from_frames({"user": [1, 2], "item": [10]})
+  with pytest.raises(TypeError, match="unknown column role"):
+    jaxrec.Dataset.from_frames({"user": [1], "item": [10]}, genres=["g"])
+  # A categorical cell may hold a list (JSON, Parquet, pandas object columns); integer ids read as their digits.
+  ds = jaxrec.Dataset.from_frames({"user": np.array([7, 7, 8]), "item": np.array([1, 2, 1])},
+                                  {"item": [1, 2], "tags": [["a", "b"], []]}, item_categorical=["tags"])
+  assert ds.item_raw_ids.tolist() == ["1", "2"] and ds.item_features["tags"].tolist() == [[1, 2], [0, 0]]
+
+
+def test_train_on_an_in_memory_dataset(tmp_path):
+  """jaxrec.train(cfg, dataset=ds): cfg.data only splits it (data.source is never read)."""
+  frames = {kind: columns_of(ROOT_EXAMPLE / f"{kind}.csv") for kind in ("interactions", "items", "users")}
+  ds = jaxrec.Dataset.from_frames(frames["interactions"], frames["items"], frames["users"], **EXAMPLE_ROLES)
+  cfg = jaxrec.load_config(os.path.join(ROOT, "configs/table_example.py"),
+                           ["data.source=ml1m", "data.path=/nonexistent", "data.split=loo", f"workdir={tmp_path}"])
+  result = jaxrec.train(cfg, dataset=ds)
+  assert result["data/interactions"] == 474 and result["data/users"] == 60
+  assert "leave-one-out" in result["protocol"] or "loo" in result["protocol"], result["protocol"]
+  assert result["popularity/users"] == 60  # leave-one-out: every user has one test item
+  assert result["recall@10"] > result["popularity/recall@10"], result
+
+
+def test_the_exported_query_tower_takes_numeric_user_features(tmp_path):
+  """user_numeric is an input of the artifact: a known user's stored row gives its user_vectors row
+  bit for bit, another value changes the query, and a new user's missing values (NaN) serve."""
+  numeric_world(tmp_path, shuffle=False)
+  cfg = jaxrec.load_config(os.path.join(ROOT, "configs/tiny.py"), [
+      "data.source=table", f"data.path={tmp_path}", "data.table.items=items.csv", "data.table.users=users.csv",
+      "data.table.time=ts", "data.table.item_numeric=place", "data.table.user_numeric=taste", "train.steps=30",
+      f"workdir={tmp_path / 'run'}"])
+  jaxrec.train(cfg)
+  index = jaxrec.ItemIndex.load(str(tmp_path / "run" / "index"))
+  tower = index.query_tower
+  spec = {entry["name"]: entry for entry in tower.spec["inputs"]}
+  assert spec["user_numeric"]["dtype"] == "float32" and spec["user_numeric"]["columns"] == ["taste"]
+  raw = table.load(str(tmp_path), cfg.data.table).user_numeric["taste"]
+  mean, std = spec["user_numeric"]["mean"][0], spec["user_numeric"]["std"][0]
+  np.testing.assert_allclose(tower.user_features["user_numeric"][:, 0], (raw - mean) / std, rtol=1e-5, atol=1e-6)
+  examples = {name: tower.examples[name] for name in tower.input_names}
+  np.testing.assert_array_equal(tower.examples["query_vectors"], index.user_vectors[:len(examples["user_rows"])])
+  moved = dict(examples, user_numeric=examples["user_numeric"] + 3.0)
+  assert np.abs(tower(**moved) - tower.examples["query_vectors"]).max() > 1e-3
+  new = tower.new_user_inputs([np.array([0, 1, 2])])
+  assert np.isnan(new["user_numeric"]).all()
+  q = tower(**new)
+  assert q.shape == (1, tower.width) and np.isfinite(q).all()

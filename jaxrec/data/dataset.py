@@ -45,6 +45,37 @@ class Dataset:
   context_features: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   context_feature_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
   context_numeric: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  # "item:<name>" / "user:<name>" / "context:<name>" -> (mean, std) the numeric feature was standardised
+  # with (training split): how a server standardises a new user's raw value.
+  numeric_stats: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def from_frames(cls, interactions, items=None, users=None, *, name: str = "frames", **roles) -> "Dataset":
+    """A dataset from in-memory tables: pandas DataFrames, pyarrow Tables or dicts of arrays/lists.
+
+    ``roles`` name the columns exactly as ``data.table.*`` does (``TableConfig``): ``user`` and
+    ``item`` (default ``"user"``/``"item"``), ``time``, ``label``, ``item_text``, ``item_title``,
+    ``item_categorical``, ``item_numeric``, ``user_categorical``, ``user_numeric``,
+    ``context_categorical``, ``context_numeric`` (lists of column names) and ``multi_value_sep``.
+    A categorical cell may also hold a list of values. Numeric features stay raw here;
+    ``jaxrec.train(cfg, dataset=ds)`` splits the dataset by ``cfg.data`` and standardises them on
+    its training split. Errors name the table (``interactions``/``items``/``users``), row and column.
+    """
+    from jaxrec.config import TableConfig
+    from jaxrec.data import table
+    fields = {f.name: f.type for f in dataclasses.fields(TableConfig)}
+    unknown = sorted(set(roles) - set(fields) - {"interactions", "items", "users"}) + \
+        sorted({"interactions", "items", "users"} & set(roles))
+    if unknown:
+      raise TypeError(f"Dataset.from_frames: unknown column role(s) {', '.join(unknown)}; roles are "
+                      f"{', '.join(k for k in fields if k not in ('interactions', 'items', 'users'))}")
+    roles = {k: (v,) if isinstance(v, str) and k not in ("user", "item", "time", "label", "item_title",
+                                                        "multi_value_sep") else
+             tuple(v) if isinstance(v, (list, tuple)) else v for k, v in roles.items()}
+    cfg = TableConfig(**roles, items="items" if items is not None else "", users="users" if users is not None else "")
+    return table.build(table.frame_table(interactions, "interactions"),
+                       None if items is None else table.frame_table(items, "items"),
+                       None if users is None else table.frame_table(users, "users"), cfg, name)
 
   @property
   def num_users(self) -> int:

@@ -7,7 +7,8 @@ columns, and CSV fields may be quoted (holding commas, quotes or newlines). Colu
 
 - ``user``, ``item`` (ids, kept as strings), ``time`` (integer or float seconds, or an ISO date),
   ``label`` (a number: the dataset's ratings);
-- item ``text`` columns, joined in the order given (``"col: value. col: value"`` skipping empty cells);
+- item ``text`` columns, their values joined in the order given by ``". "`` (empty cells skipped; an
+  item without any text reads as its id); the title is ``item_title`` or the first text column;
 - categorical columns (single-valued, or several values per cell split on ``multi_value_sep``):
   vocabulary ids from 1 in sorted order, 0 = missing/padding;
 - numeric columns: float, NaN where the cell is empty; standardised later on the training split
@@ -249,12 +250,46 @@ def _features(table: Table, rows: np.ndarray, categorical_cols: Iterable[str], n
 def load(directory: str, cfg: TableConfig) -> Dataset:
   """The dataset of ``directory``'s tables with ``cfg``'s column roles (numeric values raw)."""
   path = lambda name: os.path.join(directory, name)  # noqa: E731
+  _check_tables(directory, cfg)
+  return build(read(path(cfg.interactions)), read(path(cfg.items)) if cfg.items else None,
+               read(path(cfg.users)) if cfg.users else None, cfg,
+               os.path.basename(os.path.normpath(directory)) or "table")
+
+
+def _check_tables(where: str, cfg: TableConfig) -> None:
+  """Item or user columns named without their table would be silently unread: refused."""
   for kind, columns in (("items", cfg.item_text + cfg.item_categorical + cfg.item_numeric + (cfg.item_title,)),
                         ("users", cfg.user_categorical + cfg.user_numeric)):
     if any(columns) and not getattr(cfg, kind):
-      raise DataError(directory, None, f"data.table.{kind} naming the file that holds {', '.join(c for c in columns if c)}",
-                      got="data.table.%s empty" % kind)
-  inter = read(path(cfg.interactions))
+      raise DataError(where, None, f"an {kind[:-1]} table (data.table.{kind}, or from_frames' {kind}=) holding "
+                      f"{', '.join(c for c in columns if c)}", got="none")
+
+
+def frame_table(frame: Any, what: str) -> Table:
+  """A Table of an in-memory frame: a pandas (or any) DataFrame with ``columns`` and ``frame[name]``,
+  a pyarrow Table, or a dict of equal-length arrays/lists. Rows are numbered from 1 in errors."""
+  if hasattr(frame, "column_names") and hasattr(frame, "column"):  # pyarrow.Table
+    columns = {str(name): frame.column(name).to_pylist() for name in frame.column_names}
+  elif isinstance(frame, dict):
+    columns = {str(name): list(v) if isinstance(v, (list, tuple)) else np.asarray(v).tolist() for name, v in frame.items()}
+  elif hasattr(frame, "columns") and hasattr(frame, "__getitem__"):
+    columns = {str(name): list(frame[name].tolist() if hasattr(frame[name], "tolist") else frame[name])
+               for name in frame.columns}
+  else:
+    raise TypeError(f"{what}: expected a DataFrame, a pyarrow Table or a dict of arrays; got {type(frame).__name__}")
+  lengths = {name: len(values) for name, values in columns.items()}
+  if len(set(lengths.values())) > 1:
+    first = next(iter(lengths))
+    odd = next(n for n, k in lengths.items() if k != lengths[first])
+    raise DataError(what, None, f"columns of equal length (column {odd!r})",
+                    got=f"{lengths[odd]} values, {first!r} has {lengths[first]}")
+  rows = next(iter(lengths.values()), 0)
+  return Table(what, columns, list(range(1, rows + 1)), "row")
+
+
+def build(inter: Table, items_table: Table | None, users_table: Table | None, cfg: TableConfig, name: str) -> Dataset:
+  """The dataset of these tables with ``cfg``'s column roles (numeric values raw)."""
+  _check_tables(name, cfg)
   if not len(inter):
     raise DataError(inter.path, None, "at least one interaction row", got="none")
   user_raw, item_raw = ids(inter, cfg.user, "user id"), ids(inter, cfg.item, "item id")
@@ -267,9 +302,10 @@ def load(directory: str, cfg: TableConfig) -> Dataset:
   for name in cfg.context_categorical:
     context[name], context_sizes[name] = categorical(inter, name, cfg.multi_value_sep)
   context_numeric = {name: numeric(inter, name, "context feature") for name in cfg.context_numeric}
+  if context or context_numeric:
+    log.warning("context columns %s are read and checked, but not yet fed to the query tower (issue #27 item 2)",
+                ", ".join([*context, *context_numeric]))
 
-  items_table = read(path(cfg.items)) if cfg.items else None
-  users_table = read(path(cfg.users)) if cfg.users else None
   # The catalog is every item of the item table (items without interactions are cold candidates)
   # and every item interacted with; an interaction's item missing from a given item table is an error.
   catalog_raw = np.unique(np.concatenate([item_raw] + ([ids(items_table, cfg.item, "item id")] if items_table else [])))
@@ -301,7 +337,7 @@ def load(directory: str, cfg: TableConfig) -> Dataset:
     user_rows = _index_table(users_table, cfg.user, "user id", user_uniq)
     user_cats, user_sizes, user_nums = _features(users_table, user_rows, cfg.user_categorical, cfg.user_numeric,
                                                  cfg.multi_value_sep)
-  return Dataset(name=os.path.basename(os.path.normpath(directory)) or "table", users=users, items=items,
+  return Dataset(name=name, users=users, items=items,
                  timestamps=stamps, item_text=item_text, item_titles=item_titles, item_raw_ids=item_uniq,
                  user_raw_ids=user_uniq, ratings=ratings, item_features=item_cats, item_feature_sizes=item_sizes,
                  user_features=user_cats, user_feature_sizes=user_sizes, has_time=bool(cfg.time),
@@ -312,14 +348,14 @@ def load(directory: str, cfg: TableConfig) -> Dataset:
 # ---------------------------------------------------------------- standardisation
 
 
-def _standardise(values: np.ndarray, fit: np.ndarray) -> np.ndarray:
-  """(values - mean) / std with the mean and std of ``values[fit]``'s present entries; NaN stays NaN.
-  A column without spread (or without training values) is only centred."""
+def _statistics(values: np.ndarray, fit: np.ndarray) -> tuple[float, float]:
+  """The mean and std of ``values[fit]``'s present entries; std 1 for a column without spread (or
+  without training values), which is then only centred."""
   seen = values[fit]
-  seen = seen[~np.isnan(seen)]
+  seen = seen[~np.isnan(seen)].astype(np.float64)
   mean = float(seen.mean()) if seen.size else 0.0
   std = float(seen.std()) if seen.size else 0.0
-  return ((values - mean) / (std if std > 1e-12 else 1.0)).astype(np.float32)
+  return mean, std if std > 1e-12 else 1.0
 
 
 def standardise_numeric(dataset: Dataset, split: Split) -> Dataset:
@@ -334,8 +370,11 @@ def standardise_numeric(dataset: Dataset, split: Split) -> Dataset:
   trained_users[dataset.users[split.train]] = True
   train_rows = np.zeros(dataset.num_interactions, bool)
   train_rows[split.train] = True
-  return dataclasses.replace(
-      dataset,
-      item_numeric={k: _standardise(v, trained_items) for k, v in dataset.item_numeric.items()},
-      user_numeric={k: _standardise(v, trained_users) for k, v in dataset.user_numeric.items()},
-      context_numeric={k: _standardise(v, train_rows) for k, v in dataset.context_numeric.items()})
+  stats, out = {}, {}
+  for kind, fit in (("item", trained_items), ("user", trained_users), ("context", train_rows)):
+    out[kind] = {}
+    for key, values in getattr(dataset, f"{kind}_numeric").items():
+      mean, std = stats[f"{kind}:{key}"] = _statistics(values, fit)
+      out[kind][key] = ((values - mean) / std).astype(np.float32)  # NaN (missing) stays NaN
+  return dataclasses.replace(dataset, item_numeric=out["item"], user_numeric=out["user"],
+                             context_numeric=out["context"], numeric_stats=stats)

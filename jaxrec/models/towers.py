@@ -87,6 +87,30 @@ class CategoricalBag(nnx.Module):
     return vecs_NxMxF.sum(axis=1)
 
 
+def numeric_table(columns: dict[str, np.ndarray]) -> np.ndarray | None:
+  """float32 [rows, K] of the numeric features (standardised, NaN = missing), sorted by name; None without any."""
+  if not columns:
+    return None
+  return np.stack([np.asarray(columns[name], np.float32) for name in sorted(columns)], axis=1)
+
+
+class NumericFeatures(nnx.Module):
+  """A ``[rows, K]`` table of standardised numeric features (NaN = missing) -> [N, F]: each missing
+  value imputed with 0 (the training mean) and flagged, values and flags through one linear layer."""
+
+  def __init__(self, values_RxK: np.ndarray, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.values = Table(jnp.asarray(values_RxK, jnp.float32))
+    self.proj = nnx.Linear(2 * values_RxK.shape[1], dim, param_dtype=_dtype(cfg.param_dtype), rngs=rngs,
+                           kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "embed")),
+                           bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)))
+
+  def __call__(self, rows_N: jax.Array) -> jax.Array:
+    values_NxK = self.values[...][rows_N]
+    missing_NxK = jnp.isnan(values_NxK)
+    x_Nx2K = jnp.concatenate([jnp.where(missing_NxK, 0.0, values_NxK), missing_NxK.astype(jnp.float32)], axis=-1)
+    return self.proj(x_Nx2K)
+
+
 @dataclasses.dataclass(frozen=True)
 class Catalog:
   """What the item tower needs to know about items, as arrays (built by the trainer from a Dataset)."""
@@ -97,6 +121,7 @@ class Catalog:
   features: dict[str, np.ndarray]  # name -> int32 [N, M]
   feature_sizes: dict[str, int]
   text_NxD: np.ndarray | None  # float32 cached text vectors (frozen encoder), else None
+  numeric_NxK: np.ndarray | None = None  # float32 standardised numeric features (NaN = missing), else None
 
 
 def id_table(rows: int, cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Embed:
@@ -106,7 +131,7 @@ def id_table(rows: int, cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Embed:
 
 
 class ItemTower(nnx.Module):
-  """Item index -> text vector ++ id embedding ++ categorical embeddings -> fusion MLP (or their
+  """Item index -> text vector ++ id embedding ++ categorical embeddings ++ numeric features -> fusion MLP (or their
   sum, ``model.fusion=sum``) -> [N, E]."""
 
   def __init__(self, catalog: Catalog, cfg: ModelConfig, text_dim: int, *, row_multiple: int = 1, rngs: nnx.Rngs):
@@ -123,10 +148,13 @@ class ItemTower(nnx.Module):
     self.features = nnx.Dict({name: CategoricalBag(values, catalog.feature_sizes[name], cfg.feature_dim, cfg, rngs=rngs)
                               for name, values in sorted(catalog.features.items())})
     in_dim += cfg.feature_dim * len(catalog.features)
+    self.numeric = None if catalog.numeric_NxK is None else NumericFeatures(catalog.numeric_NxK, cfg.feature_dim, cfg,
+                                                                            rngs=rngs)
+    in_dim += cfg.feature_dim if self.numeric is not None else 0
     if cfg.fusion == "sum":
       check_sum_widths({**({"the text vector": text_dim} if self.use_text else {}),
                         **({"model.id_dim": cfg.id_dim} if self.use_ids else {}),
-                        **({"model.feature_dim": cfg.feature_dim} if catalog.features else {})},
+                        **({"model.feature_dim": cfg.feature_dim} if catalog.features or self.numeric else {})},
                        cfg.embed_dim, "item tower")
     self.mlp = FusionMLP(in_dim, cfg, scalar_head=cfg.item_bias, rngs=rngs) if cfg.fusion == "mlp" else None
     # The bias column is stored times the configured temperature, so that q . v / temperature adds
@@ -146,6 +174,8 @@ class ItemTower(nnx.Module):
         rows_N = jnp.where(jax.random.bernoulli(dropout_key, self.id_dropout, rows_N.shape), 0, rows_N)
       parts.append(self.ids(rows_N))
     parts.extend(bag(items_N) for bag in self.features.values())
+    if self.numeric is not None:
+      parts.append(self.numeric(items_N))
     if self.mlp is None:
       return fuse_sum(parts)
     x = jnp.concatenate([p.astype(self.mlp.out.kernel[...].dtype) for p in parts], axis=-1)
@@ -160,6 +190,7 @@ class Users:
   num_users: int
   features: dict[str, np.ndarray]  # name -> int32 [U, M]
   feature_sizes: dict[str, int]
+  numeric_UxK: np.ndarray | None = None  # float32 standardised numeric features (NaN = missing), else None
 
 
 class QueryTower(nnx.Module):
@@ -190,10 +221,13 @@ class QueryTower(nnx.Module):
     self.features = nnx.Dict({name: CategoricalBag(values, users.feature_sizes[name], cfg.feature_dim, cfg, rngs=rngs)
                               for name, values in sorted(users.features.items())})
     in_dim += cfg.feature_dim * len(users.features)
+    self.numeric = None if users.numeric_UxK is None else NumericFeatures(users.numeric_UxK, cfg.feature_dim, cfg,
+                                                                          rngs=rngs)
+    in_dim += cfg.feature_dim if self.numeric is not None else 0
     if cfg.fusion == "sum":
       check_sum_widths({**({"the history text vector": text_dim} if cfg.query == "text" else {}),
                         **({"model.id_dim": cfg.id_dim} if self.use_ids or self.use_history_ids else {}),
-                        **({"model.feature_dim": cfg.feature_dim} if users.features else {})},
+                        **({"model.feature_dim": cfg.feature_dim} if users.features or self.numeric else {})},
                        cfg.embed_dim, "query tower")
     self.mlp = FusionMLP(in_dim, cfg, rngs=rngs) if cfg.fusion == "mlp" else None
 
@@ -244,6 +278,8 @@ class QueryTower(nnx.Module):
     if self.use_ids:
       parts.append(self.ids(users_B + 1))
     parts.extend(bag(users_B) for bag in self.features.values())
+    if self.numeric is not None:
+      parts.append(self.numeric(users_B))
     if self.mlp is None:
       return fuse_sum(parts)
     x = jnp.concatenate([p.astype(self.mlp.out.kernel[...].dtype) for p in parts], axis=-1)
