@@ -267,3 +267,22 @@ def test_the_exported_query_tower_takes_numeric_user_features(tmp_path):
   assert np.isnan(new["user_numeric"]).all()
   q = tower(**new)
   assert q.shape == (1, tower.width) and np.isfinite(q).all()
+
+
+def test_list_cells_iso_dates_and_parquet_rows(tmp_path):
+  """JSON lines and Parquet hold multi-valued cells as lists; ISO dates are timestamps; Parquet
+  errors name the row (from 1)."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  (tmp_path / "events.jsonl").write_text(
+      '{"user": "u1", "item": "a", "when": "2024-05-01", "tags": ["x", "y"]}\n'
+      '{"user": "u2", "item": "a", "when": "2024-05-01T00:00:10", "tags": []}\n')
+  ds = table.load(str(tmp_path), TableConfig(interactions="events.jsonl", time="when", context_categorical=("tags",)))
+  assert ds.timestamps.tolist() == [1714521600, 1714521610] and ds.has_time
+  assert ds.context_features["tags"].tolist() == [[1, 2], [0, 0]]
+  pq.write_table(pa.table({"user": ["u1", "u2"], "item": ["a", "b"], "price": [1.5, None]}), tmp_path / "e.parquet")
+  ds = table.load(str(tmp_path), TableConfig(interactions="e.parquet", context_numeric=("price",)))
+  np.testing.assert_array_equal(ds.context_numeric["price"], [1.5, np.nan])
+  pq.write_table(pa.table({"user": ["u1", "u2"], "item": ["a", None]}), tmp_path / "bad.parquet")
+  with pytest.raises(DataError, match=r"bad.parquet, row 2, column 'item': expected a non-empty item id"):
+    table.load(str(tmp_path), TableConfig(interactions="bad.parquet"))
