@@ -157,22 +157,26 @@ class Trainer:
                    time.perf_counter() - started)
       return executables[steps, shape]
 
-    log.info("compiling the train step (%d step%s a call)", k, "s" if k > 1 else "")
-    memory = executable(self.layout.worst_shape).memory_analysis()
-    if memory is not None:
-      log.info("train step compiled: %.1f MiB temporaries, %.1f MiB arguments per device",
-               memory.temp_size_in_bytes / 2**20, memory.argument_size_in_bytes / 2**20)
-    if (cfg.train.steps - start_step) % k:  # the shorter last call, compiled before the clock starts too
-      executable(self.layout.worst_shape, (cfg.train.steps - start_step) % k)
-
-    writer = writers.open_writers(cfg.train.writers, workdir, json.loads(to_json(cfg))) if is_main else None
-    # The schedule's rate at every optimizer count, read on the host before the loop: logging it
-    # then costs no device work (which would wait behind the running step).
-    self._learning_rates = np.asarray(optim.schedule(cfg.train)(np.arange(max(cfg.train.steps, 1))), np.float64)
-    progress = _progress(cfg, start_step) if is_main else None
-    best = Checkpointer(os.path.join(workdir, "checkpoints", "best"), cfg.checkpoint, cfg.checkpoint.best_metric) \
-        if cfg.checkpoint.best_metric else None
+    # From here a SIGTERM/SIGINT is a flag the loop answers at its first step boundary (saving that
+    # step), not a kill: a preemption during compilation or setup loses nothing either.
     stop_signal = _SignalFlag()
+    try:
+      log.info("compiling the train step (%d step%s a call)", k, "s" if k > 1 else "")
+      memory = executable(self.layout.worst_shape).memory_analysis()
+      if memory is not None:
+        log.info("train step compiled: %.1f MiB temporaries, %.1f MiB arguments per device",
+                 memory.temp_size_in_bytes / 2**20, memory.argument_size_in_bytes / 2**20)
+      if (cfg.train.steps - start_step) % k:  # the shorter last call, compiled before the clock starts too
+        executable(self.layout.worst_shape, (cfg.train.steps - start_step) % k)
+
+      writer = writers.open_writers(cfg.train.writers, workdir, json.loads(to_json(cfg))) if is_main else None
+      self._learning_rates = _LearningRates(cfg.train)
+      progress = _progress(cfg, start_step) if is_main else None
+      best = Checkpointer(os.path.join(workdir, "checkpoints", "best"), cfg.checkpoint, cfg.checkpoint.best_metric) \
+          if cfg.checkpoint.best_metric else None
+    except BaseException:
+      stop_signal.restore()
+      raise
     pending = None  # (step, device metrics) of the step dispatched last, read one step late
     flops_done = 0.0
     profiler = _Profiler(os.path.join(workdir, "profile"), start_step + 3 * k, 5 * k) if cfg.train.profile and is_main else None
@@ -462,6 +466,24 @@ class _SignalFlag:
   def restore(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+class _LearningRates:
+  """The schedule's rate at an optimizer count, computed on the host a block of counts at a time when
+  first asked: logging it costs no device work per step (which would wait behind the running step),
+  and a run of a million steps does not compute them all up front."""
+
+  BLOCK = 4096
+
+  def __init__(self, train_cfg):
+    self._schedule, self._block, self._rates = optim.schedule(train_cfg), -1, None
+
+  def __getitem__(self, count: int) -> float:
+    block = count // self.BLOCK
+    if block != self._block:
+      self._rates = np.asarray(self._schedule(np.arange(block * self.BLOCK, (block + 1) * self.BLOCK)), np.float64)
+      self._block = block
+    return float(self._rates[count % self.BLOCK])
 
 
 def _progress(cfg: Config, start: int):

@@ -91,3 +91,13 @@ def test_jsonl_appends_one_flushed_object_per_write_with_null_for_non_finite(tmp
   again.close()
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_the_logged_learning_rate_is_the_schedule_across_its_host_blocks():
+  from jaxrec import optim
+  from jaxrec.trainer import _LearningRates
+  cfg = load_config(TINY, ["train.steps=20000", "train.warmup_steps=5000"]).train
+  rates, schedule = _LearningRates(cfg), optim.schedule(cfg)
+  for count in (0, 1, 4095, 4096, 4097, 12345, 19999, 3):  # back to an earlier block too
+    # float32 arithmetic: XLA may round a lone count's rate apart from a block's by one ulp
+    assert rates[count] == pytest.approx(float(np.asarray(schedule(np.arange(count, count + 1)))[0]), rel=1e-6), count
