@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import json
 import os
 
 import numpy as np
 
 from jaxrec.data.dataset import Dataset
-from jaxrec.data.parsing import DataError, decode, read_bytes, strip_bom
+from jaxrec.data.parsing import DataError, decode, json_lines, read_bytes, strip_bom
 
 FIELDS = ("summaries", "reviews")
 DEFAULT_TEXT = "summaries+reviews"
@@ -72,15 +71,7 @@ def load(path: str, name: str = "amazon") -> tuple[Dataset, Reviews]:
   text = decode(data, path, ("utf-8",))
   users, items, stamps, ratings, summaries, bodies, helpful = [], [], [], [], [], [], []
   expected = "one JSON object per line with " + ", ".join(_KEYS)
-  for number, line in enumerate(text.split("\n"), start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(path, number, expected, got=f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-      raise DataError(path, number, expected, got=f"a JSON {type(record).__name__}")
+  for number, record in json_lines(text, path, expected):
     missing = [k for k in _KEYS if k not in record]
     if missing:
       raise DataError(path, number, expected, got=f"no {', '.join(missing)}")

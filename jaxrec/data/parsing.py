@@ -171,6 +171,22 @@ def split_lines(text: str, path: str | os.PathLike, sep: str, num_fields: int, w
   return rows
 
 
+def json_lines(text: str, path: str | os.PathLike, expected: str):
+  """(line number, object) of each non-blank line of a JSON lines text; a line that is not a JSON
+  object raises DataError naming it, with ``expected`` saying what the file should hold."""
+  import json
+  for number, line in enumerate(text.split("\n"), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(path, number, expected, got=f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+      raise DataError(path, number, expected, got=f"a JSON {type(record).__name__}")
+    yield number, record
+
+
 def parse_int(field: str, path: str | os.PathLike, line: int, name: str) -> int:
   try:
     return int(field)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 from typing import Any, Iterable
@@ -32,7 +31,7 @@ import numpy as np
 
 from jaxrec.config import TableConfig
 from jaxrec.data.dataset import Dataset, Split
-from jaxrec.data.parsing import DataError, decode, read_bytes
+from jaxrec.data.parsing import DataError, decode, json_lines, read_bytes
 
 log = logging.getLogger("jaxrec")
 
@@ -100,15 +99,7 @@ def _read_text(path: str, delimiter: str) -> Table:
 def _read_json_lines(path: str) -> Table:
   text = decode(read_bytes(path, "a JSON lines table"), path, ("utf-8",))
   records, lines = [], []
-  for number, line in enumerate(text.split("\n"), start=1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(path, number, "one JSON object per line", got=f"{e.msg} at column {e.colno}") from None
-    if not isinstance(record, dict):
-      raise DataError(path, number, "one JSON object per line", got=type(record).__name__)
+  for number, record in json_lines(text, path, "one JSON object per line"):
     records.append(record)
     lines.append(number)
   names = list(dict.fromkeys(k for r in records for k in r))
