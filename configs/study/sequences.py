@@ -23,7 +23,7 @@ ID = ("model.use_text=false", "encoder.mode=none", "model.use_item_features=fals
 TEXT = ("model.use_text=true", "encoder.mode=frozen", "model.use_item_ids=false")
 HYBRID = ("model.use_text=true", "encoder.mode=frozen")
 # configs/ml100k_seq.py's query tower and training, as overrides (so every dataset can take them).
-SEQ = ("model.query=transformer", "data.history_len=50", "train.batch_size=128", "model.query_dropout=0.2")
+SEQ = ("model.query=transformer", "data.history_len=10", "train.batch_size=128", "model.query_dropout=0.2")
 
 MODELS = (
     Model("id_pool", ID, "ID-only, pooled history"),
