@@ -58,6 +58,8 @@ def tables(directory, fmt):
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
 def test_every_format_reads_the_same_dataset(tmp_path, fmt):
+  if fmt == "parquet":  # optional: a fresh install has no pyarrow
+    pytest.importorskip("pyarrow", reason="Parquet tables need pyarrow (pip install pyarrow)")
   ds = table.load(str(tmp_path), tables(str(tmp_path), fmt))
   assert ds.item_raw_ids.tolist() == ["a", "b", "c"] and ds.user_raw_ids.tolist() == ["u1", "u2", "u3"]
   assert ds.users.tolist() == [0, 0, 1, 1, 2] and ds.items.tolist() == [0, 1, 0, 2, 1]
@@ -269,20 +271,33 @@ def test_the_exported_query_tower_takes_numeric_user_features(tmp_path):
   assert q.shape == (1, tower.width) and np.isfinite(q).all()
 
 
-def test_list_cells_iso_dates_and_parquet_rows(tmp_path):
-  """JSON lines and Parquet hold multi-valued cells as lists; ISO dates are timestamps; Parquet
-  errors name the row (from 1)."""
-  import pyarrow as pa
-  import pyarrow.parquet as pq
+def test_list_cells_and_iso_dates(tmp_path):
+  """JSON lines hold multi-valued cells as lists; ISO dates are timestamps."""
   (tmp_path / "events.jsonl").write_text(
       '{"user": "u1", "item": "a", "when": "2024-05-01", "tags": ["x", "y"]}\n'
       '{"user": "u2", "item": "a", "when": "2024-05-01T00:00:10", "tags": []}\n')
   ds = table.load(str(tmp_path), TableConfig(interactions="events.jsonl", time="when", context_categorical=("tags",)))
   assert ds.timestamps.tolist() == [1714521600, 1714521610] and ds.has_time
   assert ds.context_features["tags"].tolist() == [[1, 2], [0, 0]]
+
+
+def test_parquet_missing_values_and_row_numbered_errors(tmp_path):
+  """Parquet errors name the row (from 1)."""
+  pytest.importorskip("pyarrow", reason="Parquet tables need pyarrow (pip install pyarrow)")
+  import pyarrow as pa
+  import pyarrow.parquet as pq
   pq.write_table(pa.table({"user": ["u1", "u2"], "item": ["a", "b"], "price": [1.5, None]}), tmp_path / "e.parquet")
   ds = table.load(str(tmp_path), TableConfig(interactions="e.parquet", context_numeric=("price",)))
   np.testing.assert_array_equal(ds.context_numeric["price"], [1.5, np.nan])
   pq.write_table(pa.table({"user": ["u1", "u2"], "item": ["a", None]}), tmp_path / "bad.parquet")
   with pytest.raises(DataError, match=r"bad.parquet, row 2, column 'item': expected a non-empty item id"):
     table.load(str(tmp_path), TableConfig(interactions="bad.parquet"))
+
+
+def test_parquet_without_pyarrow_is_one_line_naming_the_install(tmp_path, monkeypatch):
+  import sys
+  (tmp_path / "e.parquet").write_bytes(b"PAR1")
+  monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow then raises ImportError
+  monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+  with pytest.raises(DataError, match=r"e.parquet: expected pyarrow to read Parquet \(pip install pyarrow\)"):
+    table.load(str(tmp_path), TableConfig(interactions="e.parquet"))
